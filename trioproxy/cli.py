@@ -1,0 +1,102 @@
+"""`trioproxy serve` and `trioproxy fake-upstream`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from trioproxy.config import Settings
+
+log = logging.getLogger("trioproxy")
+
+
+async def _until_signalled() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s: closing every upstream socket", signal.Signals(signum).name)
+            return
+
+
+def hypercorn_config(host: str, port: int) -> Config:
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.graceful_timeout = 10.0
+    return config
+
+
+async def run_server(settings: Settings) -> None:
+    from trioproxy.app import create_app
+
+    app = create_app(settings)
+    config = hypercorn_config(settings.host, settings.port)
+    log.info("trioproxy on http://%s:%d/v1 -> %s", settings.host, settings.port, settings.upstream_ws)
+    await hypercorn_serve(app, config, shutdown_trigger=_until_signalled)
+
+
+async def run_fake(host: str, port: int, event_delay: float) -> None:
+    from trioproxy.fake import FakeUpstream
+
+    fake = FakeUpstream(event_delay=event_delay)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fake.serve, host, port)
+        print(f"fake upstream listening on {fake.url}", flush=True)
+        await _until_signalled()
+        nursery.cancel_scope.cancel()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trioproxy", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy (settings also from TRIOPROXY_* variables)")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8787)")
+    serve.add_argument("--upstream", help="upstream Responses WebSocket URL")
+    serve.add_argument("--idle-ttl", type=float, help="seconds an idle socket is kept (3000)")
+    serve.add_argument("--max-lifetime", type=float, help="max socket age in seconds (3000)")
+    serve.add_argument("--turn-timeout", type=float, help="max seconds for one turn (600)")
+    serve.add_argument("--connect-timeout", type=float, help="handshake timeout in seconds (15)")
+    serve.add_argument("--max-sockets", type=int, help="cap on pooled sockets (10000)")
+
+    fake = sub.add_parser("fake-upstream", help="run the bundled fake Responses WebSocket upstream")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8765)
+    fake.add_argument("--event-delay", type=float, default=0.0, help="seconds between events")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if args.command == "fake-upstream":
+        trio.run(run_fake, args.host, args.port, args.event_delay)
+        return 0
+    try:
+        settings = Settings.from_env().with_overrides(
+            host=args.host,
+            port=args.port,
+            upstream=args.upstream,
+            idle_ttl=args.idle_ttl,
+            max_lifetime=args.max_lifetime,
+            turn_timeout=args.turn_timeout,
+            connect_timeout=args.connect_timeout,
+            max_sockets=args.max_sockets,
+        )
+    except ValueError as exc:
+        print(f"trioproxy: {exc}", file=sys.stderr)
+        return 2
+    trio.run(run_server, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Settings: defaults, environment variables (`TRIOPROXY_*`) and command-line overrides."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+DEFAULT_UPSTREAM = "wss://api.openai.com/v1/responses"
+WEBSOCKET_BETA = "responses_websockets=2026-02-06"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the proxy can be told. Times are seconds."""
+
+    upstream: str = DEFAULT_UPSTREAM
+    host: str = "127.0.0.1"
+    port: int = 8787
+    # A socket idle this long is closed (upstream drops sockets at 60 min; stay well inside).
+    idle_ttl: float = 50 * 60
+    # A socket is never handed a turn it could not finish within this age.
+    max_lifetime: float = 50 * 60
+    # The longest a single turn may take; it also bounds how late a socket may start one.
+    turn_timeout: float = 10 * 60
+    connect_timeout: float = 15.0
+    # How long a graceful close (idle eviction, shutdown) waits for the upstream's close frame.
+    close_timeout: float = 2.0
+    # Cap on pooled sockets (idle + busy); past it the least recently used idle one goes.
+    max_sockets: int = 10_000
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Events buffered between the upstream socket and a client: bounded, so a slow client
+    # slows its own socket instead of growing memory.
+    event_buffer: int = 64
+    beta: str = WEBSOCKET_BETA
+    shutdown_grace: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.turn_timeout >= self.max_lifetime:
+            raise ValueError("turn_timeout must be shorter than max_lifetime")
+        for name in ("idle_ttl", "max_lifetime", "turn_timeout", "connect_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_sockets < 1 or self.event_buffer < 1:
+            raise ValueError("max_sockets and event_buffer must be at least 1")
+        scheme = self.upstream.split("://", 1)[0]
+        if scheme not in ("ws", "wss", "http", "https"):
+            raise ValueError(f"upstream must be a ws://, wss://, http:// or https:// URL: {self.upstream}")
+
+    @property
+    def upstream_ws(self) -> str:
+        """The upstream as a WebSocket URL (an http(s) base is accepted for convenience)."""
+        if self.upstream.startswith("https://"):
+            return "wss://" + self.upstream[len("https://") :]
+        if self.upstream.startswith("http://"):
+            return "ws://" + self.upstream[len("http://") :]
+        return self.upstream
+
+    @property
+    def usable_lifetime(self) -> float:
+        """Age after which a socket can no longer take a turn it is sure to finish."""
+        return self.max_lifetime - self.turn_timeout
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read `TRIOPROXY_<FIELD>` for every field, e.g. `TRIOPROXY_UPSTREAM`, `TRIOPROXY_IDLE_TTL`."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"TRIOPROXY_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            kind = type(getattr(cls(), f.name))
+            try:
+                values[f.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"TRIOPROXY_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**values)

@@ -1,0 +1,155 @@
+"""OpenAI-style errors, and how upstream failures map onto them. Pure: no I/O.
+
+One value type, `ApiError`, travels from wherever a failure is found to the HTTP layer, which
+renders it as `{"error": {...}}` with a status when nothing has been streamed yet, or as the flat
+SSE `error` event once the stream has begun (the two shapes clients parse, DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+# Codes whose upstream `error` event may arrive without a `status`; the rest default by type.
+_STATUS_BY_CODE = {
+    "previous_response_not_found": 400,
+    "context_length_exceeded": 400,
+    "invalid_stream_id": 400,
+    "model_mismatch": 400,
+    "response_already_in_flight": 409,
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+    "websocket_connection_limit_reached": 429,
+    "websocket_stream_limit_reached": 429,
+}
+_STATUS_BY_TYPE = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "rate_limit_error": 429,
+    "server_error": 500,
+}
+
+
+class ApiError(Exception):
+    """A failure a client must see, with everything needed to render it either way."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.status}, {self.code or self.type}: {self.message!r})"
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of an HTTP error response."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def sse_event(self, sequence_number: int) -> dict[str, Any]:
+        """The flat `error` event for a stream that has already begun."""
+        return {
+            "type": "error",
+            "code": self.code or self.type,
+            "message": self.message,
+            "param": self.param,
+            "sequence_number": sequence_number,
+        }
+
+
+def from_error_event(data: dict[str, Any]) -> ApiError:
+    """Map an upstream `error` event, nested (WebSocket) or flat (SSE), to an `ApiError`."""
+    inner = data.get("error")
+    fields: dict[str, Any] = inner if isinstance(inner, dict) else data
+    code = _str_or_none(fields.get("code"))
+    type_ = _str_or_none(fields.get("type"))
+    if type_ in (None, "error"):
+        type_ = "invalid_request_error" if code in _STATUS_BY_CODE else "server_error"
+    status = data.get("status")
+    if not isinstance(status, int) or not 400 <= status <= 599:
+        status = _STATUS_BY_CODE.get(code or "", _STATUS_BY_TYPE.get(type_, 500))
+    message = _str_or_none(fields.get("message")) or "upstream reported an error"
+    return ApiError(status, message, type=type_, param=_str_or_none(fields.get("param")), code=code)
+
+
+def from_handshake_rejection(status: int, body: bytes | None) -> ApiError:
+    """Map a refused WebSocket upgrade; an OpenAI error body is kept, anything else summarised."""
+    parsed: Any = None
+    if body:
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        err = from_error_event({"status": status, "error": parsed["error"]})
+        err.status = status if 400 <= status <= 599 else 502
+        return err
+    return ApiError(
+        status if 400 <= status <= 599 else 502,
+        f"upstream refused the WebSocket handshake with HTTP {status}",
+        type="upstream_error",
+        code="upstream_handshake_rejected",
+    )
+
+
+def upstream_unreachable(detail: str) -> ApiError:
+    return ApiError(
+        502,
+        f"could not open the upstream WebSocket: {detail}",
+        type="upstream_error",
+        code="upstream_unreachable",
+    )
+
+
+def upstream_closed(detail: str) -> ApiError:
+    return ApiError(
+        502,
+        f"the upstream WebSocket closed before the response finished: {detail}",
+        type="upstream_error",
+        code="upstream_connection_closed",
+    )
+
+
+def upstream_protocol(detail: str) -> ApiError:
+    return ApiError(
+        502, f"upstream sent an unreadable event: {detail}", type="upstream_error", code="bad_event"
+    )
+
+
+def turn_timeout(seconds: float) -> ApiError:
+    return ApiError(
+        504,
+        f"the upstream response did not finish within {seconds:g} s",
+        type="upstream_error",
+        code="upstream_timeout",
+    )
+
+
+def shutting_down() -> ApiError:
+    return ApiError(
+        503, "the proxy is shutting down", type="server_error", code="service_unavailable"
+    )
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -1,0 +1,208 @@
+"""The fake upstream's WebSocket server: OpenAI's WebSocket mode, as far as a proxy can tell.
+
+It keeps `store: false` responses on the socket that made them (a fresh socket answers
+`previous_response_not_found`, as the real service does), runs one response at a time per
+socket (a second `response.create` meanwhile gets `response_already_in_flight`), streams
+realistic events, and records every handshake and message so tests can assert what went upstream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    serve_websocket,
+)
+
+from trioproxy.fake.events import new_id, response_events
+from trioproxy.fake.script import Reply, decide
+from trioproxy.items import input_items
+
+log = logging.getLogger("trioproxy.fake")
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One client message as the upstream saw it."""
+
+    socket: int  # 1 for the first socket opened, 2 for the next, ...
+    message: dict[str, Any]
+    size: int  # bytes of the text frame
+
+
+@dataclass(slots=True)
+class _Socket:
+    number: int
+    ws: WebSocketConnection
+    responses: dict[str, list[Any]] = field(default_factory=dict)  # store=false: this socket only
+    busy: bool = False
+
+
+class FakeUpstream:
+    def __init__(self, *, event_delay: float = 0.0, require_auth: bool = True) -> None:
+        self.event_delay = event_delay
+        self.require_auth = require_auth
+        self.received: list[Received] = []
+        self.handshakes: list[dict[str, str]] = []
+        self.replies: deque[Reply] = deque()
+        self.stored: dict[str, list[Any]] = {}  # store=true responses: any socket resolves them
+        self.port = 0
+        self._numbers = itertools.count(1)
+        self._open: dict[int, _Socket] = {}
+        self.sockets_closed = trio.Condition()
+
+    # -- what tests read and steer -----------------------------------------------------------
+    @property
+    def sockets_opened(self) -> int:
+        return len(self.handshakes)
+
+    @property
+    def open_sockets(self) -> int:
+        return len(self._open)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/responses"
+
+    def queue(self, *replies: Reply) -> None:
+        """Answer the next turns with these replies, in order, before any default answer."""
+        self.replies.extend(replies)
+
+    def creates(self) -> list[Received]:
+        return [r for r in self.received if r.message.get("type") == "response.create"]
+
+    async def close_sockets(self, code: int = 1001, reason: str = "going away") -> None:
+        """Close every open socket from the upstream side (an idle cut, a 60-minute limit)."""
+        for sock in list(self._open.values()):
+            await sock.ws.aclose(code, reason)
+
+    async def wait_open_sockets(self, count: int) -> None:
+        async with self.sockets_closed:
+            while self.open_sockets != count:
+                await self.sockets_closed.wait()
+
+    # -- serving -----------------------------------------------------------------------------
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[FakeUpstream] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on `host:port` (0: any free port, then read `.port`) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                lambda task_status: serve_websocket(
+                    self.handle, host, port, ssl_context=None, max_message_size=256 * 2**20,
+                    task_status=task_status,
+                )
+            )
+            self.port = server.port
+            task_status.started(self)
+
+    async def handle(self, request: WebSocketRequest) -> None:
+        """Serve one socket from its handshake to its close."""
+        headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        self.handshakes.append(headers)
+        if request.path.rstrip("/").split("?")[0] not in ("/v1/responses", "/responses",
+                                                        "/backend-api/codex/responses"):
+            await request.reject(404, body=_error_body("not_found", f"no route {request.path}"))
+            return
+        if self.require_auth and not headers.get("authorization", "").startswith("Bearer "):
+            await request.reject(401, body=_error_body("invalid_api_key", "missing bearer token"))
+            return
+        ws = await request.accept()
+        sock = _Socket(next(self._numbers), ws)
+        self._open[sock.number] = sock
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    try:
+                        raw = await ws.get_message()
+                    except ConnectionClosed:
+                        break
+                    self._on_message(sock, raw, nursery)
+                nursery.cancel_scope.cancel()
+        finally:
+            del self._open[sock.number]
+            async with self.sockets_closed:
+                self.sockets_closed.notify_all()
+
+    def _on_message(self, sock: _Socket, raw: str | bytes, nursery: trio.Nursery) -> None:
+        size = len(raw.encode() if isinstance(raw, str) else raw)
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            message = {"type": "<unparsable>"}
+        self.received.append(Received(sock.number, message, size))
+        if not isinstance(message, dict) or message.get("type") != "response.create":
+            nursery.start_soon(self._send_all, sock, [_error("invalid_request_error", 400,
+                                                      "unknown_event", "expected response.create")])
+            return
+        if sock.busy:
+            nursery.start_soon(self._send_all, sock, [_error(
+                "invalid_request_error", 409, "response_already_in_flight",
+                "A response is already in flight on this socket.")])
+            return
+        sock.busy = True
+        nursery.start_soon(self._respond, sock, message)
+
+    async def _respond(self, sock: _Socket, request: dict[str, Any]) -> None:
+        try:
+            previous = request.get("previous_response_id")
+            history: list[Any] | None = []
+            if isinstance(previous, str):
+                history = sock.responses.get(previous) or self.stored.get(previous)
+            if history is None:
+                reply = Reply.error("previous_response_not_found", 400)
+                history = []
+            else:
+                conversation = history + input_items(request.get("input"))
+                reply = self.replies.popleft() if self.replies else decide(conversation)
+            conversation = history + input_items(request.get("input"))
+            rid = new_id("resp")
+            context = {k: request.get(k) for k in ("instructions", "tools")}
+            input_bytes = len(json.dumps([conversation, context]))
+            cached_bytes = len(json.dumps([history, context])) if previous else 0
+            events, output = response_events(
+                rid, request, reply, input_bytes=input_bytes, cached_bytes=cached_bytes
+            )
+            if reply.kind == "drop":
+                await self._send_all(sock, events[: reply.after_events])
+                await sock.ws.aclose(1011, "dropped by the fake upstream")
+                return
+            if reply.kind in ("text", "call"):
+                # Remembered before the last event goes out: a client may chain at once.
+                sock.responses[rid] = conversation + output
+                if request.get("store", True) is not False:
+                    self.stored[rid] = sock.responses[rid]
+            await self._send_all(sock, events)
+        except ConnectionClosed:
+            pass
+        finally:
+            sock.busy = False
+
+    async def _send_all(self, sock: _Socket, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            if self.event_delay:
+                await trio.sleep(self.event_delay)
+            await sock.ws.send_message(json.dumps(event))
+
+
+def _error(type_: str, status: int, code: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "status": status,
+            "error": {"type": type_, "code": code, "message": message, "param": None}}
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error",
+                                 "param": None, "code": code}}).encode()

@@ -1,0 +1,113 @@
+"""Which headers go upstream, which session a request belongs to, and its pool key. Pure.
+
+A pooled socket may be reused only by a request that would have opened the very same socket:
+same upstream, same session, same credential, same headers that change what the upstream does.
+The key is a hash of all of that, so neither secrets nor raw header values sit in the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from hashlib import sha256
+
+SESSION_HEADERS = (
+    "session-id",
+    "session_id",
+    "x-session-id",
+    "x-session-affinity",
+    "x-conversation-id",
+    "x-thread-id",
+)
+
+# Never forwarded: hop-by-hop, body framing, the WebSocket handshake's own, and cookies.
+_NOT_FORWARDED = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "accept",
+        "accept-encoding",
+        "expect",
+        "cookie",
+        "remote-addr",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+    }
+)
+
+# Forwarded but per request: tracing and client telemetry that must not split the pool.
+_PER_REQUEST = frozenset(
+    {
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "x-request-id",
+        "x-client-request-id",
+        "x-codex-turn-metadata",
+        "x-codex-window-id",
+    }
+)
+_PER_REQUEST_PREFIXES = ("x-stainless-", "x-datadog-", "x-b3-", "x-amzn-trace")
+
+BETA_HEADER = "openai-beta"
+
+
+def normalise(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(name.lower(), value) for name, value in headers]
+
+
+def session_id(headers: list[tuple[str, str]]) -> str | None:
+    """The first session header present, in the documented order (Codex sends `session-id`)."""
+    found = {name: value for name, value in headers if name in SESSION_HEADERS and value}
+    for name in SESSION_HEADERS:
+        if name in found:
+            return found[name]
+    return None
+
+
+def forwarded(headers: list[tuple[str, str]], beta: str) -> list[tuple[str, str]]:
+    """The headers sent on the upstream handshake, with the WebSocket-mode beta flag added."""
+    out = [(name, value) for name, value in headers if name not in _NOT_FORWARDED]
+    betas = [value for name, value in out if name == BETA_HEADER]
+    out = [(name, value) for name, value in out if name != BETA_HEADER]
+    merged = ", ".join(betas)
+    if beta and beta.split("=", 1)[0] not in merged:
+        merged = f"{merged}, {beta}" if merged else beta
+    if merged:
+        out.append((BETA_HEADER, merged))
+    return out
+
+
+def _meaningful(name: str) -> bool:
+    return name not in _PER_REQUEST and not name.startswith(_PER_REQUEST_PREFIXES)
+
+
+def pool_key(upstream: str, headers: list[tuple[str, str]], beta: str) -> str | None:
+    """The pool key of a request, or None when it names no session (a one-turn socket)."""
+    session = session_id(headers)
+    if session is None:
+        return None
+    digest = sha256()
+    digest.update(upstream.encode())
+    digest.update(b"\0session\0" + session.encode())
+    for name, value in sorted(h for h in forwarded(headers, beta) if _meaningful(h[0])):
+        # The credential and every other meaningful header enter only through this hash.
+        digest.update(b"\0" + name.encode() + b"\0" + value.encode())
+    return digest.hexdigest()[:32]
+
+
+def fingerprint(secret: str) -> str:
+    """A short, non-reversible tag for logs: tells credentials apart without revealing them."""
+    return sha256(secret.encode()).hexdigest()[:12]

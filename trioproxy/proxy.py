@@ -1,0 +1,131 @@
+"""A client's turn from request to end of stream: socket choice, planning, transparent retry.
+
+This is the layer between the HTTP route and the pool. It picks the socket for a request, plans
+the upstream message (suffix or full), and waits for the first event before committing to the
+client: until then an upstream refusal that a fresh socket can cure (`previous_response_not_found`,
+`websocket_connection_limit_reached`, or a pooled socket that died while idle) is retried once,
+on a fresh socket with the full input, and the client never sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import trio
+
+from trioproxy import errors, keys
+from trioproxy.config import Settings
+from trioproxy.delta import Conversation, client_chained, plan_turn
+from trioproxy.events import UpstreamEvent
+from trioproxy.registry import Registry
+from trioproxy.upstream import Turn, TurnEnd, UpstreamConnection
+
+log = logging.getLogger("trioproxy.proxy")
+
+# Upstream error codes that a fresh socket with the full input cures.
+_RETRY_CODES = frozenset({"previous_response_not_found", "websocket_connection_limit_reached"})
+
+
+class TurnStream:
+    """The client's side of one turn: its events in order, then `end`.
+
+    `aclose` is synchronous at heart, so it still works from a `finally` under cancellation:
+    a turn whose client goes away is cancelled and its socket evicted.
+    """
+
+    def __init__(self, turn: Turn, conn: UpstreamConnection, first: UpstreamEvent | None) -> None:
+        self.turn = turn
+        self.conn = conn
+        self.first = first
+        self._pending = first
+
+    def __aiter__(self) -> TurnStream:
+        return self
+
+    async def __anext__(self) -> UpstreamEvent:
+        if self._pending is not None:
+            event, self._pending = self._pending, None
+            return event
+        try:
+            return await self.turn.events.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    @property
+    def end(self) -> TurnEnd:
+        assert self.turn.end is not None, "end is known once the events are exhausted"
+        return self.turn.end
+
+    def abandon(self) -> None:
+        self.turn.abandon()
+        self.turn.events.close()
+
+    async def aclose(self) -> None:
+        self.abandon()
+
+
+class Proxy:
+    """Runs turns for the HTTP layer; counts what it sent so the savings can be shown."""
+
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.turns: Counter[str] = Counter()  # by mode: full / suffix / passthrough / one_turn
+        self.retries: Counter[str] = Counter()
+        self.upstream_bytes = 0
+
+    async def open_turn(self, body: dict[str, Any], headers: list[tuple[str, str]]) -> TurnStream:
+        """Start a turn and wait for its first event (or its end); raises `ApiError`."""
+        url = self.settings.upstream_ws
+        beta = self.settings.beta
+        key = keys.pool_key(url, headers, beta)
+        upstream_headers = keys.forwarded(headers, beta)
+        chained = client_chained(body)
+        reusable = None
+        if chained is not None:
+
+            def reusable(memory: Conversation | None) -> bool:
+                return memory is not None and memory.response_id == chained
+
+        conn = await self.registry.lease(key, url, upstream_headers, reusable=reusable)
+        stream = await self._start(conn, body, conn.memory)
+        if stream.first is not None or not self._retryable(stream):
+            return stream
+        # Once, on a new socket (pooled again if the failed one was), with the full input.
+        reason = stream.end.error.code if stream.end.error else None
+        self.retries[reason or stream.end.kind] += 1
+        log.info("turn refused before its first event (%s); retrying on a fresh socket", reason)
+        retry_key = None if conn.one_turn else key
+        conn = await self.registry.lease(retry_key, url, upstream_headers, fresh=True)
+        return await self._start(conn, body, None)
+
+    def _retryable(self, stream: TurnStream) -> bool:
+        end = stream.end
+        if end.kind == "socket":
+            return True  # nothing reached the client; a fresh socket gets a clean start
+        if end.kind == "error" and end.error is not None and end.error.code in _RETRY_CODES:
+            # A chain the client built itself cannot be rebuilt by the proxy.
+            return not (end.error.code == "previous_response_not_found"
+                        and stream.turn.plan.mode == "passthrough")
+        return False
+
+    async def _start(
+        self, conn: UpstreamConnection, body: dict[str, Any], memory: Conversation | None
+    ) -> TurnStream:
+        plan = plan_turn(memory, body)
+        turn = Turn(plan, self.settings.event_buffer)
+        self.turns["one_turn" if conn.one_turn else plan.mode] += 1
+        self.upstream_bytes += turn.sent_bytes
+        if not conn.submit(turn):
+            turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket task ended")))
+            return TurnStream(turn, conn, None)
+        try:
+            first: UpstreamEvent | None = await turn.events.receive()
+        except trio.EndOfChannel:
+            first = None
+        except BaseException:
+            turn.abandon()  # cancelled while waiting: the socket's state is unknown
+            raise
+        return TurnStream(turn, conn, first)

@@ -1,0 +1,231 @@
+"""The pool of upstream sockets: which socket serves a session, and when a socket goes.
+
+One registry task owns the nursery every socket task runs in, and enforces idle TTL and maximum
+lifetime by sleeping until the next deadline. Deadlines are found without scanning: idle sockets
+sit in least-recently-used order (the first is the next to pass its idle TTL, and the first to
+go when the cap is reached) and pooled sockets in creation order (the first is the next to pass
+its usable lifetime). Nothing here blocks; only opening a socket awaits, in the asking task.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from trioproxy import errors
+from trioproxy.config import Settings
+from trioproxy.delta import Conversation
+from trioproxy.upstream import Connector, UpstreamConnection
+
+log = logging.getLogger("trioproxy.registry")
+
+Reusable = Callable[[Conversation | None], bool]
+
+
+class Registry:
+    def __init__(self, settings: Settings, connector: Connector) -> None:
+        self._settings = settings
+        self._connector = connector
+        self._pooled: dict[str, UpstreamConnection] = {}
+        self._idle: OrderedDict[str, UpstreamConnection] = OrderedDict()
+        self._by_age: dict[UpstreamConnection, None] = {}  # pooled, oldest first
+        self._live: set[UpstreamConnection] = set()  # every socket task, pooled or one-turn
+        self._nursery: trio.Nursery | None = None
+        self._wake = trio.Event()
+        self._stopped = trio.Event()
+        self._closing = False
+        self.evictions: Counter[str] = Counter()
+        self.opened = 0
+
+    # -- what tests, metrics and the health check read --------------------------------------
+    @property
+    def pooled(self) -> int:
+        return len(self._pooled)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    @property
+    def live(self) -> int:
+        """Open upstream sockets, one-turn ones included."""
+        return len(self._live)
+
+    def connection(self, key: str) -> UpstreamConnection | None:
+        return self._pooled.get(key)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "pooled": self.pooled,
+            "idle": self.idle,
+            "live": self.live,
+            "opened": self.opened,
+            "evictions": dict(self.evictions),
+        }
+
+    # -- the registry task -------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own every socket task; close sockets as their deadlines pass. Runs until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._sweep_forever()
+        finally:
+            self._nursery = None
+            self._stopped.set()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            deadline = self._sweep(trio.current_time())
+            self._wake = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+
+    def _sweep(self, now: float) -> float:
+        """Close every idle socket past a deadline; return when the next deadline falls."""
+        ttl = self._settings.idle_ttl
+        usable = self._settings.usable_lifetime
+        while self._idle:
+            conn = next(iter(self._idle.values()))
+            if conn.last_used + ttl > now:
+                break
+            self._retire(conn, "idle_ttl")
+        next_deadline = next(iter(self._idle.values())).last_used + ttl if self._idle else math.inf
+        for conn in list(self._by_age):
+            if conn.born + usable > now:
+                next_deadline = min(next_deadline, conn.born + usable)
+                break
+            if not conn.busy:  # a busy one is retired when its turn ends
+                self._retire(conn, "max_lifetime")
+        return next_deadline
+
+    # -- leasing -----------------------------------------------------------------------------
+    async def lease(
+        self,
+        key: str | None,
+        url: str,
+        headers: list[tuple[str, str]],
+        *,
+        reusable: Reusable | None = None,
+        fresh: bool = False,
+    ) -> UpstreamConnection:
+        """A socket for one turn, marked busy: the session's idle one, or a new one.
+
+        A busy session never makes a request wait: that request gets a one-turn socket of its
+        own. `reusable` may refuse the pooled socket (its memory does not fit this request) and
+        `fresh` always does; the refused socket is replaced.
+        """
+        if key is None:
+            return await self._open(None, url, headers)
+        now = trio.current_time()
+        conn = self._pooled.get(key)
+        if conn is not None:
+            if conn.busy:
+                return await self._open(None, url, headers)
+            if conn.last_used + self._settings.idle_ttl <= now:
+                self._retire(conn, "idle_ttl")
+            elif conn.born + self._settings.usable_lifetime <= now:
+                self._retire(conn, "max_lifetime")
+            elif fresh or (reusable is not None and not reusable(conn.memory)):
+                self._retire(conn, "replaced")
+            else:
+                del self._idle[key]
+                conn.busy = True
+                return conn
+        if len(self._pooled) >= self._settings.max_sockets:
+            if not self._idle:
+                return await self._open(None, url, headers)  # all busy: never an error
+            self._retire(next(iter(self._idle.values())), "lru")
+        return await self._open(key, url, headers)
+
+    async def _open(
+        self, key: str | None, url: str, headers: list[tuple[str, str]]
+    ) -> UpstreamConnection:
+        if self._nursery is None or self._closing:
+            raise errors.shutting_down()
+        conn = UpstreamConnection(
+            key=key,
+            url=url,
+            headers=headers,
+            settings=self._settings,
+            on_turn_end=self._turn_ended,
+            on_exit=self._exited,
+        )
+        if key is not None:
+            self._pooled[key] = conn
+            self._by_age[conn] = None
+        self._live.add(conn)
+        try:
+            await self._nursery.start(conn.run, self._connector)
+        except BaseException:
+            self._forget(conn)
+            raise
+        self.opened += 1
+        self._wake.set()
+        return conn
+
+    # -- callbacks from socket tasks (synchronous, so no request can see a stale state) --------
+    def _turn_ended(self, conn: UpstreamConnection, keep: bool) -> None:
+        conn.last_used = trio.current_time()
+        if not keep:
+            if not conn.one_turn:
+                self.evictions["turn_failed"] += 1
+            self._forget(conn)
+            return
+        conn.busy = False
+        if self._closing:
+            self._retire(conn, "shutdown")
+            return
+        if conn.born + self._settings.usable_lifetime <= conn.last_used:
+            self._retire(conn, "max_lifetime")
+            return
+        assert conn.key is not None
+        self._idle[conn.key] = conn
+        self._idle.move_to_end(conn.key)
+        self._wake.set()
+
+    def _exited(self, conn: UpstreamConnection) -> None:
+        if self._pooled.get(conn.key or "") is conn and not conn.busy:
+            self.evictions["closed_idle"] += 1  # the upstream went away while it sat idle
+        self._forget(conn)
+        self._live.discard(conn)
+
+    # -- eviction ----------------------------------------------------------------------------
+    def _forget(self, conn: UpstreamConnection) -> None:
+        if conn.key is not None and self._pooled.get(conn.key) is conn:
+            del self._pooled[conn.key]
+            self._idle.pop(conn.key, None)
+        self._by_age.pop(conn, None)
+
+    def _retire(self, conn: UpstreamConnection, reason: str) -> None:
+        log.debug("retiring %r: %s", conn, reason)
+        self.evictions[reason] += 1
+        self._forget(conn)
+        conn.retire()
+
+    def evict(self, conn: UpstreamConnection, reason: str) -> None:
+        """Close a socket now (its state is unknown, e.g. its client vanished mid-turn)."""
+        self.evictions[reason] += 1
+        self._forget(conn)
+        conn.kill()
+
+    async def aclose(self) -> None:
+        """Close every socket: idle ones gracefully, then whatever is left after the grace."""
+        self._closing = True
+        for conn in list(self._pooled.values()):
+            if not conn.busy:
+                self._retire(conn, "shutdown")
+        with trio.move_on_after(self._settings.shutdown_grace):
+            for conn in list(self._live):
+                await conn.closed.wait()
+        for conn in list(self._live):
+            conn.kill()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        await self._stopped.wait()

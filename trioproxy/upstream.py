@@ -1,0 +1,258 @@
+"""One upstream Responses WebSocket, owned by exactly one task.
+
+The task opens the socket, reports start-up through `task_status` (so a refused handshake
+surfaces in the request that asked for the socket), then takes turns off its memory channel one
+at a time. Each turn's events go back over the turn's own bounded channel; the turn's end is
+stored on the turn and signalled by closing that channel, so the client side never races the
+socket's return to the pool. Nothing but this task ever touches the socket.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from trioproxy import errors
+from trioproxy.config import Settings
+from trioproxy.delta import Conversation, TurnPlan
+from trioproxy.errors import ApiError
+from trioproxy.events import TurnTracker, UpstreamEvent, error_of, parse_frame, response_id
+
+log = logging.getLogger("trioproxy.upstream")
+
+Headers = list[tuple[bytes, bytes]]
+Connector = Callable[[str, Headers], AbstractAsyncContextManager[WebSocketConnection]]
+
+EndKind = Literal[
+    "completed", "failed", "incomplete", "cancelled", "error", "socket", "timeout", "abandoned"
+]
+# Ends after which the socket's state is unknown: close it at once, without a close handshake.
+_ABRUPT = frozenset({"socket", "timeout", "abandoned"})
+
+
+def websocket_connector(settings: Settings) -> Connector:
+    """The production connector: a real (TLS where `wss://`) WebSocket client."""
+
+    def connect(url: str, headers: Headers) -> AbstractAsyncContextManager[WebSocketConnection]:
+        return open_websocket_url(  # type: ignore[no-any-return]
+            url,
+            extra_headers=headers,
+            connect_timeout=settings.connect_timeout,
+            disconnect_timeout=settings.close_timeout,
+            max_message_size=settings.max_message_bytes,
+        )
+
+    return connect
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnd:
+    """How a turn ended, and what the client and the pool need to know about it."""
+
+    kind: EndKind
+    event: UpstreamEvent | None = None  # the terminal upstream event, if there was one
+    error: ApiError | None = None  # set for `error`, `socket`, `timeout`
+    next_sequence: int = 0  # sequence number for an error event the proxy appends
+    remembered: Conversation | None = None  # the socket's memory after a completed turn
+
+
+class Turn:
+    """One request's turn: the message to send, its event channel, and its cancel scope."""
+
+    def __init__(self, plan: TurnPlan, buffer: int) -> None:
+        self.plan = plan
+        self.payload = orjson.dumps(plan.message).decode()
+        self.scope = trio.CancelScope()
+        self._send, self.events = trio.open_memory_channel[UpstreamEvent](buffer)
+        self.end: TurnEnd | None = None
+
+    @property
+    def sent_bytes(self) -> int:
+        return len(self.payload.encode())
+
+    async def deliver(self, event: UpstreamEvent) -> None:
+        await self._send.send(event)
+
+    def finish(self, end: TurnEnd) -> None:
+        """Record the end and close the event channel: the reader sees the end after the events."""
+        if self.end is None:
+            self.end = end
+            self._send.close()
+
+    def abandon(self) -> None:
+        """The client is gone: cancel the turn wherever it is (a no-op once it has ended)."""
+        if self.end is None:
+            self.scope.cancel()
+
+
+_ids = itertools.count(1)
+
+
+class UpstreamConnection:
+    """An upstream socket's task and the state the registry reads (all touched by one thread)."""
+
+    def __init__(
+        self,
+        *,
+        key: str | None,
+        url: str,
+        headers: list[tuple[str, str]],
+        settings: Settings,
+        on_turn_end: Callable[[UpstreamConnection, bool], None],
+        on_exit: Callable[[UpstreamConnection], None],
+    ) -> None:
+        self.id = next(_ids)
+        self.key = key
+        self.url = url
+        self.one_turn = key is None
+        self._handshake: Headers = [(n.encode(), v.encode()) for n, v in headers]
+        self._settings = settings
+        self._on_turn_end = on_turn_end
+        self._on_exit = on_exit
+        self.born = trio.current_time()
+        self.last_used = self.born
+        self.busy = True
+        self.memory: Conversation | None = None
+        self.turns = 0
+        self._scope = trio.CancelScope()
+        self._turns_send, self._turns_recv = trio.open_memory_channel[Turn](1)
+        self.closed = trio.Event()
+
+    def __repr__(self) -> str:
+        kind = "one-turn" if self.one_turn else f"key={self.key}"
+        return f"<UpstreamConnection #{self.id} {kind} turns={self.turns}>"
+
+    def submit(self, turn: Turn) -> bool:
+        """Hand a turn to the socket's task; False when the task has already gone."""
+        try:
+            self._turns_send.send_nowait(turn)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    def retire(self) -> None:
+        """Close gracefully once idle: the task sees its channel end and closes the socket."""
+        self._turns_send.close()
+
+    def kill(self) -> None:
+        """Close now, whatever it is doing: used when its state can no longer be trusted."""
+        self._turns_send.close()
+        self._scope.cancel()
+
+    async def run(
+        self, connector: Connector, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        started = False
+        try:
+            with self._scope:
+                async with connector(self.url, self._handshake) as ws:
+                    started = True
+                    task_status.started()
+                    await self._serve(ws)
+        except Exception as exc:
+            if not started:
+                raise handshake_error(exc) from exc
+            # After start-up nothing may escape into the registry's nursery: the turn in
+            # progress has been finished with an error already, so log and let the socket go.
+            log.info("upstream socket #%d closed with %r", self.id, exc)
+        finally:
+            self._turns_send.close()
+            self._turns_recv.close()
+            self._on_exit(self)
+            self.closed.set()
+
+    async def _serve(self, ws: WebSocketConnection) -> None:
+        async for turn in self._turns_recv:
+            try:
+                end = await self._exchange(ws, turn)
+            except BaseException:
+                # Even when this task is cancelled (shutdown, eviction) the client hears an end.
+                turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket closed by the proxy")))
+                raise
+            keep = end.kind == "completed" and not self.one_turn
+            self.turns += 1
+            if keep:
+                self.memory = end.remembered
+            # The pool learns first, then the client: by the time a client sees the end and
+            # sends its next request, this socket is already idle and reusable.
+            self._on_turn_end(self, keep)
+            turn.finish(end)
+            if not keep:
+                if end.kind in _ABRUPT:
+                    self._scope.cancel()
+                return
+
+    async def _exchange(self, ws: WebSocketConnection, turn: Turn) -> TurnEnd:
+        tracker = TurnTracker()
+        with turn.scope:
+            with trio.move_on_after(self._settings.turn_timeout):
+                if ws.closed is not None:
+                    return TurnEnd("socket", error=errors.upstream_closed("closed while idle"))
+                try:
+                    await ws.send_message(turn.payload)
+                    while True:
+                        event = parse_frame(await ws.get_message())
+                        kind = tracker.feed(event)
+                        if kind is not None:
+                            return _terminal(kind, event, tracker, turn.plan)
+                        await turn.deliver(event)
+                except ConnectionClosed as exc:
+                    reason = exc.reason
+                    detail = f"code {reason.code}" + (f" ({reason.reason})" if reason.reason else "")
+                    return TurnEnd(
+                        "socket",
+                        error=errors.upstream_closed(detail),
+                        next_sequence=tracker.next_sequence,
+                    )
+                except ValueError as exc:
+                    return TurnEnd(
+                        "socket",
+                        error=errors.upstream_protocol(str(exc)),
+                        next_sequence=tracker.next_sequence,
+                    )
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return TurnEnd("abandoned")  # the client closed its end of the channel
+            return TurnEnd(
+                "timeout",
+                error=errors.turn_timeout(self._settings.turn_timeout),
+                next_sequence=tracker.next_sequence,
+            )
+        return TurnEnd("abandoned")
+
+
+def _terminal(kind: str, event: UpstreamEvent, tracker: TurnTracker, plan: TurnPlan) -> TurnEnd:
+    if kind == "error":
+        return TurnEnd("error", event, error_of(event), tracker.next_sequence)
+    remembered = None
+    rid = response_id(event)
+    if kind == "completed" and rid is not None:
+        remembered = plan.remember(tracker.output_items(event), rid)
+    return TurnEnd(kind, event, None, tracker.next_sequence, remembered)  # type: ignore[arg-type]
+
+
+def handshake_error(exc: BaseException) -> ApiError:
+    """Map a failed connect or upgrade to the error the client sees."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ConnectionRejected):
+        return errors.from_handshake_rejection(exc.status_code, exc.body)
+    if isinstance(exc, ConnectionTimeout):
+        return errors.upstream_unreachable("the handshake timed out")
+    if isinstance(exc, HandshakeError) and exc.__cause__ is not None:
+        return errors.upstream_unreachable(str(exc.__cause__) or type(exc.__cause__).__name__)
+    return errors.upstream_unreachable(str(exc) or type(exc).__name__)
