@@ -94,9 +94,10 @@ class Proxy:
         if stream.first is not None or not self._retryable(stream):
             return stream
         # Once, on a new socket (pooled again if the failed one was), with the full input.
-        reason = stream.end.error.code if stream.end.error else None
-        self.retries[reason or stream.end.kind] += 1
-        log.info("turn refused before its first event (%s); retrying on a fresh socket", reason)
+        end = stream.end
+        cause = end.error.code if end.kind == "error" and end.error else end.kind
+        self.retries[cause or end.kind] += 1
+        log.info("turn refused before its first event (%s); retrying on a fresh socket", cause)
         retry_key = None if conn.one_turn else key
         conn = await self.registry.lease(retry_key, url, upstream_headers, fresh=True)
         return await self._start(conn, body, None)

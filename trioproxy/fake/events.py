@@ -64,7 +64,7 @@ def usage(input_bytes: int, cached_bytes: int, output_bytes: int) -> dict[str, A
     output_tokens = estimate_tokens(output_bytes)
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": cached},
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": input_tokens - cached},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": input_tokens + output_tokens,

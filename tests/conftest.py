@@ -1,0 +1,135 @@
+"""Shared fixtures: a real fake upstream on 127.0.0.1, the proxy under a real hypercorn server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from hypercorn.trio import serve as hypercorn_serve
+from quart_trio import QuartTrio
+from trio_websocket import WebSocketConnection, wrap_client_stream, wrap_server_stream
+
+from trioproxy.app import create_app
+from trioproxy.cli import hypercorn_config
+from trioproxy.config import Settings
+from trioproxy.fake import FakeUpstream
+from trioproxy.proxy import Proxy
+from trioproxy.registry import Registry
+from trioproxy.upstream import Connector
+
+AUTH = {"authorization": "Bearer sk-test-key"}
+
+
+@dataclass
+class ProxyServer:
+    base_url: str  # ends in /v1, as clients are configured
+    app: QuartTrio
+    fake: FakeUpstream
+
+    @property
+    def proxy(self) -> Proxy:
+        proxy: Proxy = self.app.extensions["trioproxy"]
+        return proxy
+
+    @property
+    def registry(self) -> Registry:
+        return self.proxy.registry
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, timeout=30, **kwargs)
+
+
+@pytest.fixture
+async def fake(nursery: trio.Nursery) -> FakeUpstream:
+    upstream = FakeUpstream()
+    await nursery.start(upstream.serve)
+    return upstream
+
+
+async def start_proxy(
+    nursery: trio.Nursery, fake: FakeUpstream, connector: Connector | None = None, **overrides: Any
+) -> ProxyServer:
+    settings = Settings(upstream=fake.url, **overrides)
+    app = create_app(settings, connector=connector)
+    config = hypercorn_config("127.0.0.1", 0)
+    binds = await nursery.start(partial(hypercorn_serve, app, config))
+    return ProxyServer(binds[0].rstrip("/") + "/v1", app, fake)
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery, fake: FakeUpstream) -> ProxyServer:
+    return await start_proxy(nursery, fake)
+
+
+def memory_connector(fake: FakeUpstream) -> Connector:
+    """Real WebSocket protocol to the fake upstream over in-memory streams: no real I/O, so
+    tests under an autojumping MockClock stay deterministic."""
+
+    @asynccontextmanager
+    async def connect(url: str, headers: list[tuple[bytes, bytes]]) -> AsyncIterator[WebSocketConnection]:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+
+        async def serve_one() -> None:
+            request = await wrap_server_stream(nursery, server_stream)
+            await fake.handle(request)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_one)
+            ws = await wrap_client_stream(
+                nursery, client_stream, "fake", "/v1/responses", extra_headers=headers
+            )
+            try:
+                yield ws
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+
+    return connect
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+def request_body(input_items: list[Any] | str, **extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-test", "input": input_items, **extra}
+
+
+async def post(
+    client: httpx.AsyncClient, body: Any, session: str | None = "s1", **headers: str
+) -> httpx.Response:
+    all_headers = {**AUTH, **headers}
+    if session is not None:
+        all_headers["session-id"] = session
+    return await client.post("/responses", json=body, headers=all_headers)
+
+
+def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """Parse an SSE body into (event, data) pairs, checking the framing as clients do."""
+    import json
+
+    out = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        lines = block.split("\n")
+        assert lines[0].startswith("event: "), block
+        assert lines[1].startswith("data: "), block
+        assert len(lines) == 2, block
+        out.append((lines[0][len("event: ") :], json.loads(lines[1][len("data: ") :])))
+    return out
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll a condition the code under test reaches asynchronously (bounded, never a bare sleep)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)

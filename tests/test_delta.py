@@ -1,0 +1,184 @@
+"""The suffix rule: when a turn can go as new items plus `previous_response_id`."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from trioproxy.delta import Conversation, plan_turn
+from trioproxy.items import canonical_item, digest_items, item_digest
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def user(text: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}],
+            **extra}
+
+
+def completed(body: dict[str, Any], output: list[Any], rid: str = "resp_1") -> Conversation:
+    """The memory a socket holds after `body` completed with `output`."""
+    plan = plan_turn(None, body)
+    return plan.remember(output, rid)
+
+
+ASSISTANT = {"id": "msg_a1", "type": "message", "status": "completed", "role": "assistant",
+             "content": [{"type": "output_text", "text": "hi", "annotations": [], "logprobs": []}]}
+CALL = {"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1",
+        "name": "exec_command", "arguments": "{\"cmd\":\"ls\"}"}
+
+
+def body(items: list[Any], **params: Any) -> dict[str, Any]:
+    return {"model": "gpt-5", "input": items, "tools": [{"type": "function", "name": "f"}],
+            "stream": True, **params}
+
+
+def test_first_turn_is_full_and_strips_stream() -> None:
+    plan = plan_turn(None, body([user("a")]))
+    assert plan.mode == "full"
+    assert plan.message["type"] == "response.create"
+    assert "stream" not in plan.message and "background" not in plan.message
+    assert "previous_response_id" not in plan.message
+    assert plan.message["input"] == [user("a")]
+    assert plan.message["tools"] == [{"type": "function", "name": "f"}]
+
+
+def test_extended_history_goes_as_suffix_with_all_params() -> None:
+    first = body([user("a")])
+    memory = completed(first, [ASSISTANT])
+    plan = plan_turn(memory, body([user("a"), ASSISTANT, user("b")]))
+    assert plan.mode == "suffix"
+    assert plan.message["previous_response_id"] == "resp_1"
+    assert plan.message["input"] == [user("b")]
+    assert plan.message["tools"] == first["tools"], "tools are not carried by the id"
+    assert plan.new_items == 1
+
+
+def test_equal_input_is_not_a_suffix() -> None:
+    first = body([user("a")])
+    memory = completed(first, [ASSISTANT])
+    assert plan_turn(memory, body([user("a"), ASSISTANT])).mode == "full"
+
+
+def test_edited_history_goes_full() -> None:
+    memory = completed(body([user("a"), user("b")]), [ASSISTANT])
+    plan = plan_turn(memory, body([user("a"), user("B edited"), ASSISTANT, user("c")]))
+    assert plan.mode == "full"
+    assert "previous_response_id" not in plan.message
+
+
+def test_dropped_output_goes_full() -> None:
+    """A client that does not echo the response's output is not continuing it."""
+    memory = completed(body([user("a")]), [ASSISTANT])
+    assert plan_turn(memory, body([user("a"), user("b")])).mode == "full"
+
+
+def test_changed_params_go_full() -> None:
+    memory = completed(body([user("a")]), [ASSISTANT])
+    assert plan_turn(memory, body([user("a"), ASSISTANT, user("b")], model="gpt-4")).mode == "full"
+    assert plan_turn(memory, body([user("a"), ASSISTANT, user("b")], tools=[])).mode == "full"
+    assert plan_turn(
+        memory, body([user("a"), ASSISTANT, user("b")], instructions="new")
+    ).mode == "full"
+
+
+def test_per_call_fields_do_not_break_the_chain() -> None:
+    """`client_metadata` (Codex changes it every turn) and `stream` are not parameters."""
+    memory = completed(body([user("a")], client_metadata={"turn_id": "1"}), [ASSISTANT])
+    plan = plan_turn(memory, body([user("a"), ASSISTANT, user("b")], stream=False,
+                                  client_metadata={"turn_id": "2"}))
+    assert plan.mode == "suffix"
+    assert plan.message["client_metadata"] == {"turn_id": "2"}
+
+
+def test_reordered_keys_match() -> None:
+    memory = completed(body([user("a")]), [ASSISTANT])
+    reordered = json.loads(json.dumps(ASSISTANT, sort_keys=True))
+    reordered["content"] = [dict(reversed(list(p.items()))) for p in reordered["content"]]
+    params = body([user("a"), reordered, user("b")])
+    params = dict(reversed(list(params.items())))
+    assert plan_turn(memory, params).mode == "suffix"
+
+
+def test_output_echoed_back_reserialised_matches() -> None:
+    """Clients echo outputs without id/status/empty annotations, string content, nulls."""
+    memory = completed(body([user("a")]), [ASSISTANT, CALL])
+    echoed_message = {"role": "assistant", "content": "hi"}
+    echoed_call = {"type": "function_call", "call_id": "call_1", "name": "exec_command",
+                   "arguments": "{\"cmd\":\"ls\"}", "id": None}
+    output = {"type": "function_call_output", "call_id": "call_1", "output": "file.txt"}
+    plan = plan_turn(memory, body([user("a"), echoed_message, echoed_call, output]))
+    assert plan.mode == "suffix"
+    assert plan.message["input"] == [output]
+
+
+def test_changed_arguments_do_not_match() -> None:
+    memory = completed(body([user("a")]), [CALL])
+    changed = {**CALL, "arguments": "{\"cmd\":\"rm\"}"}
+    assert plan_turn(memory, body([user("a"), changed, user("b")])).mode == "full"
+
+
+def test_string_input_equals_its_message() -> None:
+    memory = completed(body("hello"), [ASSISTANT])  # type: ignore[arg-type]
+    plan = plan_turn(memory, body([{"role": "user", "content": "hello"}, ASSISTANT, user("b")]))
+    assert plan.mode == "suffix"
+
+
+def test_explicit_previous_response_id_is_passed_through() -> None:
+    memory = completed(body([user("a")]), [ASSISTANT], rid="resp_1")
+    same = plan_turn(memory, body([user("b")], previous_response_id="resp_1"))
+    assert same.mode == "passthrough"
+    assert same.message["previous_response_id"] == "resp_1"
+    assert same.message["input"] == [user("b")]
+    # Continuing this socket's own chain keeps the history, so a later full request still
+    # goes as a suffix.
+    after = same.remember([ASSISTANT], "resp_2")
+    assert after.items == digest_items([user("a"), ASSISTANT, user("b"), ASSISTANT])
+    other = plan_turn(memory, body([user("b")], previous_response_id="resp_other"))
+    assert other.mode == "passthrough"
+    assert other.message["previous_response_id"] == "resp_other"
+    assert other.remember([ASSISTANT], "resp_3").items is None  # history unknown
+
+
+def test_a_long_conversation_costs_sixteen_bytes_an_item() -> None:
+    items = [user("x" * 1000) for _ in range(500)]
+    memory = completed(body(items), [ASSISTANT])
+    assert memory.items is not None and len(memory.items) == 16 * 501
+
+
+def test_codex_reference_turn_and_its_tool_loop() -> None:
+    """Codex's real first turn, then its tool-loop request as Codex builds it (input = first
+    input + the function_call it got back, re-serialised + the function_call_output)."""
+    captured = json.loads((REFERENCE / "codex-0.169.0-first-turn.json").read_text())["body"]
+    reasoning = {"id": "rs_1", "type": "reasoning", "summary": [],
+                 "encrypted_content": "gAAAA-opaque"}
+    call = {"id": "fc_9", "type": "function_call", "status": "completed", "call_id": "call_9",
+            "name": "exec_command", "arguments": "{\"cmd\":\"echo hi\"}"}
+    memory = completed(captured, [reasoning, call])
+    second = copy.deepcopy(captured)
+    second["client_metadata"]["turn_id"] = "changes-every-request"
+    echoed_reasoning = {"type": "reasoning", "summary": [], "content": None,
+                        "encrypted_content": "gAAAA-opaque"}
+    echoed_call = {"type": "function_call", "name": "exec_command",
+                   "arguments": "{\"cmd\":\"echo hi\"}", "call_id": "call_9"}
+    result = {"type": "function_call_output", "call_id": "call_9", "output": "hi\n"}
+    second["input"] = [*captured["input"], echoed_reasoning, echoed_call, result]
+    plan = plan_turn(memory, second)
+    assert plan.mode == "suffix"
+    assert plan.message["input"] == [result]
+    full = len(json.dumps(plan_turn(None, second).message))
+    suffix = len(json.dumps(plan.message))
+    assert suffix < full
+
+
+def test_canonical_form_rules() -> None:
+    assert canonical_item({"role": "user", "content": "x"}) == {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]}
+    assert item_digest({"b": 1, "a": 2}) == item_digest({"a": 2, "b": 1})
+    assert item_digest(user("a", id="msg_1", status="completed")) == item_digest(user("a"))
+    assert item_digest(user("a")) != item_digest(user("b"))
+    with_annotations = {"type": "output_text", "text": "t", "annotations": [{"x": 1}]}
+    assert item_digest({"role": "assistant", "content": [with_annotations]}) != item_digest(
+        {"role": "assistant", "content": "t"})
