@@ -56,6 +56,11 @@ class Registry:
         """Open upstream sockets, one-turn ones included."""
         return len(self._live)
 
+    @property
+    def tasks(self) -> int:
+        """Socket tasks still running: must match `live`, or a task leaked."""
+        return len(self._nursery.child_tasks) if self._nursery is not None else 0
+
     def connection(self, key: str) -> UpstreamConnection | None:
         return self._pooled.get(key)
 
@@ -171,11 +176,12 @@ class Registry:
         return conn
 
     # -- callbacks from socket tasks (synchronous, so no request can see a stale state) --------
-    def _turn_ended(self, conn: UpstreamConnection, keep: bool) -> None:
+    def _turn_ended(self, conn: UpstreamConnection, ended: str) -> None:
+        """A turn is over; `ended` is how ("completed" keeps a pooled socket, all else evicts)."""
         conn.last_used = trio.current_time()
-        if not keep:
+        if conn.one_turn or ended != "completed":
             if not conn.one_turn:
-                self.evictions["turn_failed"] += 1
+                self.evictions[ended] += 1
             self._forget(conn)
             return
         conn.busy = False

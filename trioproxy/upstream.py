@@ -113,7 +113,7 @@ class UpstreamConnection:
         url: str,
         headers: list[tuple[str, str]],
         settings: Settings,
-        on_turn_end: Callable[[UpstreamConnection, bool], None],
+        on_turn_end: Callable[[UpstreamConnection, str], None],
         on_exit: Callable[[UpstreamConnection], None],
     ) -> None:
         self.id = next(_ids)
@@ -190,7 +190,7 @@ class UpstreamConnection:
                 self.memory = end.remembered
             # The pool learns first, then the client: by the time a client sees the end and
             # sends its next request, this socket is already idle and reusable.
-            self._on_turn_end(self, keep)
+            self._on_turn_end(self, end.kind)
             turn.finish(end)
             if not keep:
                 if end.kind in _ABRUPT:

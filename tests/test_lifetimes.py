@@ -1,0 +1,144 @@
+"""Idle TTL, max lifetime and the turn timeout, on a virtual clock.
+
+The proxy core talks real WebSocket protocol to the fake upstream over in-memory streams, so
+`MockClock(autojump_threshold=0)` jumps straight to each deadline: minutes pass in microseconds
+and nothing depends on real timing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from tests.conftest import AUTH, memory_connector, user
+from trioproxy.config import Settings
+from trioproxy.fake import FakeUpstream
+from trioproxy.proxy import Proxy
+from trioproxy.registry import Registry
+from trioproxy.upstream import TurnEnd
+
+HEADERS = [(k, v) for k, v in AUTH.items()] + [("session-id", "s1")]
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def make_proxy(nursery: trio.Nursery, fake: FakeUpstream, **settings: Any) -> Proxy:
+    registry = Registry(Settings(upstream="ws://fake/v1/responses", **settings),
+                        memory_connector(fake))
+    await nursery.start(registry.run)
+    return Proxy(registry._settings, registry)
+
+
+async def turn(proxy: Proxy, items: list[Any]) -> tuple[TurnEnd, list[Any]]:
+    stream = await proxy.open_turn({"model": "m", "input": items}, HEADERS)
+    async for _ in stream:
+        pass
+    end = stream.end
+    output = end.event.data["response"]["output"] if end.event is not None else []
+    return end, output
+
+
+async def test_idle_ttl_closes_the_socket(clock: trio.testing.MockClock,
+                                          nursery: trio.Nursery) -> None:
+    fake = FakeUpstream()
+    proxy = await make_proxy(nursery, fake, idle_ttl=60, max_lifetime=3600, turn_timeout=10)
+    end, _ = await turn(proxy, [user("a")])
+    assert end.kind == "completed" and proxy.registry.pooled == 1
+    await trio.sleep(59)
+    assert proxy.registry.pooled == 1 and fake.open_sockets == 1
+    await trio.sleep(2)
+    assert proxy.registry.pooled == 0
+    assert proxy.registry.evictions["idle_ttl"] == 1
+    await fake.wait_open_sockets(0)
+    await proxy.registry.aclose()
+
+
+async def test_use_renews_the_idle_ttl(clock: trio.testing.MockClock,
+                                       nursery: trio.Nursery) -> None:
+    fake = FakeUpstream()
+    proxy = await make_proxy(nursery, fake, idle_ttl=60, max_lifetime=3600, turn_timeout=10)
+    history = [user("a")]
+    _, out = await turn(proxy, history)
+    await trio.sleep(50)
+    history += [*out, user("b")]
+    await turn(proxy, history)
+    await trio.sleep(50)  # 100 s after the first turn, 50 after the last
+    assert proxy.registry.pooled == 1
+    assert [c.socket for c in fake.creates()] == [1, 1]
+    await trio.sleep(11)
+    assert proxy.registry.pooled == 0
+    await proxy.registry.aclose()
+
+
+async def test_max_lifetime_never_starts_a_turn_it_cannot_finish(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    # Turns may take 60 s, sockets live 300 s: no turn may start on a socket older than 240 s.
+    proxy = await make_proxy(nursery, fake, idle_ttl=100, max_lifetime=300, turn_timeout=60)
+    start = trio.current_time()
+    history = [user("t0")]
+    _, out = await turn(proxy, history)
+    for i in range(1, 5):  # turns at 50, 100, 150, 200 s: all on socket 1, as suffixes
+        await trio.sleep_until(start + 50 * i)
+        history += [*out, user(f"t{i}")]
+        _, out = await turn(proxy, history)
+    await trio.sleep_until(start + 239)
+    assert proxy.registry.pooled == 1
+    await trio.sleep_until(start + 241)
+    assert proxy.registry.pooled == 0 and proxy.registry.evictions["max_lifetime"] == 1
+    history += [*out, user("t5")]
+    await turn(proxy, history)
+    creates = fake.creates()
+    assert [c.socket for c in creates] == [1, 1, 1, 1, 1, 2]
+    assert "previous_response_id" not in creates[-1].message  # a fresh socket: full input
+    assert len(creates[-1].message["input"]) == len(history)
+    await proxy.registry.aclose()
+
+
+async def test_a_socket_reaching_its_lifetime_during_a_turn_is_retired_after_it(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream(event_delay=2.0)  # each turn takes ~20 s of virtual time
+    proxy = await make_proxy(nursery, fake, idle_ttl=1000, max_lifetime=100, turn_timeout=50)
+    await turn(proxy, [user("a b c")])
+    await trio.sleep_until(proxy.registry.connection(
+        next(iter(proxy.registry._pooled))).born + 45)  # type: ignore[union-attr]
+    end, _ = await turn(proxy, [user("a b c")])  # starts at 45 s, ends past the 50 s mark
+    assert end.kind == "completed"
+    assert proxy.registry.pooled == 0 and proxy.registry.evictions["max_lifetime"] == 1
+    await proxy.registry.aclose()
+
+
+async def test_turn_timeout_is_a_clear_error_and_evicts(clock: trio.testing.MockClock,
+                                                        nursery: trio.Nursery) -> None:
+    fake = FakeUpstream(event_delay=30.0)
+    proxy = await make_proxy(nursery, fake, idle_ttl=600, max_lifetime=1200, turn_timeout=100)
+    end, _ = await turn(proxy, [user("one two three four five six seven eight nine ten")])
+    assert end.kind == "timeout"
+    assert end.error is not None and end.error.status == 504
+    assert end.error.code == "upstream_timeout"
+    assert proxy.registry.pooled == 0
+    await fake.wait_open_sockets(0)
+    await proxy.registry.aclose()
+
+
+async def test_shutdown_closes_every_socket(clock: trio.testing.MockClock,
+                                            nursery: trio.Nursery) -> None:
+    fake = FakeUpstream()
+    proxy = await make_proxy(nursery, fake)
+    for session in ("a", "b", "c"):
+        headers = [*HEADERS[:-1], ("session-id", session)]
+        stream = await proxy.open_turn({"model": "m", "input": "x"}, headers)
+        async for _ in stream:
+            pass
+    assert fake.open_sockets == 3
+    await proxy.registry.aclose()
+    assert proxy.registry.live == 0
+    await fake.wait_open_sockets(0)
