@@ -73,7 +73,9 @@ def memory_connector(fake: FakeUpstream) -> Connector:
     tests under an autojumping MockClock stay deterministic."""
 
     @asynccontextmanager
-    async def connect(url: str, headers: list[tuple[bytes, bytes]]) -> AsyncIterator[WebSocketConnection]:
+    async def connect(
+        url: str, headers: list[tuple[bytes, bytes]]
+    ) -> AsyncIterator[WebSocketConnection]:
         client_stream, server_stream = trio.testing.memory_stream_pair()
 
         async def serve_one() -> None:
@@ -128,8 +130,8 @@ def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a condition the code under test reaches asynchronously (bounded, never a bare sleep)."""
-    with trio.fail_after(timeout):
-        while not predicate():
+async def wait_until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Poll a condition that the code under test reaches in a task of its own; bounded."""
+    with trio.fail_after(seconds):
+        while not predicate():  # noqa: ASYNC110 (the state belongs to the code under test)
             await trio.sleep(0.01)

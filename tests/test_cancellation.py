@@ -27,8 +27,9 @@ async def test_disconnect_mid_stream_evicts_and_closes_within_a_second(
         baseline_pooled = registry.pooled
         assert baseline_pooled == 1 and fake.open_sockets == 1
         body = request_body([user(LONG)], stream=True)
-        async with client.stream("POST", "/responses", json=body,
-                                 headers={**AUTH, "session-id": "s"}) as reply:
+        async with client.stream(
+            "POST", "/responses", json=body, headers={**AUTH, "session-id": "s"}
+        ) as reply:
             seen = 0
             async for line in reply.aiter_lines():
                 seen += line.startswith("event: response.output_text.delta")
@@ -65,8 +66,9 @@ async def test_many_disconnects_leave_nothing_behind(nursery: trio.Nursery) -> N
     async def client_that_leaves(i: int) -> None:
         async with server.client() as client:
             body = request_body([user(LONG)], stream=True)
-            async with client.stream("POST", "/responses", json=body,
-                                     headers={**AUTH, "session-id": f"s{i}"}) as reply:
+            async with client.stream(
+                "POST", "/responses", json=body, headers={**AUTH, "session-id": f"s{i}"}
+            ) as reply:
                 n = 0
                 async for _ in reply.aiter_lines():
                     n += 1

@@ -26,7 +26,9 @@ def test_sse_block_never_carries_a_raw_line_break() -> None:
     pretty = json.dumps({"type": "x", "delta": "y"}, indent=2)
     block = sse.encode("x", pretty)
     assert block.count(b"\n") == 3 and json.loads(block.split(b"data: ")[1]) == {
-        "type": "x", "delta": "y"}
+        "type": "x",
+        "delta": "y",
+    }
 
 
 def test_sse_json_event() -> None:
@@ -36,37 +38,80 @@ def test_sse_json_event() -> None:
 
 # -- error mapping --------------------------------------------------------------------------
 def test_nested_socket_error_maps_to_status_and_body() -> None:
-    err = from_error_event({"type": "error", "status": 400, "error": {
-        "type": "invalid_request_error", "code": "previous_response_not_found",
-        "message": "Previous response with id 'resp_1' not found.",
-        "param": "previous_response_id"}})
+    err = from_error_event(
+        {
+            "type": "error",
+            "status": 400,
+            "error": {
+                "type": "invalid_request_error",
+                "code": "previous_response_not_found",
+                "message": "Previous response with id 'resp_1' not found.",
+                "param": "previous_response_id",
+            },
+        }
+    )
     assert err.status == 400
-    assert err.body() == {"error": {
-        "message": "Previous response with id 'resp_1' not found.",
-        "type": "invalid_request_error", "param": "previous_response_id",
-        "code": "previous_response_not_found"}}
+    assert err.body() == {
+        "error": {
+            "message": "Previous response with id 'resp_1' not found.",
+            "type": "invalid_request_error",
+            "param": "previous_response_id",
+            "code": "previous_response_not_found",
+        }
+    }
 
 
 def test_nested_socket_error_maps_to_flat_sse_event() -> None:
-    err = from_error_event({"type": "error", "status": 429, "error": {
-        "type": "rate_limit_error", "code": "rate_limit_exceeded",
-        "message": "Rate limit reached. Please try again in 2s.", "param": None}})
+    err = from_error_event(
+        {
+            "type": "error",
+            "status": 429,
+            "error": {
+                "type": "rate_limit_error",
+                "code": "rate_limit_exceeded",
+                "message": "Rate limit reached. Please try again in 2s.",
+                "param": None,
+            },
+        }
+    )
     assert err.status == 429
-    assert err.sse_event(7) == {"type": "error", "code": "rate_limit_exceeded",
-                                "message": "Rate limit reached. Please try again in 2s.",
-                                "param": None, "sequence_number": 7}
+    assert err.sse_event(7) == {
+        "type": "error",
+        "code": "rate_limit_exceeded",
+        "message": "Rate limit reached. Please try again in 2s.",
+        "param": None,
+        "sequence_number": 7,
+    }
 
 
 def test_error_without_status_uses_code_then_type() -> None:
-    assert from_error_event({"type": "error", "error": {
-        "code": "websocket_connection_limit_reached", "message": "m"}}).status == 429
+    assert (
+        from_error_event(
+            {
+                "type": "error",
+                "error": {"code": "websocket_connection_limit_reached", "message": "m"},
+            }
+        ).status
+        == 429
+    )
     assert from_error_event({"type": "error", "code": "server_error", "message": "m"}).status == 500
-    assert from_error_event({"type": "error", "status": 9999, "error": {
-        "type": "invalid_request_error", "message": "m"}}).status == 400
+    assert (
+        from_error_event(
+            {
+                "type": "error",
+                "status": 9999,
+                "error": {"type": "invalid_request_error", "message": "m"},
+            }
+        ).status
+        == 400
+    )
 
 
 def test_handshake_rejection_keeps_openai_body_or_summarises() -> None:
-    body = b'{"error": {"message": "bad key", "type": "invalid_request_error", "code": "invalid_api_key"}}'
+    body = (
+        b'{"error": {"message": "bad key", "type": "invalid_request_error",'
+        b' "code": "invalid_api_key"}}'
+    )
     err = from_handshake_rejection(401, body)
     assert (err.status, err.code, err.message) == (401, "invalid_api_key", "bad key")
     other = from_handshake_rejection(503, b"<html>down</html>")
@@ -89,14 +134,21 @@ def test_handshake_rejection_keeps_openai_body_or_summarises() -> None:
         (b'{"model": "m"}', "input", "missing_required_parameter"),
         (b'{"model": "m", "input": "x", "stream": "yes"}', "stream", "invalid_type"),
         (b'{"model": "m", "input": "x", "tools": {}}', "tools", "invalid_type"),
-        (b'{"model": "m", "input": "x", "previous_response_id": 3}', "previous_response_id",
-         "invalid_type"),
-        (b'{"model": "m", "input": "x", "background": true}', "background",
-         "unsupported_parameter"),
+        (
+            b'{"model": "m", "input": "x", "previous_response_id": 3}',
+            "previous_response_id",
+            "invalid_type",
+        ),
+        (
+            b'{"model": "m", "input": "x", "background": true}',
+            "background",
+            "unsupported_parameter",
+        ),
     ],
 )
-def test_bad_bodies_are_refused_with_the_field_named(raw: bytes, param: str | None,
-                                                     code: str) -> None:
+def test_bad_bodies_are_refused_with_the_field_named(
+    raw: bytes, param: str | None, code: str
+) -> None:
     with pytest.raises(ApiError) as caught:
         parse_request(raw)
     assert caught.value.status == 400
@@ -128,12 +180,28 @@ def test_pool_key_separates_what_changes_upstream_meaning() -> None:
     url = "wss://up/v1/responses"
     key = keys.pool_key(url, base, BETA)
     assert key is not None and "k1" not in key
-    assert keys.pool_key(url, base + H(x_client_request_id="r1", traceparent="t",
-                                       x_codex_turn_metadata="{}", x_stainless_retry_count="1"),
-                         BETA) == key
-    for extra in (H(chatgpt_account_id="acct"), H(openai_organization="org"),
-                  H(openai_project="p"), H(originator="codex_exec"), H(openai_beta="x=1"),
-                  H(x_custom="v")):
+    assert (
+        keys.pool_key(
+            url,
+            base
+            + H(
+                x_client_request_id="r1",
+                traceparent="t",
+                x_codex_turn_metadata="{}",
+                x_stainless_retry_count="1",
+            ),
+            BETA,
+        )
+        == key
+    )
+    for extra in (
+        H(chatgpt_account_id="acct"),
+        H(openai_organization="org"),
+        H(openai_project="p"),
+        H(originator="codex_exec"),
+        H(openai_beta="x=1"),
+        H(x_custom="v"),
+    ):
         assert keys.pool_key(url, base + extra, BETA) != key, extra
     assert keys.pool_key(url, H(authorization="Bearer k2", session_id="s"), BETA) != key
     assert keys.pool_key("wss://other/v1/responses", base, BETA) != key
@@ -142,10 +210,24 @@ def test_pool_key_separates_what_changes_upstream_meaning() -> None:
 
 
 def test_forwarded_headers_add_the_beta_and_drop_hop_by_hop() -> None:
-    out = dict(keys.forwarded(H(authorization="Bearer k", host="h", content_length="9",
-                                session_id="s", originator="codex_exec"), BETA))
-    assert out == {"authorization": "Bearer k", "session-id": "s", "originator": "codex_exec",
-                   "openai-beta": BETA}
+    out = dict(
+        keys.forwarded(
+            H(
+                authorization="Bearer k",
+                host="h",
+                content_length="9",
+                session_id="s",
+                originator="codex_exec",
+            ),
+            BETA,
+        )
+    )
+    assert out == {
+        "authorization": "Bearer k",
+        "session-id": "s",
+        "originator": "codex_exec",
+        "openai-beta": BETA,
+    }
     merged = dict(keys.forwarded(H(openai_beta="assistants=v2"), BETA))
     assert merged["openai-beta"] == f"assistants=v2, {BETA}"
     already = dict(keys.forwarded(H(openai_beta=BETA), BETA))
@@ -157,11 +239,22 @@ def test_tracker_collects_output_and_spots_the_end() -> None:
     tracker = TurnTracker()
     item = {"type": "message", "role": "assistant", "content": []}
     assert tracker.feed(parse_frame('{"type": "response.created", "sequence_number": 0}')) is None
-    done = {"type": "response.output_item.done", "output_index": 0, "item": item,
-            "sequence_number": 1}
+    done = {
+        "type": "response.output_item.done",
+        "output_index": 0,
+        "item": item,
+        "sequence_number": 1,
+    }
     assert tracker.feed(parse_frame(json.dumps(done))) is None
-    end = parse_frame(json.dumps({"type": "response.completed", "sequence_number": 2,
-                                  "response": {"id": "r", "output": []}}))
+    end = parse_frame(
+        json.dumps(
+            {
+                "type": "response.completed",
+                "sequence_number": 2,
+                "response": {"id": "r", "output": []},
+            }
+        )
+    )
     assert tracker.feed(end) == "completed"
     assert tracker.output_items(end) == [item], "empty final output falls back to the stream"
     assert tracker.next_sequence == 3

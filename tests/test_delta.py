@@ -14,8 +14,12 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
 def user(text: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}],
-            **extra}
+    return {
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": text}],
+        **extra,
+    }
 
 
 def completed(body: dict[str, Any], output: list[Any], rid: str = "resp_1") -> Conversation:
@@ -24,15 +28,31 @@ def completed(body: dict[str, Any], output: list[Any], rid: str = "resp_1") -> C
     return plan.remember(output, rid)
 
 
-ASSISTANT = {"id": "msg_a1", "type": "message", "status": "completed", "role": "assistant",
-             "content": [{"type": "output_text", "text": "hi", "annotations": [], "logprobs": []}]}
-CALL = {"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1",
-        "name": "exec_command", "arguments": "{\"cmd\":\"ls\"}"}
+ASSISTANT = {
+    "id": "msg_a1",
+    "type": "message",
+    "status": "completed",
+    "role": "assistant",
+    "content": [{"type": "output_text", "text": "hi", "annotations": [], "logprobs": []}],
+}
+CALL = {
+    "id": "fc_1",
+    "type": "function_call",
+    "status": "completed",
+    "call_id": "call_1",
+    "name": "exec_command",
+    "arguments": '{"cmd":"ls"}',
+}
 
 
 def body(items: list[Any], **params: Any) -> dict[str, Any]:
-    return {"model": "gpt-5", "input": items, "tools": [{"type": "function", "name": "f"}],
-            "stream": True, **params}
+    return {
+        "model": "gpt-5",
+        "input": items,
+        "tools": [{"type": "function", "name": "f"}],
+        "stream": True,
+        **params,
+    }
 
 
 def test_first_turn_is_full_and_strips_stream() -> None:
@@ -79,16 +99,19 @@ def test_changed_params_go_full() -> None:
     memory = completed(body([user("a")]), [ASSISTANT])
     assert plan_turn(memory, body([user("a"), ASSISTANT, user("b")], model="gpt-4")).mode == "full"
     assert plan_turn(memory, body([user("a"), ASSISTANT, user("b")], tools=[])).mode == "full"
-    assert plan_turn(
-        memory, body([user("a"), ASSISTANT, user("b")], instructions="new")
-    ).mode == "full"
+    assert (
+        plan_turn(memory, body([user("a"), ASSISTANT, user("b")], instructions="new")).mode
+        == "full"
+    )
 
 
 def test_per_call_fields_do_not_break_the_chain() -> None:
     """`client_metadata` (Codex changes it every turn) and `stream` are not parameters."""
     memory = completed(body([user("a")], client_metadata={"turn_id": "1"}), [ASSISTANT])
-    plan = plan_turn(memory, body([user("a"), ASSISTANT, user("b")], stream=False,
-                                  client_metadata={"turn_id": "2"}))
+    plan = plan_turn(
+        memory,
+        body([user("a"), ASSISTANT, user("b")], stream=False, client_metadata={"turn_id": "2"}),
+    )
     assert plan.mode == "suffix"
     assert plan.message["client_metadata"] == {"turn_id": "2"}
 
@@ -106,8 +129,13 @@ def test_output_echoed_back_reserialised_matches() -> None:
     """Clients echo outputs without id/status/empty annotations, string content, nulls."""
     memory = completed(body([user("a")]), [ASSISTANT, CALL])
     echoed_message = {"role": "assistant", "content": "hi"}
-    echoed_call = {"type": "function_call", "call_id": "call_1", "name": "exec_command",
-                   "arguments": "{\"cmd\":\"ls\"}", "id": None}
+    echoed_call = {
+        "type": "function_call",
+        "call_id": "call_1",
+        "name": "exec_command",
+        "arguments": '{"cmd":"ls"}',
+        "id": None,
+    }
     output = {"type": "function_call_output", "call_id": "call_1", "output": "file.txt"}
     plan = plan_turn(memory, body([user("a"), echoed_message, echoed_call, output]))
     assert plan.mode == "suffix"
@@ -116,7 +144,7 @@ def test_output_echoed_back_reserialised_matches() -> None:
 
 def test_changed_arguments_do_not_match() -> None:
     memory = completed(body([user("a")]), [CALL])
-    changed = {**CALL, "arguments": "{\"cmd\":\"rm\"}"}
+    changed = {**CALL, "arguments": '{"cmd":"rm"}'}
     assert plan_turn(memory, body([user("a"), changed, user("b")])).mode == "full"
 
 
@@ -152,17 +180,35 @@ def test_codex_reference_turn_and_its_tool_loop() -> None:
     """Codex's real first turn, then its tool-loop request as Codex builds it (input = first
     input + the function_call it got back, re-serialised + the function_call_output)."""
     captured = json.loads((REFERENCE / "codex-0.169.0-first-turn.json").read_text())["body"]
-    reasoning = {"id": "rs_1", "type": "reasoning", "summary": [],
-                 "encrypted_content": "gAAAA-opaque"}
-    call = {"id": "fc_9", "type": "function_call", "status": "completed", "call_id": "call_9",
-            "name": "exec_command", "arguments": "{\"cmd\":\"echo hi\"}"}
+    reasoning = {
+        "id": "rs_1",
+        "type": "reasoning",
+        "summary": [],
+        "encrypted_content": "gAAAA-opaque",
+    }
+    call = {
+        "id": "fc_9",
+        "type": "function_call",
+        "status": "completed",
+        "call_id": "call_9",
+        "name": "exec_command",
+        "arguments": '{"cmd":"echo hi"}',
+    }
     memory = completed(captured, [reasoning, call])
     second = copy.deepcopy(captured)
     second["client_metadata"]["turn_id"] = "changes-every-request"
-    echoed_reasoning = {"type": "reasoning", "summary": [], "content": None,
-                        "encrypted_content": "gAAAA-opaque"}
-    echoed_call = {"type": "function_call", "name": "exec_command",
-                   "arguments": "{\"cmd\":\"echo hi\"}", "call_id": "call_9"}
+    echoed_reasoning = {
+        "type": "reasoning",
+        "summary": [],
+        "content": None,
+        "encrypted_content": "gAAAA-opaque",
+    }
+    echoed_call = {
+        "type": "function_call",
+        "name": "exec_command",
+        "arguments": '{"cmd":"echo hi"}',
+        "call_id": "call_9",
+    }
     result = {"type": "function_call_output", "call_id": "call_9", "output": "hi\n"}
     second["input"] = [*captured["input"], echoed_reasoning, echoed_call, result]
     plan = plan_turn(memory, second)
@@ -175,10 +221,14 @@ def test_codex_reference_turn_and_its_tool_loop() -> None:
 
 def test_canonical_form_rules() -> None:
     assert canonical_item({"role": "user", "content": "x"}) == {
-        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]}
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": "x"}],
+    }
     assert item_digest({"b": 1, "a": 2}) == item_digest({"a": 2, "b": 1})
     assert item_digest(user("a", id="msg_1", status="completed")) == item_digest(user("a"))
     assert item_digest(user("a")) != item_digest(user("b"))
     with_annotations = {"type": "output_text", "text": "t", "annotations": [{"x": 1}]}
     assert item_digest({"role": "assistant", "content": [with_annotations]}) != item_digest(
-        {"role": "assistant", "content": "t"})
+        {"role": "assistant", "content": "t"}
+    )

@@ -29,8 +29,9 @@ def clock() -> trio.testing.MockClock:
 
 
 async def make_proxy(nursery: trio.Nursery, fake: FakeUpstream, **settings: Any) -> Proxy:
-    registry = Registry(Settings(upstream="ws://fake/v1/responses", **settings),
-                        memory_connector(fake))
+    registry = Registry(
+        Settings(upstream="ws://fake/v1/responses", **settings), memory_connector(fake)
+    )
     await nursery.start(registry.run)
     return Proxy(registry._settings, registry)
 
@@ -44,8 +45,9 @@ async def turn(proxy: Proxy, items: list[Any]) -> tuple[TurnEnd, list[Any]]:
     return end, output
 
 
-async def test_idle_ttl_closes_the_socket(clock: trio.testing.MockClock,
-                                          nursery: trio.Nursery) -> None:
+async def test_idle_ttl_closes_the_socket(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
     fake = FakeUpstream()
     proxy = await make_proxy(nursery, fake, idle_ttl=60, max_lifetime=3600, turn_timeout=10)
     end, _ = await turn(proxy, [user("a")])
@@ -59,8 +61,9 @@ async def test_idle_ttl_closes_the_socket(clock: trio.testing.MockClock,
     await proxy.registry.aclose()
 
 
-async def test_use_renews_the_idle_ttl(clock: trio.testing.MockClock,
-                                       nursery: trio.Nursery) -> None:
+async def test_use_renews_the_idle_ttl(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
     fake = FakeUpstream()
     proxy = await make_proxy(nursery, fake, idle_ttl=60, max_lifetime=3600, turn_timeout=10)
     history = [user("a")]
@@ -108,16 +111,16 @@ async def test_a_socket_reaching_its_lifetime_during_a_turn_is_retired_after_it(
     fake = FakeUpstream(event_delay=2.0)  # each turn takes ~20 s of virtual time
     proxy = await make_proxy(nursery, fake, idle_ttl=1000, max_lifetime=100, turn_timeout=50)
     await turn(proxy, [user("a b c")])
-    await trio.sleep_until(proxy.registry.connection(
-        next(iter(proxy.registry._pooled))).born + 45)  # type: ignore[union-attr]
+    await trio.sleep_until(proxy.registry.connection(next(iter(proxy.registry._pooled))).born + 45)  # type: ignore[union-attr]
     end, _ = await turn(proxy, [user("a b c")])  # starts at 45 s, ends past the 50 s mark
     assert end.kind == "completed"
     assert proxy.registry.pooled == 0 and proxy.registry.evictions["max_lifetime"] == 1
     await proxy.registry.aclose()
 
 
-async def test_turn_timeout_is_a_clear_error_and_evicts(clock: trio.testing.MockClock,
-                                                        nursery: trio.Nursery) -> None:
+async def test_turn_timeout_is_a_clear_error_and_evicts(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
     fake = FakeUpstream(event_delay=30.0)
     proxy = await make_proxy(nursery, fake, idle_ttl=600, max_lifetime=1200, turn_timeout=100)
     end, _ = await turn(proxy, [user("one two three four five six seven eight nine ten")])
@@ -129,8 +132,9 @@ async def test_turn_timeout_is_a_clear_error_and_evicts(clock: trio.testing.Mock
     await proxy.registry.aclose()
 
 
-async def test_shutdown_closes_every_socket(clock: trio.testing.MockClock,
-                                            nursery: trio.Nursery) -> None:
+async def test_shutdown_closes_every_socket(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
     fake = FakeUpstream()
     proxy = await make_proxy(nursery, fake)
     for session in ("a", "b", "c"):

@@ -30,8 +30,9 @@ async def three_turns(server: ProxyServer, session: str = "s1") -> list[dict[str
     async with server.client() as client:
         for text in ("first", "second", "third"):
             history.append(user(text))
-            reply = await post(client, request_body(history, tools=[{"type": "function",
-                                                                     "name": "f"}]), session)
+            reply = await post(
+                client, request_body(history, tools=[{"type": "function", "name": "f"}]), session
+            )
             assert reply.status_code == 200, reply.text
             responses.append(reply.json())
             history.extend(output_of(reply.json()))
@@ -50,8 +51,10 @@ async def test_three_turn_session_uses_one_socket_and_suffixes(server: ProxyServ
     assert second["input"] == [user("second")]
     assert third["previous_response_id"] == responses[1]["id"]
     assert third["input"] == [user("third")]
-    assert all("stream" not in m and m["tools"] == [{"type": "function", "name": "f"}]
-               for m in (first, second, third))
+    assert all(
+        "stream" not in m and m["tools"] == [{"type": "function", "name": "f"}]
+        for m in (first, second, third)
+    )
     assert creates[2].size < creates[0].size + 200  # the suffix does not grow with history
     assert server.proxy.turns["suffix"] == 2 and server.proxy.turns["full"] == 1
     assert responses[2]["usage"]["input_tokens_details"]["cached_tokens"] > 0
@@ -79,8 +82,9 @@ async def test_stream_is_flushed_as_it_arrives(nursery: trio.Nursery) -> None:
     server = await start_proxy(nursery, fake)
     async with server.client() as client:
         body = request_body([user("a b c d e f g h i j k l m n o p")], stream=True)
-        async with client.stream("POST", "/responses", json=body,
-                                 headers={**AUTH, "session-id": "s"}) as reply:
+        async with client.stream(
+            "POST", "/responses", json=body, headers={**AUTH, "session-id": "s"}
+        ) as reply:
             lines = reply.aiter_lines()
             first = await lines.__anext__()
             assert first == "event: response.created"
@@ -202,8 +206,9 @@ async def test_previous_response_not_found_is_resent_in_full(server: ProxyServer
         assert events[-1][0] == "response.completed"
         assert all(t != "error" for t, _ in events)
         # The new socket is the session's now, and chains from the resent turn.
-        third = await post(client, request_body(
-            [*history, *events[-1][1]["response"]["output"], user("c")]))
+        third = await post(
+            client, request_body([*history, *events[-1][1]["response"]["output"], user("c")])
+        )
         assert third.status_code == 200
     creates = fake.creates()
     assert [c.socket for c in creates] == [1, 1, 2, 2]
@@ -216,8 +221,10 @@ async def test_previous_response_not_found_is_resent_in_full(server: ProxyServer
 
 async def test_a_second_failure_reaches_the_client(server: ProxyServer) -> None:
     fake = server.fake
-    fake.queue(Reply.error("websocket_connection_limit_reached", 429),
-               Reply.error("websocket_connection_limit_reached", 429))
+    fake.queue(
+        Reply.error("websocket_connection_limit_reached", 429),
+        Reply.error("websocket_connection_limit_reached", 429),
+    )
     async with server.client() as client:
         reply = await post(client, request_body([user("a")], stream=True))
     assert reply.status_code == 429
@@ -230,9 +237,14 @@ async def test_upstream_error_before_streaming_is_an_http_error(server: ProxySer
     async with server.client() as client:
         reply = await post(client, request_body([user("a")], stream=True))
     assert reply.status_code == 400
-    assert reply.json() == {"error": {"message": "Your input is too long.",
-                                      "type": "invalid_request_error", "param": None,
-                                      "code": "context_length_exceeded"}}
+    assert reply.json() == {
+        "error": {
+            "message": "Your input is too long.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "context_length_exceeded",
+        }
+    }
     await server.fake.wait_open_sockets(0)
     assert server.registry.pooled == 0 and server.registry.evictions["error"] == 1
 
@@ -310,8 +322,11 @@ async def test_bad_input_gets_openai_errors_and_nothing_goes_upstream(server: Pr
 async def test_upstream_handshake_refusal_maps_to_the_same_status(server: ProxyServer) -> None:
     server.fake.require_auth = True
     async with server.client() as client:
-        reply = await client.post("/responses", json=request_body("x"),
-                                  headers={"authorization": "Basic nope", "session-id": "s"})
+        reply = await client.post(
+            "/responses",
+            json=request_body("x"),
+            headers={"authorization": "Basic nope", "session-id": "s"},
+        )
     assert reply.status_code == 401
     assert reply.json()["error"]["code"] == "invalid_api_key"
     assert server.registry.pooled == 0 and server.registry.live == 0
@@ -325,8 +340,13 @@ async def test_health_check(server: ProxyServer) -> None:
 
 async def test_handshake_carries_auth_beta_and_session_headers(server: ProxyServer) -> None:
     async with server.client() as client:
-        await post(client, request_body("x"), "sess-9", originator="codex_exec",
-                   **{"x-client-request-id": "r1"})
+        await post(
+            client,
+            request_body("x"),
+            "sess-9",
+            originator="codex_exec",
+            **{"x-client-request-id": "r1"},
+        )
     headers = server.fake.handshakes[0]
     assert headers["authorization"] == AUTH["authorization"]
     assert headers["openai-beta"] == "responses_websockets=2026-02-06"

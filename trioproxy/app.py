@@ -86,11 +86,15 @@ async def collect(stream: TurnStream) -> Response:
         return error_response(end.error)
     response = response_object(end.event) if end.event is not None else None
     if response is None:
-        return error_response(ApiError(502, "upstream ended without a response", type="upstream_error"))
+        return error_response(
+            ApiError(502, "upstream ended without a response", type="upstream_error")
+        )
     return json_response(response)
 
 
-def create_app(settings: Settings | None = None, *, connector: Connector | None = None) -> QuartTrio:
+def create_app(
+    settings: Settings | None = None, *, connector: Connector | None = None
+) -> QuartTrio:
     """Build the ASGI app. The registry task starts with the server and stops with it."""
     settings = settings or Settings.from_env()
     app = QuartTrio("trioproxy")
@@ -121,13 +125,15 @@ def create_app(settings: Settings | None = None, *, connector: Connector | None 
             return error_response(
                 ApiError(
                     401,
-                    "Missing credentials: send your upstream API key as 'Authorization: Bearer <key>'.",
+                    "Missing credentials: send the upstream API key as "
+                    "'Authorization: Bearer <key>'.",
                     type="invalid_request_error",
                     code="missing_api_key",
                 )
             )
         try:
-            body = parse_request(await request.get_data(cache=False))
+            raw = await request.get_data(cache=False, as_text=False)
+            body = parse_request(raw if isinstance(raw, bytes) else raw.encode())
             stream = await proxy.open_turn(body, headers)
         except ApiError as exc:
             return error_response(exc)
@@ -145,8 +151,12 @@ def create_app(settings: Settings | None = None, *, connector: Connector | None 
     async def http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
         return error_response(
-            ApiError(code, exc.description or exc.name, type="invalid_request_error",
-                     code=exc.name.lower().replace(" ", "_"))
+            ApiError(
+                code,
+                exc.description or exc.name,
+                type="invalid_request_error",
+                code=exc.name.lower().replace(" ", "_"),
+            )
         )
 
     return app

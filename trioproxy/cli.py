@@ -37,7 +37,9 @@ async def run_server(settings: Settings) -> None:
 
     app = create_app(settings)
     config = hypercorn_config(settings.host, settings.port)
-    log.info("trioproxy on http://%s:%d/v1 -> %s", settings.host, settings.port, settings.upstream_ws)
+    log.info(
+        "trioproxy on http://%s:%d/v1 -> %s", settings.host, settings.port, settings.upstream_ws
+    )
     await hypercorn_serve(app, config, shutdown_trigger=_until_signalled)
 
 

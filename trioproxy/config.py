@@ -47,7 +47,9 @@ class Settings:
             raise ValueError("max_sockets and event_buffer must be at least 1")
         scheme = self.upstream.split("://", 1)[0]
         if scheme not in ("ws", "wss", "http", "https"):
-            raise ValueError(f"upstream must be a ws://, wss://, http:// or https:// URL: {self.upstream}")
+            raise ValueError(
+                f"upstream must be a ws://, wss://, http:// or https:// URL: {self.upstream}"
+            )
 
     @property
     def upstream_ws(self) -> str:
@@ -68,7 +70,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read `TRIOPROXY_<FIELD>` for every field, e.g. `TRIOPROXY_UPSTREAM`, `TRIOPROXY_IDLE_TTL`."""
+        """Read `TRIOPROXY_<FIELD>` for each field: `TRIOPROXY_UPSTREAM`, `TRIOPROXY_IDLE_TTL`..."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -79,5 +81,7 @@ class Settings:
             try:
                 values[f.name] = kind(raw)
             except ValueError:
-                raise ValueError(f"TRIOPROXY_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+                raise ValueError(
+                    f"TRIOPROXY_{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
+                ) from None
         return cls(**values)

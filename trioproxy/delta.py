@@ -87,8 +87,9 @@ def plan_turn(memory: Conversation | None, body: dict[str, Any]) -> TurnPlan:
             if memory is not None and memory.items is not None and memory.response_id == chained
             else None
         )
-        return TurnPlan("passthrough", _message(body, body.get("input"), chained), params, known,
-                        len(items))
+        return TurnPlan(
+            "passthrough", _message(body, body.get("input"), chained), params, known, len(items)
+        )
     history = digest_items(items)
     if (
         memory is not None

@@ -108,8 +108,10 @@ class Proxy:
             return True  # nothing reached the client; a fresh socket gets a clean start
         if end.kind == "error" and end.error is not None and end.error.code in _RETRY_CODES:
             # A chain the client built itself cannot be rebuilt by the proxy.
-            return not (end.error.code == "previous_response_not_found"
-                        and stream.turn.plan.mode == "passthrough")
+            return not (
+                end.error.code == "previous_response_not_found"
+                and stream.turn.plan.mode == "passthrough"
+            )
         return False
 
     async def _start(

@@ -20,4 +20,6 @@ def encode(event_type: str, data: str) -> bytes:
 
 def encode_json(payload: dict[str, Any]) -> bytes:
     """An SSE block for an event the proxy itself produces (such as a flat `error`)."""
-    return b"event: " + str(payload["type"]).encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+    return (
+        b"event: " + str(payload["type"]).encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+    )

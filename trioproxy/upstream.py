@@ -49,7 +49,7 @@ def websocket_connector(settings: Settings) -> Connector:
     """The production connector: a real (TLS where `wss://`) WebSocket client."""
 
     def connect(url: str, headers: Headers) -> AbstractAsyncContextManager[WebSocketConnection]:
-        return open_websocket_url(  # type: ignore[no-any-return]
+        return open_websocket_url(
             url,
             extra_headers=headers,
             connect_timeout=settings.connect_timeout,
@@ -182,7 +182,9 @@ class UpstreamConnection:
                 end = await self._exchange(ws, turn)
             except BaseException:
                 # Even when this task is cancelled (shutdown, eviction) the client hears an end.
-                turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket closed by the proxy")))
+                turn.finish(
+                    TurnEnd("socket", error=errors.upstream_closed("socket closed by the proxy"))
+                )
                 raise
             keep = end.kind == "completed" and not self.one_turn
             self.turns += 1
@@ -212,8 +214,7 @@ class UpstreamConnection:
                             return _terminal(kind, event, tracker, turn.plan)
                         await turn.deliver(event)
                 except ConnectionClosed as exc:
-                    reason = exc.reason
-                    detail = f"code {reason.code}" + (f" ({reason.reason})" if reason.reason else "")
+                    detail = _close_detail(exc)
                     return TurnEnd(
                         "socket",
                         error=errors.upstream_closed(detail),
@@ -243,6 +244,13 @@ def _terminal(kind: str, event: UpstreamEvent, tracker: TurnTracker, plan: TurnP
     if kind == "completed" and rid is not None:
         remembered = plan.remember(tracker.output_items(event), rid)
     return TurnEnd(kind, event, None, tracker.next_sequence, remembered)  # type: ignore[arg-type]
+
+
+def _close_detail(exc: ConnectionClosed) -> str:
+    reason = exc.reason
+    if reason is None:
+        return "no close frame"
+    return f"code {reason.code}" + (f" ({reason.reason})" if reason.reason else "")
 
 
 def handshake_error(exc: BaseException) -> ApiError:

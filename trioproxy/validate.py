@@ -26,28 +26,37 @@ def parse_request(raw: bytes) -> dict[str, Any]:
         raise _invalid(None, f"The request body is not valid JSON: {exc}", "invalid_json") from None
     if not isinstance(body, dict):
         raise _invalid(
-            None, f"The request body must be a JSON object, not {type(body).__name__}.",
+            None,
+            f"The request body must be a JSON object, not {type(body).__name__}.",
             "invalid_type",
         )
     model = body.get("model")
     if model is None:
-        raise _invalid("model", "Missing required parameter: 'model'.", "missing_required_parameter")
+        raise _invalid(
+            "model", "Missing required parameter: 'model'.", "missing_required_parameter"
+        )
     if not isinstance(model, str) or not model:
-        raise _invalid("model", "Invalid type for 'model': expected a non-empty string.",
-                       "invalid_type")
+        raise _invalid(
+            "model", "Invalid type for 'model': expected a non-empty string.", "invalid_type"
+        )
     if "input" in body:
         value = body["input"]
         if not isinstance(value, str | list):
-            raise _invalid("input", "Invalid type for 'input': expected a string or an array.",
-                           "invalid_type")
+            raise _invalid(
+                "input", "Invalid type for 'input': expected a string or an array.", "invalid_type"
+            )
         if isinstance(value, list):
             for index, item in enumerate(value):
                 if not isinstance(item, dict):
-                    raise _invalid(f"input[{index}]",
-                                   f"Invalid type for 'input[{index}]': expected an object.",
-                                   "invalid_type")
+                    raise _invalid(
+                        f"input[{index}]",
+                        f"Invalid type for 'input[{index}]': expected an object.",
+                        "invalid_type",
+                    )
     elif not isinstance(body.get("previous_response_id"), str) and "prompt" not in body:
-        raise _invalid("input", "Missing required parameter: 'input'.", "missing_required_parameter")
+        raise _invalid(
+            "input", "Missing required parameter: 'input'.", "missing_required_parameter"
+        )
     for name, kinds, label in (
         ("stream", bool, "a boolean"),
         ("background", bool, "a boolean"),
@@ -59,7 +68,9 @@ def parse_request(raw: bytes) -> dict[str, Any]:
         if body.get(name) is not None and not isinstance(body[name], kinds):
             raise _invalid(name, f"Invalid type for '{name}': expected {label}.", "invalid_type")
     if body.get("background") is True:
-        raise _invalid("background",
-                       "Background responses are not supported through the WebSocket proxy.",
-                       "unsupported_parameter")
+        raise _invalid(
+            "background",
+            "Background responses are not supported through the WebSocket proxy.",
+            "unsupported_parameter",
+        )
     return body

@@ -64,7 +64,10 @@ def usage(input_bytes: int, cached_bytes: int, output_bytes: int) -> dict[str, A
     output_tokens = estimate_tokens(output_bytes)
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": input_tokens - cached},
+        "input_tokens_details": {
+            "cached_tokens": cached,
+            "cache_write_tokens": input_tokens - cached,
+        },
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": input_tokens + output_tokens,
@@ -80,8 +83,13 @@ def _chunks(text: str) -> list[str]:
 
 
 def _message_events(item_id: str, text: str) -> Iterator[dict[str, Any]]:
-    item = {"id": item_id, "type": "message", "status": "in_progress", "role": "assistant",
-            "content": []}
+    item = {
+        "id": item_id,
+        "type": "message",
+        "status": "in_progress",
+        "role": "assistant",
+        "content": [],
+    }
     yield {"type": "response.output_item.added", "output_index": 0, "item": item}
     part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
     base = {"item_id": item_id, "output_index": 0, "content_index": 0}
@@ -94,25 +102,50 @@ def _message_events(item_id: str, text: str) -> Iterator[dict[str, Any]]:
 
 
 def _call_events(item_id: str, call_id: str, name: str, arguments: str) -> Iterator[dict[str, Any]]:
-    item = {"id": item_id, "type": "function_call", "status": "in_progress", "call_id": call_id,
-            "name": name, "arguments": ""}
+    item = {
+        "id": item_id,
+        "type": "function_call",
+        "status": "in_progress",
+        "call_id": call_id,
+        "name": name,
+        "arguments": "",
+    }
     yield {"type": "response.output_item.added", "output_index": 0, "item": item}
     step = max(1, len(arguments) // 4)
     for i in range(0, len(arguments), step):
-        yield {"type": "response.function_call_arguments.delta", "item_id": item_id,
-               "output_index": 0, "delta": arguments[i : i + step]}
-    yield {"type": "response.function_call_arguments.done", "item_id": item_id,
-           "output_index": 0, "name": name, "arguments": arguments}
+        yield {
+            "type": "response.function_call_arguments.delta",
+            "item_id": item_id,
+            "output_index": 0,
+            "delta": arguments[i : i + step],
+        }
+    yield {
+        "type": "response.function_call_arguments.done",
+        "item_id": item_id,
+        "output_index": 0,
+        "name": name,
+        "arguments": arguments,
+    }
 
 
 def output_item(reply: Reply) -> dict[str, Any]:
     """The finished output item a reply produces (what `output_item.done` carries)."""
     if reply.kind == "call":
-        return {"id": new_id("fc"), "type": "function_call", "status": "completed",
-                "call_id": new_id("call"), "name": reply.name, "arguments": reply.arguments}
-    return {"id": new_id("msg"), "type": "message", "status": "completed", "role": "assistant",
-            "content": [{"type": "output_text", "text": reply.text, "annotations": [],
-                         "logprobs": []}]}
+        return {
+            "id": new_id("fc"),
+            "type": "function_call",
+            "status": "completed",
+            "call_id": new_id("call"),
+            "name": reply.name,
+            "arguments": reply.arguments,
+        }
+    return {
+        "id": new_id("msg"),
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": reply.text, "annotations": [], "logprobs": []}],
+    }
 
 
 def response_events(
@@ -126,14 +159,20 @@ def response_events(
     seq = itertools.count()
     if reply.kind == "error":
         message = reply.text or _error_message(reply.code, request)
-        return [{
-            "type": "error",
-            "status": reply.status,
-            "error": {"type": "invalid_request_error" if reply.status < 500 else "server_error",
-                      "code": reply.code, "message": message,
-                      "param": "previous_response_id"
-                      if reply.code == "previous_response_not_found" else None},
-        }], []
+        return [
+            {
+                "type": "error",
+                "status": reply.status,
+                "error": {
+                    "type": "invalid_request_error" if reply.status < 500 else "server_error",
+                    "code": reply.code,
+                    "message": message,
+                    "param": "previous_response_id"
+                    if reply.code == "previous_response_not_found"
+                    else None,
+                },
+            }
+        ], []
     events: list[dict[str, Any]] = []
     created = response_object(rid, request, "in_progress", [], None)
     events.append({"type": "response.created", "response": created})
@@ -143,8 +182,11 @@ def response_events(
         failed["error"] = {"code": reply.code, "message": f"The response failed: {reply.code}."}
         events.append({"type": "response.failed", "response": failed})
         return _numbered(events, seq), []
-    item = output_item(reply if reply.kind in ("call",) else Reply.message(
-        reply.text or "This answer was cut short."))
+    item = output_item(
+        reply
+        if reply.kind in ("call",)
+        else Reply.message(reply.text or "This answer was cut short.")
+    )
     if item["type"] == "function_call":
         events.extend(_call_events(item["id"], item["call_id"], item["name"], item["arguments"]))
     else:

@@ -58,7 +58,7 @@ class FakeUpstream:
         self.port = 0
         self._numbers = itertools.count(1)
         self._open: dict[int, _Socket] = {}
-        self.sockets_closed = trio.Condition()
+        self._changed = trio.Event()
 
     # -- what tests read and steer -----------------------------------------------------------
     @property
@@ -86,9 +86,14 @@ class FakeUpstream:
             await sock.ws.aclose(code, reason)
 
     async def wait_open_sockets(self, count: int) -> None:
-        async with self.sockets_closed:
-            while self.open_sockets != count:
-                await self.sockets_closed.wait()
+        """Wait until exactly `count` sockets are open (used to see closes land)."""
+        while self.open_sockets != count:
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        # Synchronous, so it also runs from a `finally` in a cancelled handler.
+        self._changed.set()
+        self._changed = trio.Event()
 
     # -- serving -----------------------------------------------------------------------------
     async def serve(
@@ -102,7 +107,11 @@ class FakeUpstream:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
                 lambda task_status: serve_websocket(
-                    self.handle, host, port, ssl_context=None, max_message_size=256 * 2**20,
+                    self.handle,
+                    host,
+                    port,
+                    ssl_context=None,
+                    max_message_size=256 * 2**20,
                     task_status=task_status,
                 )
             )
@@ -113,8 +122,11 @@ class FakeUpstream:
         """Serve one socket from its handshake to its close."""
         headers = {k.decode().lower(): v.decode() for k, v in request.headers}
         self.handshakes.append(headers)
-        if request.path.rstrip("/").split("?")[0] not in ("/v1/responses", "/responses",
-                                                        "/backend-api/codex/responses"):
+        if request.path.rstrip("/").split("?")[0] not in (
+            "/v1/responses",
+            "/responses",
+            "/backend-api/codex/responses",
+        ):
             await request.reject(404, body=_error_body("not_found", f"no route {request.path}"))
             return
         if self.require_auth and not headers.get("authorization", "").startswith("Bearer "):
@@ -123,6 +135,7 @@ class FakeUpstream:
         ws = await request.accept()
         sock = _Socket(next(self._numbers), ws)
         self._open[sock.number] = sock
+        self._notify()
         try:
             async with trio.open_nursery() as nursery:
                 while True:
@@ -134,8 +147,7 @@ class FakeUpstream:
                 nursery.cancel_scope.cancel()
         finally:
             del self._open[sock.number]
-            async with self.sockets_closed:
-                self.sockets_closed.notify_all()
+            self._notify()
 
     def _on_message(self, sock: _Socket, raw: str | bytes, nursery: trio.Nursery) -> None:
         size = len(raw.encode() if isinstance(raw, str) else raw)
@@ -145,13 +157,25 @@ class FakeUpstream:
             message = {"type": "<unparsable>"}
         self.received.append(Received(sock.number, message, size))
         if not isinstance(message, dict) or message.get("type") != "response.create":
-            nursery.start_soon(self._send_all, sock, [_error("invalid_request_error", 400,
-                                                      "unknown_event", "expected response.create")])
+            nursery.start_soon(
+                self._send_all,
+                sock,
+                [_error("invalid_request_error", 400, "unknown_event", "expected response.create")],
+            )
             return
         if sock.busy:
-            nursery.start_soon(self._send_all, sock, [_error(
-                "invalid_request_error", 409, "response_already_in_flight",
-                "A response is already in flight on this socket.")])
+            nursery.start_soon(
+                self._send_all,
+                sock,
+                [
+                    _error(
+                        "invalid_request_error",
+                        409,
+                        "response_already_in_flight",
+                        "A response is already in flight on this socket.",
+                    )
+                ],
+            )
             return
         sock.busy = True
         nursery.start_soon(self._respond, sock, message)
@@ -199,10 +223,21 @@ class FakeUpstream:
 
 
 def _error(type_: str, status: int, code: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "status": status,
-            "error": {"type": type_, "code": code, "message": message, "param": None}}
+    return {
+        "type": "error",
+        "status": status,
+        "error": {"type": type_, "code": code, "message": message, "param": None},
+    }
 
 
 def _error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                 "param": None, "code": code}}).encode()
+    return json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": code,
+            }
+        }
+    ).encode()

@@ -1,0 +1,91 @@
+"""The `openai` SDK, as users run it, pointed at the proxy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from openai import OpenAI
+
+from tests.conftest import ProxyServer
+
+
+def sdk(server: ProxyServer, session: str | None = "sdk-session") -> OpenAI:
+    headers = {"session-id": session} if session else {}
+    return OpenAI(
+        base_url=server.base_url,
+        api_key="sk-test-key",
+        default_headers=headers,
+        max_retries=0,
+        timeout=30,
+    )
+
+
+async def in_thread(fn: Any, *args: Any) -> Any:
+    """The SDK's sync client blocks; run it off the event loop that serves the proxy."""
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+async def test_sdk_non_streaming(server: ProxyServer) -> None:
+    client = sdk(server)
+    response = await in_thread(lambda: client.responses.create(model="gpt-test", input="hello"))
+    assert response.status == "completed"
+    assert response.output_text == "You said: hello"
+    assert response.usage is not None and response.usage.input_tokens > 0
+
+
+async def test_sdk_streaming_with_typed_events(server: ProxyServer) -> None:
+    client = sdk(server)
+
+    def run() -> tuple[list[str], str]:
+        types, text = [], ""
+        with client.responses.stream(model="gpt-test", input="stream these words") as stream:
+            for event in stream:
+                types.append(event.type)
+                if event.type == "response.output_text.delta":
+                    text += event.delta
+            final = stream.get_final_response()
+        assert final.output_text == text
+        return types, text
+
+    types, text = await in_thread(run)
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    assert text == "You said: stream these words"
+
+
+async def test_sdk_conversation_reuses_one_socket(server: ProxyServer) -> None:
+    client = sdk(server)
+
+    def run() -> list[str]:
+        history: list[Any] = [{"role": "user", "content": "one"}]
+        ids = []
+        for text in ("two", "three"):
+            response = client.responses.create(model="gpt-test", input=history, store=False)
+            ids.append(response.id)
+            history += [item.model_dump(exclude_none=True) for item in response.output]
+            history.append({"role": "user", "content": text})
+        ids.append(client.responses.create(model="gpt-test", input=history, store=False).id)
+        return ids
+
+    ids = await in_thread(run)
+    creates = server.fake.creates()
+    assert server.fake.sockets_opened == 1
+    assert [c.message.get("previous_response_id") for c in creates] == [None, ids[0], ids[1]]
+    assert creates[2].message["input"] == [{"role": "user", "content": "three"}]
+
+
+async def test_sdk_sees_upstream_errors_as_api_errors(server: ProxyServer) -> None:
+    import openai
+
+    client = sdk(server)
+
+    def run() -> openai.APIStatusError:
+        try:
+            client.responses.create(model="gpt-test", input="fake: error rate_limit_exceeded 429")
+        except openai.APIStatusError as exc:
+            return exc
+        raise AssertionError("expected an error")
+
+    error = await in_thread(run)
+    assert error.status_code == 429
+    assert error.code == "rate_limit_exceeded"
