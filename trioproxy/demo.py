@@ -1,0 +1,96 @@
+"""`make demo`: the bundled fake upstream, the proxy in front of it, and a 3-turn conversation
+through the `openai` SDK; then what went upstream, turn by turn."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import orjson
+import trio
+from hypercorn.trio import serve as hypercorn_serve
+
+from trioproxy.app import create_app
+from trioproxy.cli import hypercorn_config
+from trioproxy.config import Settings
+from trioproxy.delta import plan_turn
+from trioproxy.fake import FakeUpstream
+
+INSTRUCTIONS = "You are a terse assistant. " * 40
+TOOLS = [
+    {
+        "type": "function",
+        "name": "read_file",
+        "description": "Read a file from the workspace and return its contents. " * 8,
+        "parameters": {
+            "type": "object",
+            "properties": {"path": {"type": "string", "description": "Path to read"}},
+            "required": ["path"],
+        },
+    }
+]
+PROMPTS = ["Hello, proxy!", "Tell me what you heard.", "One more time, streamed."]
+
+
+def converse(base_url: str) -> list[dict[str, Any]]:
+    """What a user's program does: the SDK, a session header, the history echoed back."""
+    from openai import OpenAI
+
+    client = OpenAI(
+        base_url=base_url,
+        api_key="sk-demo",
+        default_headers={"session-id": "demo-session"},
+        max_retries=0,
+    )
+    history: list[Any] = []
+    bodies = []
+    for n, prompt in enumerate(PROMPTS, 1):
+        history.append({"role": "user", "content": prompt})
+        params: dict[str, Any] = dict(
+            model="gpt-demo", instructions=INSTRUCTIONS, tools=TOOLS, store=False
+        )
+        bodies.append({**params, "input": list(history)})
+        if n < len(PROMPTS):
+            response = client.responses.create(input=history, **params)
+        else:
+            with client.responses.stream(input=history, **params) as stream:
+                deltas = sum(1 for e in stream if e.type == "response.output_text.delta")
+                response = stream.get_final_response()
+            print(f"  (turn {n} streamed as {deltas} text deltas)")
+        print(f"  turn {n}: user {prompt!r} -> assistant {response.output_text!r}")
+        history += [item.model_dump(exclude_none=True) for item in response.output]
+    return bodies
+
+
+async def main() -> None:
+    fake = FakeUpstream()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fake.serve)
+        app = create_app(Settings(upstream=fake.url))
+        binds = await nursery.start(partial(hypercorn_serve, app, hypercorn_config("127.0.0.1", 0)))
+        base_url = binds[0].rstrip("/") + "/v1"
+        print(f"fake upstream: {fake.url}\nproxy:         {base_url}\n")
+        bodies = await trio.to_thread.run_sync(converse, base_url)
+        report(fake, bodies)
+        nursery.cancel_scope.cancel()
+
+
+def report(fake: FakeUpstream, bodies: list[dict[str, Any]]) -> None:
+    print(f"\nWhat went upstream: {fake.sockets_opened} socket(s) opened")
+    print(
+        f"  {'turn':<5}{'socket':<8}{'mode':<8}{'previous_response_id':<26}{'items':>6}"
+        f"{'bytes':>8}{'full':>8}"
+    )
+    for n, (received, body) in enumerate(zip(fake.creates(), bodies, strict=True), 1):
+        message = received.message
+        previous = message.get("previous_response_id")
+        full = len(orjson.dumps(plan_turn(None, body).message))
+        print(
+            f"  {n:<5}{received.socket:<8}{'suffix' if previous else 'full':<8}"
+            f"{(previous or '-')[:24]:<26}{len(message['input']):>6}{received.size:>8}{full:>8}"
+        )
+    print("\n'bytes' is what the proxy sent; 'full' is what the same request costs without it.")
+
+
+if __name__ == "__main__":
+    trio.run(main)
