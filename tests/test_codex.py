@@ -25,14 +25,20 @@ wire_api = "responses"
 """
 
 
+def codex_home(home: Path, base_url: str) -> Path:
+    """A CODEX_HOME whose config points Codex at the proxy; returns the work directory."""
+    assert CODEX.exists(), f"Codex CLI missing at {CODEX}: run `make codex` (make test does)"
+    home.mkdir()
+    (home / "config.toml").write_text(CONFIG.format(base_url=base_url))
+    workdir = home.parent / "work"
+    workdir.mkdir()
+    return workdir
+
+
 async def run_codex(
     server: ProxyServer, home: Path, prompt: str
 ) -> subprocess.CompletedProcess[bytes]:
-    assert CODEX.exists(), f"Codex CLI missing at {CODEX}: run `make codex` (make test does)"
-    home.mkdir()
-    (home / "config.toml").write_text(CONFIG.format(base_url=server.base_url))
-    workdir = home.parent / "work"
-    workdir.mkdir()
+    workdir = codex_home(home, server.base_url)
     env = {
         **os.environ,
         "CODEX_HOME": str(home),

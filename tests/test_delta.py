@@ -10,7 +10,8 @@ from typing import Any
 from trioproxy.delta import Conversation, plan_turn
 from trioproxy.items import canonical_item, digest_items, item_digest
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# A copy of shared/reference/: Codex 0.169.0's real first request, free text replaced by lengths.
+REFERENCE = Path(__file__).resolve().parent / "data"
 
 
 def user(text: str, **extra: Any) -> dict[str, Any]:

@@ -18,8 +18,12 @@ async def events_until_end(ws: WebSocketConnection) -> list[dict[str, Any]]:
     while True:
         event = json.loads(await ws.get_message())
         out.append(event)
-        if event["type"] in ("response.completed", "response.failed", "error",
-                             "response.incomplete"):
+        if event["type"] in (
+            "response.completed",
+            "response.failed",
+            "error",
+            "response.incomplete",
+        ):
             return out
 
 

@@ -104,44 +104,38 @@ def from_handshake_rejection(status: int, body: bytes | None) -> ApiError:
         err = from_error_event({"status": status, "error": parsed["error"]})
         err.status = status if 400 <= status <= 599 else 502
         return err
-    return ApiError(
+    return _upstream(
         status if 400 <= status <= 599 else 502,
+        "upstream_handshake_rejected",
         f"upstream refused the WebSocket handshake with HTTP {status}",
-        type="upstream_error",
-        code="upstream_handshake_rejected",
     )
 
 
+def _upstream(status: int, code: str, message: str) -> ApiError:
+    return ApiError(status, message, type="upstream_error", code=code)
+
+
 def upstream_unreachable(detail: str) -> ApiError:
-    return ApiError(
-        502,
-        f"could not open the upstream WebSocket: {detail}",
-        type="upstream_error",
-        code="upstream_unreachable",
+    return _upstream(
+        502, "upstream_unreachable", f"could not open the upstream WebSocket: {detail}"
     )
 
 
 def upstream_closed(detail: str) -> ApiError:
-    return ApiError(
+    return _upstream(
         502,
+        "upstream_connection_closed",
         f"the upstream WebSocket closed before the response finished: {detail}",
-        type="upstream_error",
-        code="upstream_connection_closed",
     )
 
 
 def upstream_protocol(detail: str) -> ApiError:
-    return ApiError(
-        502, f"upstream sent an unreadable event: {detail}", type="upstream_error", code="bad_event"
-    )
+    return _upstream(502, "bad_event", f"upstream sent an unreadable event: {detail}")
 
 
 def turn_timeout(seconds: float) -> ApiError:
-    return ApiError(
-        504,
-        f"the upstream response did not finish within {seconds:g} s",
-        type="upstream_error",
-        code="upstream_timeout",
+    return _upstream(
+        504, "upstream_timeout", f"the upstream response did not finish within {seconds:g} s"
     )
 
 

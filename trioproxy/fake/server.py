@@ -56,6 +56,7 @@ class FakeUpstream:
         self.replies: deque[Reply] = deque()
         self.stored: dict[str, list[Any]] = {}  # store=true responses: any socket resolves them
         self.port = 0
+        self.events_sent = 0
         self._numbers = itertools.count(1)
         self._open: dict[int, _Socket] = {}
         self._changed = trio.Event()
@@ -220,6 +221,7 @@ class FakeUpstream:
             if self.event_delay:
                 await trio.sleep(self.event_delay)
             await sock.ws.send_message(json.dumps(event))
+            self.events_sent += 1
 
 
 def _error(type_: str, status: int, code: str, message: str) -> dict[str, Any]:
