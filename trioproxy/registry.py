@@ -102,12 +102,15 @@ class Registry:
                 break
             self._retire(conn, "idle_ttl")
         next_deadline = next(iter(self._idle.values())).last_used + ttl if self._idle else math.inf
-        for conn in list(self._by_age):
+        expired = []
+        for conn in self._by_age:  # oldest first: stops at the first one still usable
             if conn.born + usable > now:
                 next_deadline = min(next_deadline, conn.born + usable)
                 break
             if not conn.busy:  # a busy one is retired when its turn ends
-                self._retire(conn, "max_lifetime")
+                expired.append(conn)
+        for conn in expired:
+            self._retire(conn, "max_lifetime")
         return next_deadline
 
     # -- leasing -----------------------------------------------------------------------------
@@ -214,12 +217,6 @@ class Registry:
         self.evictions[reason] += 1
         self._forget(conn)
         conn.retire()
-
-    def evict(self, conn: UpstreamConnection, reason: str) -> None:
-        """Close a socket now (its state is unknown, e.g. its client vanished mid-turn)."""
-        self.evictions[reason] += 1
-        self._forget(conn)
-        conn.kill()
 
     async def aclose(self) -> None:
         """Close every socket: idle ones gracefully, then whatever is left after the grace."""

@@ -172,9 +172,19 @@ class UpstreamConnection:
             log.info("upstream socket #%d closed with %r", self.id, exc)
         finally:
             self._turns_send.close()
+            self._fail_queued()
             self._turns_recv.close()
             self._on_exit(self)
             self.closed.set()
+
+    def _fail_queued(self) -> None:
+        """A turn handed over just before the task ended still gets an end, never a hang."""
+        while True:
+            try:
+                turn = self._turns_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket closed")))
 
     async def _serve(self, ws: WebSocketConnection) -> None:
         async for turn in self._turns_recv:
