@@ -39,7 +39,7 @@ def free_port() -> int:
 
 async def main(sessions: int, batch: int) -> None:
     port = free_port()
-    fake = subprocess.Popen(
+    fake = await trio.lowlevel.open_process(
         [
             sys.executable,
             "-m",
@@ -101,7 +101,7 @@ async def main(sessions: int, batch: int) -> None:
             nursery.cancel_scope.cancel()
     finally:
         fake.terminate()
-        fake.wait()
+        await fake.wait()
 
 
 if __name__ == "__main__":
