@@ -35,9 +35,8 @@ class TurnStream:
     a turn whose client goes away is cancelled and its socket evicted.
     """
 
-    def __init__(self, turn: Turn, conn: UpstreamConnection, first: UpstreamEvent | None) -> None:
+    def __init__(self, turn: Turn, first: UpstreamEvent | None) -> None:
         self.turn = turn
-        self.conn = conn
         self.first = first
         self._pending = first
 
@@ -123,7 +122,7 @@ class Proxy:
         self.upstream_bytes += turn.sent_bytes
         if not conn.submit(turn):
             turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket task ended")))
-            return TurnStream(turn, conn, None)
+            return TurnStream(turn, None)
         try:
             first: UpstreamEvent | None = await turn.events.receive()
         except trio.EndOfChannel:
@@ -131,4 +130,4 @@ class Proxy:
         except BaseException:
             turn.abandon()  # cancelled while waiting: the socket's state is unknown
             raise
-        return TurnStream(turn, conn, first)
+        return TurnStream(turn, first)

@@ -76,14 +76,12 @@ class Turn:
 
     def __init__(self, plan: TurnPlan, buffer: int) -> None:
         self.plan = plan
-        self.payload = orjson.dumps(plan.message).decode()
+        encoded = orjson.dumps(plan.message)
+        self.sent_bytes = len(encoded)
+        self.payload = encoded.decode()  # a text frame
         self.scope = trio.CancelScope()
         self._send, self.events = trio.open_memory_channel[UpstreamEvent](buffer)
         self.end: TurnEnd | None = None
-
-    @property
-    def sent_bytes(self) -> int:
-        return len(self.payload.encode())
 
     async def deliver(self, event: UpstreamEvent) -> None:
         await self._send.send(event)
