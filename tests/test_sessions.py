@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import trio
 
 from tests.conftest import (
@@ -333,10 +334,13 @@ async def test_upstream_handshake_refusal_maps_to_the_same_status(server: ProxyS
     assert server.registry.pooled == 0 and server.registry.live == 0
 
 
-async def test_health_check(server: ProxyServer) -> None:
-    async with server.client() as client:
-        reply = await client.get("/../healthz")
-    assert reply.status_code == 200 and reply.json()["status"] == "ok"
+async def test_health_check_reports_the_pool_and_the_turns(server: ProxyServer) -> None:
+    await three_turns(server)
+    async with httpx.AsyncClient(base_url=server.base_url.removesuffix("/v1")) as client:
+        health = (await client.get("/healthz")).json()
+    assert health["status"] == "ok" and health["pooled"] == 1 and health["opened"] == 1
+    assert health["turns"] == {"full": 1, "suffix": 2}
+    assert health["upstream_bytes"] == sum(r.size for r in server.fake.creates())
 
 
 async def test_handshake_carries_auth_beta_and_session_headers(server: ProxyServer) -> None:

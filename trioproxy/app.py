@@ -117,7 +117,16 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return json_response({"status": "ok", "upstream": settings.upstream_ws, **registry.stats()})
+        return json_response(
+            {
+                "status": "ok",
+                "upstream": settings.upstream_ws,
+                **registry.stats(),
+                "turns": dict(proxy.turns),
+                "retries": dict(proxy.retries),
+                "upstream_bytes": proxy.upstream_bytes,
+            }
+        )
 
     async def responses() -> Response:
         headers = keys.normalise(request.headers.items())
