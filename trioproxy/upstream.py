@@ -196,6 +196,16 @@ class UpstreamConnection:
                 raise
             keep = end.kind == "completed" and not self.one_turn
             self.turns += 1
+            log.info(
+                "turn socket=#%d session=%s mode=%s items=%d sent=%dB end=%s%s",
+                self.id,
+                self.key[:12] if self.key else "one-turn",
+                turn.plan.mode,
+                turn.plan.new_items,
+                turn.sent_bytes,
+                end.kind,
+                f" code={end.error.code}" if end.error is not None else "",
+            )
             if keep:
                 self.memory = end.remembered
             # The pool learns first, then the client: by the time a client sees the end and
