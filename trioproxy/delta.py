@@ -103,8 +103,3 @@ def plan_turn(memory: Conversation | None, body: dict[str, Any]) -> TurnPlan:
             "suffix", _message(body, suffix, memory.response_id), params, history, len(suffix)
         )
     return TurnPlan("full", _message(body, body.get("input"), None), params, history, len(items))
-
-
-def full_plan(body: dict[str, Any]) -> TurnPlan:
-    """The plan for a socket that remembers nothing (a fresh one)."""
-    return plan_turn(None, body)

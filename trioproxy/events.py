@@ -52,11 +52,9 @@ class TurnTracker:
 
     output: dict[int, Any] = field(default_factory=dict)
     last_sequence: int = -1
-    events: int = 0
 
     def feed(self, event: UpstreamEvent) -> EndKind | None:
         """Record `event`; return how the turn ended if this event ends it."""
-        self.events += 1
         data = event.data
         seq = data.get("sequence_number")
         if isinstance(seq, int):

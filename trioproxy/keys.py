@@ -106,8 +106,3 @@ def pool_key(upstream: str, headers: list[tuple[str, str]], beta: str) -> str | 
         # The credential and every other meaningful header enter only through this hash.
         digest.update(b"\0" + name.encode() + b"\0" + value.encode())
     return digest.hexdigest()[:32]
-
-
-def fingerprint(secret: str) -> str:
-    """A short, non-reversible tag for logs: tells credentials apart without revealing them."""
-    return sha256(secret.encode()).hexdigest()[:12]

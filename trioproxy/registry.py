@@ -61,9 +61,6 @@ class Registry:
         """Socket tasks still running: must match `live`, or a task leaked."""
         return len(self._nursery.child_tasks) if self._nursery is not None else 0
 
-    def connection(self, key: str) -> UpstreamConnection | None:
-        return self._pooled.get(key)
-
     def stats(self) -> dict[str, Any]:
         return {
             "pooled": self.pooled,
@@ -92,20 +89,27 @@ class Registry:
             with trio.move_on_at(deadline):
                 await self._wake.wait()
 
+    def _idle_deadline(self, conn: UpstreamConnection) -> float:
+        return conn.last_used + self._settings.idle_ttl
+
+    def _age_deadline(self, conn: UpstreamConnection) -> float:
+        """After this a socket may not start a turn: it could not finish it in its lifetime."""
+        return conn.born + self._settings.usable_lifetime
+
     def _sweep(self, now: float) -> float:
         """Close every idle socket past a deadline; return when the next deadline falls."""
-        ttl = self._settings.idle_ttl
-        usable = self._settings.usable_lifetime
         while self._idle:
             conn = next(iter(self._idle.values()))
-            if conn.last_used + ttl > now:
+            if self._idle_deadline(conn) > now:
                 break
             self._retire(conn, "idle_ttl")
-        next_deadline = next(iter(self._idle.values())).last_used + ttl if self._idle else math.inf
+        next_deadline = (
+            self._idle_deadline(next(iter(self._idle.values()))) if self._idle else math.inf
+        )
         expired = []
         for conn in self._by_age:  # oldest first: stops at the first one still usable
-            if conn.born + usable > now:
-                next_deadline = min(next_deadline, conn.born + usable)
+            if self._age_deadline(conn) > now:
+                next_deadline = min(next_deadline, self._age_deadline(conn))
                 break
             if not conn.busy:  # a busy one is retired when its turn ends
                 expired.append(conn)
@@ -136,9 +140,9 @@ class Registry:
         if conn is not None:
             if conn.busy:
                 return await self._open(None, url, headers)
-            if conn.last_used + self._settings.idle_ttl <= now:
+            if self._idle_deadline(conn) <= now:
                 self._retire(conn, "idle_ttl")
-            elif conn.born + self._settings.usable_lifetime <= now:
+            elif self._age_deadline(conn) <= now:
                 self._retire(conn, "max_lifetime")
             elif fresh or (reusable is not None and not reusable(conn.memory)):
                 self._retire(conn, "replaced")
@@ -172,7 +176,7 @@ class Registry:
         try:
             await self._nursery.start(conn.run, self._connector)
         except BaseException:
-            self._forget(conn)
+            self._exited(conn)  # idempotent: the task's own exit usually did it already
             raise
         self.opened += 1
         self._wake.set()
@@ -191,7 +195,7 @@ class Registry:
         if self._closing:
             self._retire(conn, "shutdown")
             return
-        if conn.born + self._settings.usable_lifetime <= conn.last_used:
+        if self._age_deadline(conn) <= conn.last_used:
             self._retire(conn, "max_lifetime")
             return
         assert conn.key is not None

@@ -31,16 +31,22 @@ from trioproxy import errors
 from trioproxy.config import Settings
 from trioproxy.delta import Conversation, TurnPlan
 from trioproxy.errors import ApiError
-from trioproxy.events import TurnTracker, UpstreamEvent, error_of, parse_frame, response_id
+from trioproxy.events import EndKind as UpstreamEnd
+from trioproxy.events import (
+    TurnTracker,
+    UpstreamEvent,
+    error_of,
+    parse_frame,
+    response_id,
+)
 
 log = logging.getLogger("trioproxy.upstream")
 
 Headers = list[tuple[bytes, bytes]]
 Connector = Callable[[str, Headers], AbstractAsyncContextManager[WebSocketConnection]]
 
-EndKind = Literal[
-    "completed", "failed", "incomplete", "cancelled", "error", "socket", "timeout", "abandoned"
-]
+# How a turn can end: as upstream ended it, or as the proxy had to.
+EndKind = Literal[UpstreamEnd, "socket", "timeout", "abandoned"]
 # Ends after which the socket's state is unknown: close it at once, without a close handshake.
 _ABRUPT = frozenset({"socket", "timeout", "abandoned"})
 
@@ -254,14 +260,16 @@ class UpstreamConnection:
         return TurnEnd("abandoned")
 
 
-def _terminal(kind: str, event: UpstreamEvent, tracker: TurnTracker, plan: TurnPlan) -> TurnEnd:
+def _terminal(
+    kind: UpstreamEnd, event: UpstreamEvent, tracker: TurnTracker, plan: TurnPlan
+) -> TurnEnd:
     if kind == "error":
         return TurnEnd("error", event, error_of(event), tracker.next_sequence)
     remembered = None
     rid = response_id(event)
     if kind == "completed" and rid is not None:
         remembered = plan.remember(tracker.output_items(event), rid)
-    return TurnEnd(kind, event, None, tracker.next_sequence, remembered)  # type: ignore[arg-type]
+    return TurnEnd(kind, event, None, tracker.next_sequence, remembered)
 
 
 def _close_detail(exc: ConnectionClosed) -> str:
