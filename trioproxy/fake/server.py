@@ -13,16 +13,19 @@ import json
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+import h11
 import trio
 from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
     WebSocketRequest,
-    serve_websocket,
+    wrap_server_stream,
 )
 
+from trioproxy.fake import backend
 from trioproxy.fake.events import new_id, response_events
 from trioproxy.fake.script import Reply, decide
 from trioproxy.items import input_items
@@ -39,10 +42,21 @@ class Received:
     size: int  # bytes of the text frame
 
 
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """One plain HTTP request as the upstream saw it (model list, token endpoint)."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+
+
 @dataclass(slots=True)
 class _Socket:
     number: int
     ws: WebSocketConnection
+    chatgpt: bool  # opened on the Codex backend's path: `store` must be false
     responses: dict[str, list[Any]] = field(default_factory=dict)  # store=false: this socket only
     busy: bool = False
 
@@ -55,6 +69,8 @@ class FakeUpstream:
         self.handshakes: list[dict[str, str]] = []
         self.replies: deque[Reply] = deque()
         self.stored: dict[str, list[Any]] = {}  # store=true responses: any socket resolves them
+        self.logins = backend.Logins()  # ChatGPT logins issued for the Codex backend's path
+        self.http_requests: list[HttpRequest] = []
         self.port = 0
         self.events_sent = 0
         self._numbers = itertools.count(1)
@@ -73,6 +89,15 @@ class FakeUpstream:
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/v1/responses"
+
+    @property
+    def chatgpt_url(self) -> str:
+        """The Codex backend's WebSocket endpoint, as `wss://chatgpt.com/backend-api/codex`."""
+        return f"ws://127.0.0.1:{self.port}/backend-api/codex/responses"
+
+    @property
+    def token_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/oauth/token"
 
     def queue(self, *replies: Reply) -> None:
         """Answer the next turns with these replies, in order, before any default answer."""
@@ -104,20 +129,81 @@ class FakeUpstream:
         *,
         task_status: trio.TaskStatus[FakeUpstream] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on `host:port` (0: any free port, then read `.port`) until cancelled."""
+        """Listen on `host:port` (0: any free port, then read `.port`) until cancelled.
+
+        One port serves both WebSocket upgrades and plain HTTP (the model list, the token
+        endpoint), as `chatgpt.com` does: the request head decides.
+        """
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                lambda task_status: serve_websocket(
-                    self.handle,
-                    host,
-                    port,
-                    ssl_context=None,
-                    max_message_size=256 * 2**20,
-                    task_status=task_status,
-                )
+            listeners = await nursery.start(
+                partial(trio.serve_tcp, self._on_connection, port, host=host)
             )
-            self.port = server.port
+            self.port = listeners[0].socket.getsockname()[1]
             task_status.started(self)
+
+    async def _on_connection(self, stream: trio.abc.Stream) -> None:
+        async with stream:
+            head = await _read_head(stream)
+            if head is None:
+                return
+            if b"upgrade: websocket" in head.lower():
+                async with trio.open_nursery() as nursery:
+                    request = await wrap_server_stream(
+                        nursery, _Replay(stream, head), max_message_size=256 * 2**20
+                    )
+                    await self.handle(request)
+                    # The reader task finishes the close handshake on its own; give it a
+                    # moment (cancelling it at once could strand a close waiting on it).
+                    nursery.cancel_scope.deadline = trio.current_time() + 2
+            else:
+                await self._serve_http(stream, head)
+
+    async def _serve_http(self, stream: trio.abc.Stream, head: bytes) -> None:
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(head)
+        request = conn.next_event()
+        if not isinstance(request, h11.Request):
+            return
+        chunks = []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(65536)))
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+        headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        seen = HttpRequest(
+            request.method.decode(), request.target.decode(), headers, b"".join(chunks)
+        )
+        self.http_requests.append(seen)
+        status, payload = self.answer_http(seen)
+        body = json.dumps(payload).encode()
+        reply = [("content-type", "application/json"), ("content-length", str(len(body)))]
+        await stream.send_all(
+            conn.send(h11.Response(status_code=status, headers=reply))
+            + conn.send(h11.Data(data=body))
+            + conn.send(h11.EndOfMessage())
+        )
+
+    def answer_http(self, request: HttpRequest) -> tuple[int, Any]:
+        path = request.target.split("?")[0].rstrip("/")
+        if request.method == "POST" and path == "/oauth/token":
+            return self.logins.refresh_grant(request.body)
+        if request.method == "GET" and path == "/backend-api/codex/models":
+            refused = self.logins.check(
+                request.headers.get("authorization", ""),
+                request.headers.get("chatgpt-account-id"),
+            )
+            if refused:
+                return refused[0], json.loads(_error_body(refused[1], "not authorised"))
+            return 200, backend.models_list()
+        if request.method == "GET" and path == "/v1/models":
+            if not request.headers.get("authorization", "").startswith("Bearer "):
+                return 401, json.loads(_error_body("invalid_api_key", "missing bearer token"))
+            return 200, backend.api_models_list()
+        return 404, json.loads(_error_body("not_found", f"no route {request.target}"))
 
     async def handle(self, request: WebSocketRequest) -> None:
         """Serve one socket from its handshake to its close."""
@@ -130,11 +216,19 @@ class FakeUpstream:
         ):
             await request.reject(404, body=_error_body("not_found", f"no route {request.path}"))
             return
+        chatgpt = request.path.startswith("/backend-api/codex/")
+        if chatgpt:
+            refused = self.logins.check(
+                headers.get("authorization", ""), headers.get("chatgpt-account-id")
+            )
+            if refused:
+                await request.reject(refused[0], body=_error_body(refused[1], "not authorised"))
+                return
         if self.require_auth and not headers.get("authorization", "").startswith("Bearer "):
             await request.reject(401, body=_error_body("invalid_api_key", "missing bearer token"))
             return
         ws = await request.accept()
-        sock = _Socket(next(self._numbers), ws)
+        sock = _Socket(next(self._numbers), ws, chatgpt)
         self._open[sock.number] = sock
         self._notify()
         try:
@@ -162,6 +256,13 @@ class FakeUpstream:
                 self._send_all,
                 sock,
                 [_error("invalid_request_error", 400, "unknown_event", "expected response.create")],
+            )
+            return
+        if sock.chatgpt and message.get("store") is not False:
+            nursery.start_soon(
+                self._send_all,
+                sock,
+                [_error("invalid_request_error", 400, "invalid_value", "Store must be false")],
             )
             return
         if sock.busy:
@@ -243,3 +344,40 @@ def _error_body(code: str, message: str) -> bytes:
             }
         }
     ).encode()
+
+
+async def _read_head(stream: trio.abc.Stream, limit: int = 65536) -> bytes | None:
+    """Bytes up to and including the end of the request head (and whatever came with it)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        try:
+            chunk = await stream.receive_some(limit)
+        except trio.BrokenResourceError:
+            return None
+        if not chunk or len(data) > limit:
+            return None
+        data += chunk
+    return data
+
+
+class _Replay(trio.abc.Stream):
+    """A stream whose first bytes were already read: they are handed out again first."""
+
+    def __init__(self, stream: trio.abc.Stream, first: bytes) -> None:
+        self._stream = stream
+        self._first = first
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._first:
+            data, self._first = self._first, b""
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
