@@ -21,6 +21,7 @@ import trio
 from trioproxy.config import Settings
 from trioproxy.proxy import Proxy
 from trioproxy.registry import Registry
+from trioproxy.targets import api_target
 from trioproxy.upstream import websocket_connector
 
 
@@ -70,7 +71,9 @@ async def main(sessions: int, batch: int) -> None:
 
             async def one(i: int) -> None:
                 headers = [("authorization", "Bearer sk-bench"), ("session-id", f"s{i}")]
-                stream = await proxy.open_turn({"model": "m", "input": f"hello {i}"}, headers)
+                stream = await proxy.open_turn(
+                    {"model": "m", "input": f"hello {i}"}, headers, api_target(settings)
+                )
                 async for _ in stream:
                     pass
                 assert stream.end.kind == "completed", stream.end

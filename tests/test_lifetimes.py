@@ -18,6 +18,7 @@ from trioproxy.config import Settings
 from trioproxy.fake import FakeUpstream
 from trioproxy.proxy import Proxy
 from trioproxy.registry import Registry
+from trioproxy.targets import api_target
 from trioproxy.upstream import TurnEnd
 
 HEADERS = [(k, v) for k, v in AUTH.items()] + [("session-id", "s1")]
@@ -36,7 +37,9 @@ async def make_proxy(nursery: trio.Nursery, fake: FakeUpstream, **settings: Any)
 
 
 async def turn(proxy: Proxy, items: list[Any]) -> tuple[TurnEnd, list[Any]]:
-    stream = await proxy.open_turn({"model": "m", "input": items}, HEADERS)
+    stream = await proxy.open_turn(
+        {"model": "m", "input": items}, HEADERS, api_target(proxy.settings)
+    )
     async for _ in stream:
         pass
     end = stream.end
@@ -140,7 +143,9 @@ async def test_shutdown_closes_every_socket(
     proxy = await make_proxy(nursery, fake)
     for session in ("a", "b", "c"):
         headers = [*HEADERS[:-1], ("session-id", session)]
-        stream = await proxy.open_turn({"model": "m", "input": "x"}, headers)
+        stream = await proxy.open_turn(
+            {"model": "m", "input": "x"}, headers, api_target(proxy.settings)
+        )
         async for _ in stream:
             pass
     assert fake.open_sockets == 3

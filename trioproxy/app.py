@@ -7,22 +7,28 @@ they come. Hypercorn cancels the route when its client disconnects; the response
 
 from __future__ import annotations
 
+import hmac
 import logging
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import orjson
-from quart import Response, request
+import trio
+from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioproxy import keys, sse
+from trioproxy import errors, httpclient, keys, sse
+from trioproxy.codex_auth import CodexLogin, default_token_url
 from trioproxy.config import Settings
 from trioproxy.errors import ApiError
 from trioproxy.events import response_object
 from trioproxy.proxy import Proxy, TurnStream
 from trioproxy.registry import Registry
+from trioproxy.targets import Target, api_target, chatgpt_target, http_base
 from trioproxy.upstream import Connector, websocket_connector
-from trioproxy.validate import parse_request
+from trioproxy.validate import parse_request, require_unstored
 
 log = logging.getLogger("trioproxy.app")
 
@@ -106,6 +112,18 @@ def create_app(
     registry = Registry(settings, connector or websocket_connector(settings))
     proxy = Proxy(settings, registry)
     app.extensions["trioproxy"] = proxy
+    login = None
+    if settings.codex_auth:
+        login = CodexLogin(
+            Path(settings.codex_auth).expanduser(),
+            settings.codex_token_url or default_token_url(),
+            timeout=settings.connect_timeout,
+        )
+    app.extensions["trioproxy.login"] = login
+    api = api_target(settings)
+    chatgpt = chatgpt_target(settings)
+    held = chatgpt_target(settings, login) if login is not None else None
+    refused_upgrades = Counter[str]()
 
     @app.before_serving
     async def start_registry() -> None:
@@ -121,29 +139,56 @@ def create_app(
             {
                 "status": "ok",
                 "upstream": settings.upstream_ws,
+                "chatgpt_upstream": settings.chatgpt_ws,
+                "held_login": login is not None,
                 **registry.stats(),
                 "turns": dict(proxy.turns),
                 "retries": dict(proxy.retries),
+                "request_bytes": proxy.request_bytes,
                 "upstream_bytes": proxy.upstream_bytes,
+                "token_refreshes": login.refreshes if login is not None else 0,
+                "websocket_upgrades_refused": sum(refused_upgrades.values()),
             }
         )
 
-    async def responses() -> Response:
-        headers = keys.normalise(request.headers.items())
-        if not any(name == "authorization" and value.strip() for name, value in headers):
-            return error_response(
-                ApiError(
+    def client_error(headers: list[tuple[str, str]], target: Target) -> ApiError | None:
+        """Who may send this request: a held login needs the local key (if one is set);
+        pass-through needs a credential of the client's own to pass through."""
+        bearer = _bearer(headers)
+        if target.mode == "held":
+            if settings.api_key and not hmac.compare_digest(
+                bearer.encode(), settings.api_key.encode()
+            ):
+                return ApiError(
                     401,
-                    "Missing credentials: send the upstream API key as "
-                    "'Authorization: Bearer <key>'.",
+                    "Incorrect or missing proxy key: send 'Authorization: Bearer <key>' "
+                    "with the key this proxy was started with.",
                     type="invalid_request_error",
-                    code="missing_api_key",
+                    code="invalid_api_key",
                 )
+            return None
+        if not bearer:
+            return ApiError(
+                401,
+                "Missing credentials: send the upstream API key as 'Authorization: Bearer <key>'.",
+                type="invalid_request_error",
+                code="missing_api_key",
             )
+        return None
+
+    async def run_turn(target: Target) -> Response:
+        headers = keys.normalise(request.headers.items())
+        refused = client_error(headers, target)
+        if refused is not None:
+            return error_response(refused)
         try:
             raw = await request.get_data(cache=False, as_text=False)
-            body = parse_request(raw if isinstance(raw, bytes) else raw.encode())
-            stream = await proxy.open_turn(body, headers)
+            data = raw if isinstance(raw, bytes) else raw.encode()
+            body = parse_request(data)
+            if target.chatgpt:
+                body = require_unstored(body)
+            proxy.request_bytes += len(data)
+            stream = await proxy.open_turn(body, headers, target)
         except ApiError as exc:
             return error_response(exc)
         if stream.first is None and stream.end.error is not None:
@@ -153,8 +198,71 @@ def create_app(
             return Response(SseBody(stream), status=200, headers=SSE_HEADERS)
         return await collect(stream)
 
+    async def responses() -> Response:
+        return await run_turn(held or api)
+
+    async def codex_responses() -> Response:
+        return await run_turn(chatgpt)
+
     app.add_url_rule("/v1/responses", "responses", responses, methods=["POST"])
     app.add_url_rule("/responses", "responses_unversioned", responses, methods=["POST"])
+    app.add_url_rule(
+        "/backend-api/codex/responses", "codex_responses", codex_responses, methods=["POST"]
+    )
+
+    async def refuse_upgrade() -> Response:
+        """No WebSocket downstream: 426 at once, so a client that tries one (Codex with
+        `supports_websockets = true`) falls back to HTTP without waiting or retrying."""
+        refused_upgrades[websocket.path] += 1
+        error = ApiError(
+            426,
+            "This proxy serves the Responses API over HTTP (POST with SSE), not WebSocket; "
+            "it keeps the upstream WebSocket for you.",
+            type="invalid_request_error",
+            code="websocket_not_supported",
+        )
+        return error_response(error)
+
+    for path in ("/v1/responses", "/responses", "/backend-api/codex/responses"):
+        app.add_websocket(path, f"refuse_upgrade{path}", refuse_upgrade)
+
+    async def relay_get(target: Target, path: str) -> Response:
+        """A plain GET relayed to the target's HTTP base (Codex's model list)."""
+        headers = keys.normalise(request.headers.items())
+        refused = client_error(headers, target)
+        if refused is not None:
+            return error_response(refused)
+        url = http_base(target.url) + path
+        query = request.query_string.decode()
+        if query:
+            url += "?" + query
+        forwarded = [(n, v) for n, v in headers if n not in _NOT_RELAYED]
+        try:
+            with trio.fail_after(settings.connect_timeout):
+                reply = await httpclient.request("GET", url, headers=forwarded)
+        except httpclient.HttpError as exc:
+            return error_response(errors.upstream_unreachable(str(exc)))
+        except trio.TooSlowError:
+            return error_response(errors.upstream_unreachable(f"{url} did not answer in time"))
+        kept = [(n, v) for n, v in reply.headers if n in _RELAYED_BACK]
+        return Response(reply.body, status=reply.status, headers=dict(kept))
+
+    @app.get("/backend-api/codex/models")
+    async def codex_models() -> Response:
+        return await relay_get(chatgpt, "/models")
+
+    @app.get("/v1/models")
+    async def api_models() -> Response:
+        if held is not None:
+            return error_response(
+                ApiError(
+                    404,
+                    "With a held ChatGPT login the model list is at /backend-api/codex/models.",
+                    type="invalid_request_error",
+                    code="not_found",
+                )
+            )
+        return await relay_get(api, "/models")
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -169,3 +277,16 @@ def create_app(
         )
 
     return app
+
+
+def _bearer(headers: list[tuple[str, str]]) -> str:
+    for name, value in headers:
+        if name == "authorization":
+            scheme, _, token = value.strip().partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else value.strip()
+    return ""
+
+
+# Request headers a relayed GET does not pass on, and response headers it passes back.
+_NOT_RELAYED = frozenset({"host", "connection", "content-length", "accept-encoding", "cookie"})
+_RELAYED_BACK = frozenset({"content-type", "etag", "cache-control", "x-request-id"})

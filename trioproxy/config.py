@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 DEFAULT_UPSTREAM = "wss://api.openai.com/v1/responses"
+CHATGPT_UPSTREAM = "wss://chatgpt.com/backend-api/codex/responses"
 WEBSOCKET_BETA = "responses_websockets=2026-02-06"
+
+
+def as_websocket(url: str) -> str:
+    if url.startswith("https://"):
+        return "wss://" + url[len("https://") :]
+    if url.startswith("http://"):
+        return "ws://" + url[len("http://") :]
+    return url
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +55,16 @@ class Settings:
     event_buffer: int = 64
     beta: str = WEBSOCKET_BETA
     shutdown_grace: float = 5.0
+    # The Codex backend, for ChatGPT logins (its HTTP base serves `/models`).
+    chatgpt_upstream: str = CHATGPT_UPSTREAM
+    # Proxy-held ChatGPT login: path of a Codex `auth.json` ("" = off).
+    codex_auth: str = ""
+    # Token endpoint for refreshing it ("" = Codex's, or $CODEX_REFRESH_TOKEN_URL_OVERRIDE).
+    codex_token_url: str = ""
+    # Sent upstream with a held login when the client sends no `originator` (Codex's own).
+    codex_originator: str = "codex_cli_rs"
+    # Key clients must present (`Authorization: Bearer <key>`) to use a held login.
+    api_key: str = ""
 
     def __post_init__(self) -> None:
         if self.turn_timeout >= self.max_lifetime:
@@ -45,20 +74,25 @@ class Settings:
                 raise ValueError(f"{name} must be positive")
         if self.max_sockets < 1 or self.event_buffer < 1:
             raise ValueError("max_sockets and event_buffer must be at least 1")
-        scheme = self.upstream.split("://", 1)[0]
-        if scheme not in ("ws", "wss", "http", "https"):
+        for name in ("upstream", "chatgpt_upstream"):
+            url = getattr(self, name)
+            if url.split("://", 1)[0] not in ("ws", "wss", "http", "https"):
+                raise ValueError(f"{name} must be a ws://, wss://, http:// or https:// URL: {url}")
+        if self.codex_auth and not self.api_key and not is_loopback(self.host):
             raise ValueError(
-                f"upstream must be a ws://, wss://, http:// or https:// URL: {self.upstream}"
+                f"--codex-auth on {self.host} would lend your ChatGPT login to anyone who can "
+                "reach it: listen on 127.0.0.1, or set a key clients must send "
+                "(--api-key / TRIOPROXY_API_KEY)"
             )
 
     @property
     def upstream_ws(self) -> str:
         """The upstream as a WebSocket URL (an http(s) base is accepted for convenience)."""
-        if self.upstream.startswith("https://"):
-            return "wss://" + self.upstream[len("https://") :]
-        if self.upstream.startswith("http://"):
-            return "ws://" + self.upstream[len("http://") :]
-        return self.upstream
+        return as_websocket(self.upstream)
+
+    @property
+    def chatgpt_ws(self) -> str:
+        return as_websocket(self.chatgpt_upstream)
 
     @property
     def usable_lifetime(self) -> float:

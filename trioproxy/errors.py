@@ -139,6 +139,11 @@ def turn_timeout(seconds: float) -> ApiError:
     )
 
 
+def login_failed(detail: str) -> ApiError:
+    """The proxy's own ChatGPT login cannot be used: the operator, not the client, must act."""
+    return _upstream(502, "upstream_login_failed", f"the proxy's ChatGPT login failed: {detail}")
+
+
 def shutting_down() -> ApiError:
     return ApiError(
         503, "the proxy is shutting down", type="server_error", code="service_unavailable"

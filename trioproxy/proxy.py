@@ -15,11 +15,14 @@ from typing import Any
 
 import trio
 
-from trioproxy import errors, keys
+from trioproxy import errors
+from trioproxy.codex_auth import CodexAuthError
 from trioproxy.config import Settings
 from trioproxy.delta import Conversation, client_chained, plan_turn
+from trioproxy.errors import ApiError
 from trioproxy.events import UpstreamEvent
-from trioproxy.registry import Registry
+from trioproxy.registry import Registry, Reusable
+from trioproxy.targets import Target, Upstream
 from trioproxy.upstream import Turn, TurnEnd, UpstreamConnection
 
 log = logging.getLogger("trioproxy.proxy")
@@ -73,14 +76,14 @@ class Proxy:
         self.registry = registry
         self.turns: Counter[str] = Counter()  # by mode: full / suffix / passthrough / one_turn
         self.retries: Counter[str] = Counter()
+        self.request_bytes = 0  # what clients sent: what the upstream would get without us
         self.upstream_bytes = 0
 
-    async def open_turn(self, body: dict[str, Any], headers: list[tuple[str, str]]) -> TurnStream:
+    async def open_turn(
+        self, body: dict[str, Any], headers: list[tuple[str, str]], target: Target
+    ) -> TurnStream:
         """Start a turn and wait for its first event (or its end); raises `ApiError`."""
-        url = self.settings.upstream_ws
-        beta = self.settings.beta
-        key = keys.pool_key(url, headers, beta)
-        upstream_headers = keys.forwarded(headers, beta)
+        upstream = target.upstream(headers, await self._token(target))
         chained = client_chained(body)
         reusable = None
         if chained is not None:
@@ -88,7 +91,7 @@ class Proxy:
             def reusable(memory: Conversation | None) -> bool:
                 return memory is not None and memory.response_id == chained
 
-        conn = await self.registry.lease(key, url, upstream_headers, reusable=reusable)
+        conn, upstream = await self._lease(target, upstream, headers, reusable=reusable)
         stream = await self._start(conn, body, conn.memory)
         if stream.first is not None or not self._retryable(stream):
             return stream
@@ -97,9 +100,45 @@ class Proxy:
         cause = end.error.code if end.kind == "error" and end.error else end.kind
         self.retries[cause or end.kind] += 1
         log.info("turn refused before its first event (%s); retrying on a fresh socket", cause)
-        retry_key = None if conn.one_turn else key
-        conn = await self.registry.lease(retry_key, url, upstream_headers, fresh=True)
+        retry_key = None if conn.one_turn else upstream.key
+        conn = await self.registry.lease(retry_key, upstream.url, upstream.headers, fresh=True)
         return await self._start(conn, body, None)
+
+    async def _token(self, target: Target) -> str | None:
+        if target.login is None:
+            return None
+        try:
+            return await target.login.access_token()
+        except CodexAuthError as exc:
+            raise errors.login_failed(str(exc)) from None
+
+    async def _lease(
+        self,
+        target: Target,
+        upstream: Upstream,
+        headers: list[tuple[str, str]],
+        reusable: Reusable | None,
+    ) -> tuple[UpstreamConnection, Upstream]:
+        """A socket for the turn; a held login refused with 401 is refreshed, then retried."""
+        try:
+            conn = await self.registry.lease(
+                upstream.key, upstream.url, upstream.headers, reusable=reusable
+            )
+            return conn, upstream
+        except ApiError as exc:
+            if exc.status != 401 or target.login is None or upstream.token is None:
+                raise
+        self.retries["unauthorized"] += 1
+        log.info("upstream refused the held ChatGPT token; refreshing it as Codex does")
+        try:
+            token = await target.login.unauthorized(upstream.token)
+        except CodexAuthError as exc:
+            raise errors.login_failed(str(exc)) from None
+        upstream = target.upstream(headers, token)
+        conn = await self.registry.lease(
+            upstream.key, upstream.url, upstream.headers, reusable=reusable, fresh=True
+        )
+        return conn, upstream
 
     def _retryable(self, stream: TurnStream) -> bool:
         end = stream.end

@@ -74,3 +74,15 @@ def parse_request(raw: bytes) -> dict[str, Any]:
             "unsupported_parameter",
         )
     return body
+
+
+def require_unstored(body: dict[str, Any]) -> dict[str, Any]:
+    """The Codex backend stores nothing: `store` must be false; absent means false."""
+    if body.get("store", False) is not False:
+        raise _invalid(
+            "store",
+            "The ChatGPT Codex backend does not store responses: 'store' must be false "
+            "(or left out) on this route.",
+            "unsupported_parameter",
+        )
+    return {**body, "store": False}
