@@ -1,97 +1,334 @@
-"""The real Codex CLI through the proxy: a tool loop on one socket, the second turn a suffix."""
+"""The real Codex CLI (from npm) through the proxy, in every way a Codex user connects.
+
+Each test runs `codex exec` against an in-process proxy whose upstream is the fake, driven by
+`fake:` lines in the prompt (see trioproxy/fake/script.py). The fake emulates the Codex backend
+for the ChatGPT modes: it checks the bearer and `chatgpt-account-id`, enforces `store: false`
+and serves a token endpoint, so these tests fail if the proxy sends anything Codex would not.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
+from quart import request
 
-from tests.conftest import ProxyServer
+from tests.conftest import ProxyServer, start_proxy, wait_until
+from trioproxy.fake import FakeUpstream
+from trioproxy.fake.server import Received
 
 ROOT = Path(__file__).resolve().parents[1]
 CODEX = Path(os.environ.get("TRIOPROXY_CODEX_BIN", ROOT / ".tools/codex/node_modules/.bin/codex"))
+LOOP = 'Walk the steps, please.\nfake: steps 4 exec_command {"cmd": "echo step-#n-done"}'
 
-CONFIG = """\
+API_KEY_PROVIDER = """\
 model = "gpt-5"
 model_provider = "trioproxy"
 
 [model_providers.trioproxy]
 name = "trioproxy"
-base_url = "{base_url}"
+base_url = "{root}/v1"
 env_key = "TRIOPROXY_TEST_KEY"
 wire_api = "responses"
+{extra}
+"""
+
+CHATGPT_PROVIDER = """\
+model = "gpt-5"
+model_provider = "trioproxy"
+
+[model_providers.trioproxy]
+name = "trioproxy"
+base_url = "{root}/backend-api/codex"
+requires_openai_auth = true
+wire_api = "responses"
+{extra}
 """
 
 
-def codex_home(home: Path, base_url: str) -> Path:
-    """A CODEX_HOME whose config points Codex at the proxy; returns the work directory."""
+@dataclass
+class Codex:
+    """One `codex exec` run's home, environment and, afterwards, its result."""
+
+    home: Path
+    env: dict[str, str]
+    workdir: Path
+    stdout: str = ""
+    stderr: str = ""
+    returncode: int | None = None
+    posts: list[int] = field(default_factory=list)
+
+    def argv(self, prompt: str) -> list[str]:
+        return [
+            str(CODEX),
+            "exec",
+            "--skip-git-repo-check",
+            "--dangerously-bypass-approvals-and-sandbox",
+            "-C",
+            str(self.workdir),
+            prompt,
+        ]
+
+    async def run(self, prompt: str, seconds: float = 90) -> Codex:
+        with trio.fail_after(seconds):
+            result = await trio.run_process(
+                self.argv(prompt),
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        self.stdout, self.stderr = result.stdout.decode(), result.stderr.decode()
+        self.returncode = result.returncode
+        return self
+
+    def succeeded(self) -> str:
+        assert self.returncode == 0, self.stderr[-3000:]
+        return self.stdout
+
+
+def make_codex(base: Path, config: str, *, auth: dict[str, Any] | None = None, **env: str) -> Codex:
+    """A CODEX_HOME with this config.toml (and auth.json), and a work directory."""
     assert CODEX.exists(), f"Codex CLI missing at {CODEX}: run `make codex` (make test does)"
-    home.mkdir()
-    (home / "config.toml").write_text(CONFIG.format(base_url=base_url))
-    workdir = home.parent / "work"
+    home, workdir = base / "codex-home", base / "work"
+    home.mkdir(parents=True)
     workdir.mkdir()
-    return workdir
+    (home / "config.toml").write_text(config)
+    if auth is not None:
+        (home / "auth.json").write_text(json.dumps(auth))
+        (home / "auth.json").chmod(0o600)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
+    return Codex(home, {**clean, "CODEX_HOME": str(home), "NO_COLOR": "1", **env}, workdir)
 
 
-async def run_codex(
-    server: ProxyServer, home: Path, prompt: str
-) -> subprocess.CompletedProcess[bytes]:
-    workdir = codex_home(home, server.base_url)
-    env = {
-        **os.environ,
-        "CODEX_HOME": str(home),
-        "TRIOPROXY_TEST_KEY": "sk-codex-test",
-        "NO_COLOR": "1",
-    }
-    with trio.fail_after(90):
-        return await trio.run_process(
-            [
-                str(CODEX),
-                "exec",
-                "--skip-git-repo-check",
-                "--dangerously-bypass-approvals-and-sandbox",
-                "-C",
-                str(workdir),
-                prompt,
-            ],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+def root_of(server: ProxyServer) -> str:
+    return server.base_url.removesuffix("/v1")
 
 
-async def test_codex_tool_loop_runs_on_one_socket_with_a_suffix_turn(
+def record_posts(server: ProxyServer) -> list[int]:
+    """Sizes of the request bodies clients POST: what the upstream gets without the proxy."""
+    sizes: list[int] = []
+
+    @server.app.before_request
+    async def _record() -> None:
+        if request.method == "POST":
+            sizes.append(request.content_length or 0)
+
+    return sizes
+
+
+def assert_suffix_loop(creates: list[Received], steps: int) -> None:
+    """One socket; turn 1 in full; every later turn only the new tool output plus the id."""
+    assert len(creates) == steps + 1, [c.message.get("input") for c in creates]
+    assert {c.socket for c in creates} == {creates[0].socket}
+    first, later = creates[0], creates[1:]
+    assert "previous_response_id" not in first.message and "stream" not in first.message
+    assert first.message["store"] is False
+    for n, turn in enumerate(later, start=1):
+        assert turn.message["previous_response_id"], n
+        new = turn.message["input"]
+        assert [item["type"] for item in new] == ["function_call_output"], new
+        assert f"step-{n}-done" in str(new[0]["output"])
+        assert turn.size < first.size
+
+
+def assert_answered(stdout: str, steps: int) -> None:
+    """Codex printed the model's final answer, which quotes the last tool output."""
+    assert "The tool returned:" in stdout and f"step-{steps}-done" in stdout, stdout
+
+
+def byte_table(label: str, posts: list[int], creates: list[Received]) -> str:
+    rows = [f"{label}: turn, without proxy (HTTP body), with proxy (WebSocket frame)"]
+    for n, (post, create) in enumerate(zip(posts, creates, strict=True), start=1):
+        rows.append(f"  {n}: {post:>7,} B  {create.size:>7,} B")
+    rows.append(f"  total: {sum(posts):,} B -> {sum(c.size for c in creates):,} B")
+    return "\n".join(rows)
+
+
+# -- (a) API key ---------------------------------------------------------------------------------
+async def test_api_key_mode_runs_a_five_step_tool_loop_on_one_socket(
     server: ProxyServer, tmp_path: Path
 ) -> None:
-    prompt = 'Run the tool, please.\nfake: call exec_command {"cmd": "echo hello-from-tool"}'
-    result = await run_codex(server, tmp_path / "codex-home", prompt)
-    stdout, stderr = result.stdout.decode(), result.stderr.decode()
-    assert result.returncode == 0, stderr[-3000:]
-    # Codex ran the tool and came back; the fake model quotes the tool's output.
-    assert "The tool returned:" in stdout and "hello-from-tool" in stdout, stdout
+    posts = record_posts(server)
+    codex = make_codex(
+        tmp_path,
+        API_KEY_PROVIDER.format(root=root_of(server), extra=""),
+        TRIOPROXY_TEST_KEY="sk-codex-test",
+    )
+    stdout = (await codex.run(LOOP)).succeeded()
+    assert_answered(stdout, 4)
 
     fake = server.fake
-    creates = fake.creates()
     assert fake.sockets_opened == 1
-    assert len(creates) == 2 and {c.socket for c in creates} == {1}
-    first, second = creates
-    assert "previous_response_id" not in first.message
-    assert "stream" not in first.message  # Codex sends stream: true; it stays off the socket
-    assert first.message["store"] is False
-    # Turn 2 carries the previous id and only what is new: the tool's output.
-    assert second.message["previous_response_id"]
-    new_items = second.message["input"]
-    assert [item["type"] for item in new_items] == ["function_call_output"], new_items
-    assert "hello-from-tool" in str(new_items[0]["output"])
-    assert second.message["tools"] == first.message["tools"]
-    assert second.size < first.size
-    print(f"\nCodex tool loop upstream bytes: turn 1 {first.size}, turn 2 {second.size}")
-    headers = fake.handshakes[0]
-    assert headers["session-id"] and headers["openai-beta"].endswith(
-        "responses_websockets=2026-02-06"
+    assert_suffix_loop(fake.creates(), steps=4)
+    handshake = fake.handshakes[0]
+    assert handshake["authorization"] == "Bearer sk-codex-test"
+    assert handshake["session-id"] and handshake["originator"] == "codex_exec"
+    assert handshake["openai-beta"].endswith("responses_websockets=2026-02-06")
+    assert server.proxy.turns == {"full": 1, "suffix": 4}
+    print("\n" + byte_table("API-key mode, 5-step tool loop", posts, fake.creates()))
+
+
+# -- (b) ChatGPT login, passed through ------------------------------------------------------------
+@pytest.fixture
+async def chatgpt_server(nursery: trio.Nursery, fake: FakeUpstream) -> ProxyServer:
+    return await start_proxy(nursery, fake, chatgpt_upstream=fake.chatgpt_url)
+
+
+async def test_chatgpt_login_pass_through_runs_the_loop_as_codex_would_upstream(
+    chatgpt_server: ProxyServer, tmp_path: Path
+) -> None:
+    server, fake = chatgpt_server, chatgpt_server.fake
+    posts = record_posts(server)
+    auth = fake.logins.auth_json("acct-codex-1")
+    codex = make_codex(
+        tmp_path,
+        CHATGPT_PROVIDER.format(root=root_of(server), extra=""),
+        auth=auth,
+        CODEX_REFRESH_TOKEN_URL_OVERRIDE=fake.token_url,
     )
-    assert server.proxy.turns["suffix"] == 1 and server.proxy.turns["full"] == 1
+    stdout = (await codex.run(LOOP)).succeeded()
+    assert_answered(stdout, 4)
+
+    # Codex's model list went through the proxy, with its ChatGPT credentials.
+    models = [r for r in fake.http_requests if r.target.startswith("/backend-api/codex/models")]
+    assert models and "client_version=" in models[0].target
+    assert models[0].headers["chatgpt-account-id"] == "acct-codex-1"
+    # Turns reached the Codex backend path with what Codex itself sends there.
+    assert fake.sockets_opened == 1
+    handshake = fake.handshakes[0]
+    assert handshake["authorization"] == f"Bearer {auth['tokens']['access_token']}"
+    assert handshake["chatgpt-account-id"] == "acct-codex-1"
+    assert handshake["originator"] == "codex_exec" and handshake["user-agent"]
+    assert handshake["openai-beta"].endswith("responses_websockets=2026-02-06")
+    assert handshake["session-id"]
+    assert_suffix_loop(fake.creates(), steps=4)
+    assert not fake.logins.token_requests  # a fresh login needs no refresh
+    print("\n" + byte_table("ChatGPT pass-through, 5-step tool loop", posts, fake.creates()))
+
+
+# -- (c) a login held by the proxy ----------------------------------------------------------------
+async def test_held_login_with_an_expired_token_refreshes_once_and_the_turn_succeeds(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    auth_file = tmp_path / "proxy-codex" / "auth.json"
+    auth_file.parent.mkdir()
+    expired = {**fake.logins.auth_json("acct-held", lifetime=-60), "kept_by_codex": 1}
+    auth_file.write_text(json.dumps(expired))
+    auth_file.chmod(0o600)
+    server = await start_proxy(
+        nursery,
+        fake,
+        chatgpt_upstream=fake.chatgpt_url,
+        codex_auth=str(auth_file),
+        codex_token_url=fake.token_url,
+        api_key="local-proxy-key",
+    )
+    # Codex in API-key mode, its key being the proxy's local key: the proxy holds the login.
+    codex = make_codex(
+        tmp_path / "client",
+        API_KEY_PROVIDER.format(root=root_of(server), extra=""),
+        TRIOPROXY_TEST_KEY="local-proxy-key",
+    )
+    stdout = (await codex.run(LOOP)).succeeded()
+    assert_answered(stdout, 4)
+
+    assert len(fake.logins.token_requests) == 1
+    rewritten = json.loads(auth_file.read_text())
+    assert auth_file.stat().st_mode & 0o777 == 0o600
+    assert rewritten["kept_by_codex"] == 1 and rewritten["last_refresh"] != expired["last_refresh"]
+    new_token = rewritten["tokens"]["access_token"]
+    assert new_token != expired["tokens"]["access_token"]
+    assert rewritten["tokens"]["refresh_token"] != expired["tokens"]["refresh_token"]
+    handshake = fake.handshakes[0]
+    assert handshake["authorization"] == f"Bearer {new_token}"
+    assert handshake["chatgpt-account-id"] == "acct-held"
+    assert "local-proxy-key" not in json.dumps(fake.handshakes)
+    assert fake.sockets_opened == 1
+    assert_suffix_loop(fake.creates(), steps=4)
+
+
+# -- (d) interrupted ------------------------------------------------------------------------------
+async def test_codex_interrupted_mid_turn_leaves_no_socket_behind(
+    server: ProxyServer, tmp_path: Path
+) -> None:
+    codex = make_codex(
+        tmp_path,
+        API_KEY_PROVIDER.format(root=root_of(server), extra=""),
+        TRIOPROXY_TEST_KEY="sk-codex-test",
+    )
+    fake = server.fake
+    process = await trio.lowlevel.open_process(
+        codex.argv("Take your time.\nfake: slow 0.5"),
+        env=codex.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await wait_until(lambda: fake.events_sent >= 2 and server.registry.live == 1, 60)
+        assert server.registry.idle == 0  # mid-turn: the socket is busy
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+    with trio.fail_after(5):
+        await fake.wait_open_sockets(0)
+    await wait_until(lambda: server.registry.live == 0 and server.registry.tasks == 0)
+    assert server.registry.evictions["abandoned"] == 1
+    assert fake.events_sent < 14  # the reply was cut short, not run to its end
+
+
+# -- (e) two sessions -----------------------------------------------------------------------------
+async def test_two_codex_sessions_side_by_side_get_a_socket_each(
+    server: ProxyServer, tmp_path: Path
+) -> None:
+    config = API_KEY_PROVIDER.format(root=root_of(server), extra="")
+    runs = [
+        make_codex(tmp_path / name, config, TRIOPROXY_TEST_KEY="sk-codex-test")
+        for name in ("one", "two")
+    ]
+    prompt = 'Two steps.\nfake: steps 2 exec_command {"cmd": "echo step-#n-done"}\nfake: slow 0.05'
+    async with trio.open_nursery() as nursery:
+        for codex in runs:
+            nursery.start_soon(codex.run, prompt)
+    for codex in runs:
+        assert_answered(codex.succeeded(), 2)
+
+    fake = server.fake
+    assert fake.sockets_opened == 2
+    sessions = {h["session-id"] for h in fake.handshakes}
+    assert len(sessions) == 2
+    for socket in (1, 2):
+        assert_suffix_loop([c for c in fake.creates() if c.socket == socket], steps=2)
+    # Both ran at once: each socket's first turn came before the other's last.
+    order = [c.socket for c in fake.creates()]
+    assert order.index(2) < len(order) - 1 - order[::-1].index(1)
+
+
+# -- (f) Codex asks for a WebSocket itself ------------------------------------------------------
+async def test_codex_with_websockets_enabled_falls_back_to_http_and_completes(
+    server: ProxyServer, tmp_path: Path
+) -> None:
+    codex = make_codex(
+        tmp_path,
+        API_KEY_PROVIDER.format(root=root_of(server), extra="supports_websockets = true"),
+        TRIOPROXY_TEST_KEY="sk-codex-test",
+    )
+    stdout = (await codex.run(LOOP)).succeeded()
+    assert_answered(stdout, 4)
+    async with server.client() as client:
+        health = (await client.get(f"{root_of(server)}/healthz")).json()
+    assert health["websocket_upgrades_refused"] >= 1
+    assert server.fake.sockets_opened == 1
+    assert_suffix_loop(server.fake.creates(), steps=4)

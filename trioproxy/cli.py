@@ -7,11 +7,13 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from trioproxy.codex_auth import CodexAuthError, CodexLogin, default_path
 from trioproxy.config import Settings
 
 log = logging.getLogger("trioproxy")
@@ -37,9 +39,10 @@ async def run_server(settings: Settings) -> None:
 
     app = create_app(settings)
     config = hypercorn_config(settings.host, settings.port)
-    log.info(
-        "trioproxy on http://%s:%d/v1 -> %s", settings.host, settings.port, settings.upstream_ws
-    )
+    target = settings.chatgpt_ws if settings.codex_auth else settings.upstream_ws
+    log.info("trioproxy on http://%s:%d/v1 -> %s", settings.host, settings.port, target)
+    if settings.codex_auth:
+        log.info("using the ChatGPT login in %s for /v1/responses", settings.codex_auth)
     await hypercorn_serve(app, config, shutdown_trigger=_until_signalled)
 
 
@@ -68,6 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--turn-timeout", type=float, help="max seconds for one turn (600)")
     serve.add_argument("--connect-timeout", type=float, help="handshake timeout in seconds (15)")
     serve.add_argument("--max-sockets", type=int, help="cap on pooled sockets (10000)")
+    serve.add_argument(
+        "--chatgpt-upstream",
+        help="Codex backend WebSocket URL (wss://chatgpt.com/backend-api/codex/responses)",
+    )
+    serve.add_argument(
+        "--codex-auth",
+        nargs="?",
+        const=str(default_path()),
+        metavar="PATH",
+        help="serve /v1/responses with the ChatGPT login in this Codex auth.json "
+        "(default ~/.codex/auth.json), refreshing it as Codex does",
+    )
+    serve.add_argument(
+        "--api-key",
+        help="key clients must send (Authorization: Bearer) to use --codex-auth; "
+        "required unless listening on loopback (also TRIOPROXY_API_KEY)",
+    )
+    serve.add_argument("--codex-token-url", help="OAuth token endpoint for refreshes")
 
     fake = sub.add_parser("fake-upstream", help="run the bundled fake Responses WebSocket upstream")
     fake.add_argument("--host", default="127.0.0.1")
@@ -92,8 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             turn_timeout=args.turn_timeout,
             connect_timeout=args.connect_timeout,
             max_sockets=args.max_sockets,
+            chatgpt_upstream=args.chatgpt_upstream,
+            codex_auth=args.codex_auth,
+            api_key=args.api_key,
+            codex_token_url=args.codex_token_url,
         )
-    except ValueError as exc:
+        if settings.codex_auth:
+            CodexLogin(Path(settings.codex_auth).expanduser(), "")  # refuse a bad file now
+    except (ValueError, CodexAuthError) as exc:
         print(f"trioproxy: {exc}", file=sys.stderr)
         return 2
     trio.run(run_server, settings)

@@ -4,6 +4,9 @@ A test queues `Reply` objects for exact control; otherwise the answer follows fr
 conversation, so a real client (Codex, the SDK, curl) can drive it by what it types:
 
 - a user message containing a line `fake: call NAME {json args}` gets a function call;
+- `fake: steps N NAME {json args}` gets a tool loop: N calls, one per turn (`#n` in the
+  arguments becomes the step number), then a message quoting the last tool output;
+- `fake: slow SECONDS` (beside any of these) paces every event of the reply;
 - `fake: error CODE [STATUS]` an `error` event, `fake: fail CODE` a `response.failed`,
   `fake: incomplete` a `response.incomplete`, `fake: drop N` a socket closed after N events;
 - a `function_call_output` as the newest item gets a message quoting the tool's output;
@@ -13,7 +16,7 @@ conversation, so a real client (Codex, the SDK, curl) can drive it by what it ty
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 ReplyKind = Literal["text", "call", "error", "fail", "incomplete", "drop"]
@@ -28,6 +31,7 @@ class Reply:
     code: str = ""
     status: int = 400
     after_events: int = 0  # for `drop`: events sent before the socket closes
+    delay: float = 0.0  # seconds before each event (0: the server's default pace)
 
     @classmethod
     def message(cls, text: str) -> Reply:
@@ -56,7 +60,10 @@ def _text_of(item: dict[str, Any]) -> str:
     return ""
 
 
-def _directive(text: str) -> Reply | None:
+def _directive(text: str, outputs_since: int) -> Reply | None:
+    """The reply a user message's `fake:` lines ask for, given the tool outputs since it."""
+    reply: Reply | None = None
+    delay = 0.0
     for line in text.splitlines():
         line = line.strip()
         if not line.startswith("fake:"):
@@ -65,31 +72,54 @@ def _directive(text: str) -> Reply | None:
         if not words:
             continue
         verb, rest = words[0], words[1:]
-        if verb == "call" and rest:
-            return Reply.call(rest[0], rest[1] if len(rest) > 1 else "{}")
-        if verb == "error" and rest:
-            return Reply.error(rest[0], int(rest[1]) if len(rest) > 1 else 400)
-        if verb == "fail":
-            return Reply("fail", code=rest[0] if rest else "server_error")
-        if verb == "incomplete":
-            return Reply("incomplete")
-        if verb == "drop":
-            return Reply.drop(int(rest[0]) if rest else 0)
-    return None
+        if verb == "slow" and rest:
+            delay = float(rest[0])
+        elif verb == "steps" and len(rest) == 2:
+            name, _, args = rest[1].partition(" ")
+            if outputs_since < int(rest[0]):
+                reply = Reply.call(name, (args or "{}").replace("#n", str(outputs_since + 1)))
+        elif outputs_since:
+            continue  # the tool has answered: the model comments on it (see `decide`)
+        elif verb == "call" and rest:
+            reply = Reply.call(rest[0], rest[1] if len(rest) > 1 else "{}")
+        elif verb == "error" and rest:
+            reply = Reply.error(rest[0], int(rest[1]) if len(rest) > 1 else 400)
+        elif verb == "fail":
+            reply = Reply("fail", code=rest[0] if rest else "server_error")
+        elif verb == "incomplete":
+            reply = Reply("incomplete")
+        elif verb == "drop":
+            reply = Reply.drop(int(rest[0]) if rest else 0)
+    if delay and reply is not None:
+        return replace(reply, delay=delay)
+    if delay:
+        return Reply("text", delay=delay)  # text filled in by `decide`
+    return reply
 
 
 def decide(conversation: list[Any]) -> Reply:
     """The default answer to a conversation (its full input, history included)."""
+    outputs = 0
+    for item in reversed(conversation):
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "function_call_output":
+            outputs += 1
+        if item.get("role") == "user":
+            text = _text_of(item)
+            reply = _directive(text, outputs) or Reply()
+            if reply.kind == "text" and not reply.text:
+                return replace(reply, text=_default_text(conversation, text))
+            return reply
+    return Reply.message(_default_text(conversation, ""))
+
+
+def _default_text(conversation: list[Any], user_text: str) -> str:
     last = conversation[-1] if conversation else {}
     if isinstance(last, dict) and last.get("type") == "function_call_output":
         output = last.get("output")
         shown = output if isinstance(output, str) else json.dumps(output)
-        return Reply.message(f"The tool returned: {shown.strip()[:400]}")
-    for item in reversed(conversation):
-        if isinstance(item, dict) and item.get("role") == "user":
-            text = _text_of(item)
-            directive = _directive(text)
-            if directive is not None:
-                return directive
-            return Reply.message(f"You said: {text.strip()[:400]}")
-    return Reply.message("Hello from the fake upstream.")
+        return f"The tool returned: {shown.strip()[:400]}"
+    if user_text:
+        return f"You said: {user_text.strip()[:400]}"
+    return "Hello from the fake upstream."

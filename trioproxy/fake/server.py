@@ -303,7 +303,7 @@ class FakeUpstream:
                 rid, request, reply, input_bytes=input_bytes, cached_bytes=cached_bytes
             )
             if reply.kind == "drop":
-                await self._send_all(sock, events[: reply.after_events])
+                await self._send_all(sock, events[: reply.after_events], reply.delay)
                 await sock.ws.aclose(1011, "dropped by the fake upstream")
                 return
             if reply.kind in ("text", "call"):
@@ -311,16 +311,19 @@ class FakeUpstream:
                 sock.responses[rid] = conversation + output
                 if request.get("store", True) is not False:
                     self.stored[rid] = sock.responses[rid]
-            await self._send_all(sock, events)
+            await self._send_all(sock, events, reply.delay)
         except ConnectionClosed:
             pass
         finally:
             sock.busy = False
 
-    async def _send_all(self, sock: _Socket, events: list[dict[str, Any]]) -> None:
+    async def _send_all(
+        self, sock: _Socket, events: list[dict[str, Any]], delay: float = 0.0
+    ) -> None:
+        delay = delay or self.event_delay
         for event in events:
-            if self.event_delay:
-                await trio.sleep(self.event_delay)
+            if delay:
+                await trio.sleep(delay)
             await sock.ws.send_message(json.dumps(event))
             self.events_sent += 1
 
