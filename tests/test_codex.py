@@ -332,3 +332,34 @@ async def test_codex_with_websockets_enabled_falls_back_to_http_and_completes(
     assert health["websocket_upgrades_refused"] >= 1
     assert server.fake.sockets_opened == 1
     assert_suffix_loop(server.fake.creates(), steps=4)
+
+
+# -- Codex-exact failures -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("script", "codex_says"),
+    [
+        # upstream `response.failed`, relayed as is
+        ("fake: fail context_length_exceeded", "ran out of room in the model's context window"),
+        # upstream `error` before any event: an HTTP error with an OpenAI error body
+        ("fake: error insufficient_quota 429", "Quota exceeded"),
+        # upstream `error` after the response began: `error` + `response.failed` on the stream
+        ("fake: error insufficient_quota 429 2", "Quota exceeded"),
+        ("fake: error context_length_exceeded 400 1", "context window"),
+        # the socket dies mid-stream: Codex shows the proxy's reason, not a bare disconnect
+        ("fake: drop 4", "the upstream WebSocket closed before the response finished"),
+    ],
+)
+async def test_failures_reach_codex_in_the_shapes_it_parses(
+    server: ProxyServer, tmp_path: Path, script: str, codex_says: str
+) -> None:
+    no_retries = "request_max_retries = 0\nstream_max_retries = 0"
+    codex = make_codex(
+        tmp_path,
+        API_KEY_PROVIDER.format(root=root_of(server), extra=no_retries),
+        TRIOPROXY_TEST_KEY="sk-codex-test",
+    )
+    await codex.run(f"Please fail.\n{script}")
+    assert codex.returncode != 0
+    errors = [line for line in codex.stderr.splitlines() if line.startswith("ERROR:")]
+    assert any(codex_says in line for line in errors), codex.stderr[-2000:]
+    assert server.registry.pooled == 0  # a failed turn never leaves its socket in the pool

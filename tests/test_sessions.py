@@ -259,12 +259,18 @@ async def test_upstream_drop_mid_stream_ends_in_an_error_event(server: ProxyServ
         reply = await post(client, request_body([user("a")], stream=True))
     assert reply.status_code == 200
     events = sse_events(reply.text)
-    assert len(events) == 5
-    kind, error = events[-1]
+    assert len(events) == 6
+    kind, error = events[-2]
     assert kind == "error"
     assert error["code"] == "upstream_connection_closed"
     assert error["sequence_number"] == 4
     assert set(error) == {"type", "code", "message", "param", "sequence_number"}
+    # Then `response.failed` for the response the client saw created: Codex reads only that.
+    kind, failed = events[-1]
+    assert kind == "response.failed" and failed["sequence_number"] == 5
+    assert failed["response"]["id"] == events[0][1]["response"]["id"]
+    assert failed["response"]["status"] == "failed"
+    assert failed["response"]["error"] == {"code": error["code"], "message": error["message"]}
     assert server.registry.pooled == 0
 
 
@@ -385,3 +391,21 @@ async def test_logs_name_each_turn_but_never_the_credential(
     assert "code=rate_limit_exceeded" in turns[3]
     secret = AUTH["authorization"].split()[1]
     assert all(secret not in r.getMessage() and secret not in str(r.args) for r in caplog.records)
+
+
+async def test_prompt_cache_key_and_client_item_ids_go_upstream_untouched(
+    server: ProxyServer,
+) -> None:
+    first_item = {**user("one"), "id": "msg_client_1"}
+    second_item = {**user("two"), "id": "msg_client_2"}
+    extra = {"prompt_cache_key": "pck-session-1", "store": False}
+    async with server.client() as client:
+        first = await post(client, request_body([first_item], **extra))
+        output = first.json()["output"]
+        history = [first_item, *output, second_item]
+        second = await post(client, request_body(history, **extra))
+    assert second.status_code == 200, second.text
+    one, two = (c.message for c in server.fake.creates())
+    assert one["input"] == [first_item] and two["input"] == [second_item]  # ids kept
+    assert one["prompt_cache_key"] == two["prompt_cache_key"] == "pck-session-1"
+    assert two["previous_response_id"] == first.json()["id"]

@@ -72,7 +72,11 @@ class SseBody:
             if end.event is not None and end.error is None:
                 return sse.encode(end.event.type, end.event.raw)
             if end.error is not None:
-                return sse.encode_json(end.error.sse_event(end.next_sequence))
+                blocks = sse.encode_json(end.error.sse_event(end.next_sequence))
+                if end.begun is not None:
+                    failed = end.error.failed_event(end.begun, end.next_sequence + 1)
+                    blocks += sse.encode_json(failed)
+                return blocks
             raise
         return sse.encode(event.type, event.raw)
 

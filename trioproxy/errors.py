@@ -76,6 +76,20 @@ class ApiError(Exception):
             "sequence_number": sequence_number,
         }
 
+    def failed_event(self, response: dict[str, Any], sequence_number: int) -> dict[str, Any]:
+        """`response.failed` for a response the client saw created, carrying this error.
+
+        Codex's SSE reader skips `error` events and takes a failure's code only from
+        `response.failed` (`context_length_exceeded`, `insufficient_quota`, a rate limit's
+        "try again in Ns"), so a stream that began ends with both.
+        """
+        failed = {
+            **response,
+            "status": "failed",
+            "error": {"code": self.code or self.type, "message": self.message},
+        }
+        return {"type": "response.failed", "response": failed, "sequence_number": sequence_number}
+
 
 def from_error_event(data: dict[str, Any]) -> ApiError:
     """Map an upstream `error` event, nested (WebSocket) or flat (SSE), to an `ApiError`."""

@@ -52,6 +52,7 @@ class TurnTracker:
 
     output: dict[int, Any] = field(default_factory=dict)
     last_sequence: int = -1
+    response: dict[str, Any] | None = None  # as `response.created`/`in_progress` told the client
 
     def feed(self, event: UpstreamEvent) -> EndKind | None:
         """Record `event`; return how the turn ended if this event ends it."""
@@ -59,6 +60,9 @@ class TurnTracker:
         seq = data.get("sequence_number")
         if isinstance(seq, int):
             self.last_sequence = seq
+        if event.type in ("response.created", "response.in_progress"):
+            response = data.get("response")
+            self.response = response if isinstance(response, dict) else self.response
         if event.type == "response.output_item.done":
             index = data.get("output_index")
             self.output[index if isinstance(index, int) else len(self.output)] = data.get("item")

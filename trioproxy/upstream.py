@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 import trio
@@ -75,6 +75,7 @@ class TurnEnd:
     error: ApiError | None = None  # set for `error`, `socket`, `timeout`
     next_sequence: int = 0  # sequence number for an error event the proxy appends
     remembered: Conversation | None = None  # the socket's memory after a completed turn
+    begun: dict[str, Any] | None = None  # the Response the client saw created, if any
 
 
 class Turn:
@@ -238,33 +239,26 @@ class UpstreamConnection:
                             return _terminal(kind, event, tracker, turn.plan)
                         await turn.deliver(event)
                 except ConnectionClosed as exc:
-                    detail = _close_detail(exc)
-                    return TurnEnd(
-                        "socket",
-                        error=errors.upstream_closed(detail),
-                        next_sequence=tracker.next_sequence,
-                    )
+                    return _broken("socket", errors.upstream_closed(_close_detail(exc)), tracker)
                 except ValueError as exc:
-                    return TurnEnd(
-                        "socket",
-                        error=errors.upstream_protocol(str(exc)),
-                        next_sequence=tracker.next_sequence,
-                    )
+                    return _broken("socket", errors.upstream_protocol(str(exc)), tracker)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return TurnEnd("abandoned")  # the client closed its end of the channel
-            return TurnEnd(
-                "timeout",
-                error=errors.turn_timeout(self._settings.turn_timeout),
-                next_sequence=tracker.next_sequence,
-            )
+            return _broken("timeout", errors.turn_timeout(self._settings.turn_timeout), tracker)
         return TurnEnd("abandoned")
+
+
+def _broken(kind: EndKind, error: ApiError, tracker: TurnTracker) -> TurnEnd:
+    return TurnEnd(kind, error=error, next_sequence=tracker.next_sequence, begun=tracker.response)
 
 
 def _terminal(
     kind: UpstreamEnd, event: UpstreamEvent, tracker: TurnTracker, plan: TurnPlan
 ) -> TurnEnd:
     if kind == "error":
-        return TurnEnd("error", event, error_of(event), tracker.next_sequence)
+        return TurnEnd(
+            "error", event, error_of(event), tracker.next_sequence, begun=tracker.response
+        )
     remembered = None
     rid = response_id(event)
     if kind == "completed" and rid is not None:

@@ -157,9 +157,16 @@ def response_events(
     replies are the text stream, which the server cuts short.
     """
     seq = itertools.count()
+    created = response_object(rid, request, "in_progress", [], None)
+    opening = [
+        {"type": "response.created", "response": created},
+        {"type": "response.in_progress", "response": created},
+    ]
     if reply.kind == "error":
         message = reply.text or _error_message(reply.code, request)
+        before = opening[: reply.after_events]  # an error after the response has begun
         return [
+            *_numbered(before, seq),
             {
                 "type": "error",
                 "status": reply.status,
@@ -171,12 +178,9 @@ def response_events(
                     if reply.code == "previous_response_not_found"
                     else None,
                 },
-            }
+            },
         ], []
-    events: list[dict[str, Any]] = []
-    created = response_object(rid, request, "in_progress", [], None)
-    events.append({"type": "response.created", "response": created})
-    events.append({"type": "response.in_progress", "response": created})
+    events: list[dict[str, Any]] = list(opening)
     if reply.kind == "fail":
         failed = response_object(rid, request, "failed", [], None)
         failed["error"] = {"code": reply.code, "message": f"The response failed: {reply.code}."}

@@ -7,8 +7,9 @@ conversation, so a real client (Codex, the SDK, curl) can drive it by what it ty
 - `fake: steps N NAME {json args}` gets a tool loop: N calls, one per turn (`#n` in the
   arguments becomes the step number), then a message quoting the last tool output;
 - `fake: slow SECONDS` (beside any of these) paces every event of the reply;
-- `fake: error CODE [STATUS]` an `error` event, `fake: fail CODE` a `response.failed`,
-  `fake: incomplete` a `response.incomplete`, `fake: drop N` a socket closed after N events;
+- `fake: error CODE [STATUS [N]]` an `error` event (after N opening events),
+  `fake: fail CODE` a `response.failed`, `fake: incomplete` a `response.incomplete`,
+  `fake: drop N` a socket closed after N events;
 - a `function_call_output` as the newest item gets a message quoting the tool's output;
 - anything else gets a message echoing the newest user text.
 """
@@ -30,7 +31,7 @@ class Reply:
     arguments: str = "{}"
     code: str = ""
     status: int = 400
-    after_events: int = 0  # for `drop`: events sent before the socket closes
+    after_events: int = 0  # `drop`: events before the socket closes; `error`: before the error
     delay: float = 0.0  # seconds before each event (0: the server's default pace)
 
     @classmethod
@@ -83,7 +84,9 @@ def _directive(text: str, outputs_since: int) -> Reply | None:
         elif verb == "call" and rest:
             reply = Reply.call(rest[0], rest[1] if len(rest) > 1 else "{}")
         elif verb == "error" and rest:
-            reply = Reply.error(rest[0], int(rest[1]) if len(rest) > 1 else 400)
+            status, *after = rest[1].split() if len(rest) > 1 else ["400"]
+            late = int(after[0]) if after else 0
+            reply = replace(Reply.error(rest[0], int(status)), after_events=late)
         elif verb == "fail":
             reply = Reply("fail", code=rest[0] if rest else "server_error")
         elif verb == "incomplete":
