@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import trio
 from openai import OpenAI
 from trio_websocket import ConnectionRejected, open_websocket_url
 
-from tests.conftest import ProxyServer, request_body, start_proxy, user
+from tests.conftest import ProxyServer, request_body, sse_events, start_proxy, user
 from trioproxy.cli import main as cli_main
 from trioproxy.config import Settings
 from trioproxy.fake import FakeUpstream
@@ -297,3 +299,47 @@ def test_serve_refuses_to_start_on_a_bad_login(
     assert "API key" in capsys.readouterr().err
     assert cli_main(["serve", "--host", "0.0.0.0", "--codex-auth", str(key_only)]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+# -- the documented quickstarts, run as written ------------------------------------------------
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "codex.md"
+README = DOCS.parents[1] / "README.md"
+
+
+def block(path: Path, name: str) -> str:
+    text = path.read_text()
+    start = text.index(f"<!-- tested: {name} -->\n```")
+    start = text.index("\n", text.index("```", start)) + 1
+    return text[start : text.index("```", start)]
+
+
+def test_readme_shows_the_codex_config_the_codex_tests_run() -> None:
+    assert block(README, "api-key") == block(DOCS, "api-key")
+
+
+async def test_held_login_quickstarts_work_as_written(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    auth = write_auth(tmp_path / "auth.json", fake.logins.auth_json("acct-docs"))
+    server = await held_proxy(nursery, fake, auth)
+    here = root(server)
+    sdk_code = block(DOCS, "held-sdk").replace("http://127.0.0.1:8787", here)
+    curl = block(DOCS, "held-curl").replace("http://127.0.0.1:8787", here)
+    python = str(Path(sys.executable))
+    sdk_run = await trio.run_process(
+        [python, "-c", sdk_code], capture_stdout=True, capture_stderr=True, check=False
+    )
+    assert sdk_run.returncode == 0, sdk_run.stderr.decode()
+    assert sdk_run.stdout.decode().strip() == "You said: hello"
+    curl_run = await trio.run_process(
+        ["bash", "-c", curl],
+        env={**os.environ, "LOCAL_KEY": "ignored-on-loopback"},
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert curl_run.returncode == 0, curl_run.stderr.decode()
+    events = sse_events(curl_run.stdout.decode())
+    assert events[-1][0] == "response.completed"
+    assert {h["chatgpt-account-id"] for h in fake.handshakes} == {"acct-docs"}
+    assert all(c.message["instructions"] == "Be brief." for c in fake.creates())

@@ -28,29 +28,23 @@ ROOT = Path(__file__).resolve().parents[1]
 CODEX = Path(os.environ.get("TRIOPROXY_CODEX_BIN", ROOT / ".tools/codex/node_modules/.bin/codex"))
 LOOP = 'Walk the steps, please.\nfake: steps 4 exec_command {"cmd": "echo step-#n-done"}'
 
-API_KEY_PROVIDER = """\
-model = "gpt-5"
-model_provider = "trioproxy"
+DOCS = ROOT / "docs" / "codex.md"
 
-[model_providers.trioproxy]
-name = "trioproxy"
-base_url = "{root}/v1"
-env_key = "TRIOPROXY_TEST_KEY"
-wire_api = "responses"
-{extra}
-"""
 
-CHATGPT_PROVIDER = """\
-model = "gpt-5"
-model_provider = "trioproxy"
+def documented(name: str) -> str:
+    """A config block exactly as docs/codex.md shows it, marked `<!-- tested: NAME -->`."""
+    text = DOCS.read_text()
+    marker = f"<!-- tested: {name} -->\n```toml\n"
+    start = text.index(marker) + len(marker)
+    return text[start : text.index("```", start)]
 
-[model_providers.trioproxy]
-name = "trioproxy"
-base_url = "{root}/backend-api/codex"
-requires_openai_auth = true
-wire_api = "responses"
-{extra}
-"""
+
+def config(server: ProxyServer, name: str, *extra: str, model: str | None = None) -> str:
+    """The documented block pointed at this test's proxy, plus provider keys in `extra`
+    (and a `model` line; without one Codex picks its default model)."""
+    block = documented(name).replace("http://127.0.0.1:8787", root_of(server))
+    top = f'model = "{model}"\n' if model else ""
+    return top + block + "".join(f"{line}\n" for line in extra)
 
 
 @dataclass
@@ -154,14 +148,17 @@ def byte_table(label: str, posts: list[int], creates: list[Received]) -> str:
 
 
 # -- (a) API key ---------------------------------------------------------------------------------
+# Codex's default model takes its tools inside `input`; `gpt-5` takes them as the `tools` param,
+# which every suffix turn must still carry. Both loops run.
+@pytest.mark.parametrize("model", [None, "gpt-5"], ids=["default-model", "gpt-5"])
 async def test_api_key_mode_runs_a_five_step_tool_loop_on_one_socket(
-    server: ProxyServer, tmp_path: Path
+    server: ProxyServer, tmp_path: Path, model: str | None
 ) -> None:
     posts = record_posts(server)
     codex = make_codex(
         tmp_path,
-        API_KEY_PROVIDER.format(root=root_of(server), extra=""),
-        TRIOPROXY_TEST_KEY="sk-codex-test",
+        config(server, "api-key", model=model),
+        OPENAI_API_KEY="sk-codex-test",
     )
     stdout = (await codex.run(LOOP)).succeeded()
     assert_answered(stdout, 4)
@@ -174,7 +171,8 @@ async def test_api_key_mode_runs_a_five_step_tool_loop_on_one_socket(
     assert handshake["session-id"] and handshake["originator"] == "codex_exec"
     assert handshake["openai-beta"].endswith("responses_websockets=2026-02-06")
     assert server.proxy.turns == {"full": 1, "suffix": 4}
-    print("\n" + byte_table("API-key mode, 5-step tool loop", posts, fake.creates()))
+    label = f"API-key mode, model {fake.creates()[0].message['model']}, 5-step tool loop"
+    print("\n" + byte_table(label, posts, fake.creates()))
 
 
 # -- (b) ChatGPT login, passed through ------------------------------------------------------------
@@ -191,7 +189,7 @@ async def test_chatgpt_login_pass_through_runs_the_loop_as_codex_would_upstream(
     auth = fake.logins.auth_json("acct-codex-1")
     codex = make_codex(
         tmp_path,
-        CHATGPT_PROVIDER.format(root=root_of(server), extra=""),
+        config(server, "chatgpt"),
         auth=auth,
         CODEX_REFRESH_TOKEN_URL_OVERRIDE=fake.token_url,
     )
@@ -212,7 +210,8 @@ async def test_chatgpt_login_pass_through_runs_the_loop_as_codex_would_upstream(
     assert handshake["session-id"]
     assert_suffix_loop(fake.creates(), steps=4)
     assert not fake.logins.token_requests  # a fresh login needs no refresh
-    print("\n" + byte_table("ChatGPT pass-through, 5-step tool loop", posts, fake.creates()))
+    label = f"ChatGPT pass-through, model {fake.creates()[0].message['model']}, 5-step tool loop"
+    print("\n" + byte_table(label, posts, fake.creates()))
 
 
 # -- (c) a login held by the proxy ----------------------------------------------------------------
@@ -235,8 +234,8 @@ async def test_held_login_with_an_expired_token_refreshes_once_and_the_turn_succ
     # Codex in API-key mode, its key being the proxy's local key: the proxy holds the login.
     codex = make_codex(
         tmp_path / "client",
-        API_KEY_PROVIDER.format(root=root_of(server), extra=""),
-        TRIOPROXY_TEST_KEY="local-proxy-key",
+        config(server, "api-key"),
+        OPENAI_API_KEY="local-proxy-key",
     )
     stdout = (await codex.run(LOOP)).succeeded()
     assert_answered(stdout, 4)
@@ -262,8 +261,8 @@ async def test_codex_interrupted_mid_turn_leaves_no_socket_behind(
 ) -> None:
     codex = make_codex(
         tmp_path,
-        API_KEY_PROVIDER.format(root=root_of(server), extra=""),
-        TRIOPROXY_TEST_KEY="sk-codex-test",
+        config(server, "api-key"),
+        OPENAI_API_KEY="sk-codex-test",
     )
     fake = server.fake
     process = await trio.lowlevel.open_process(
@@ -293,9 +292,9 @@ async def test_codex_interrupted_mid_turn_leaves_no_socket_behind(
 async def test_two_codex_sessions_side_by_side_get_a_socket_each(
     server: ProxyServer, tmp_path: Path
 ) -> None:
-    config = API_KEY_PROVIDER.format(root=root_of(server), extra="")
+    settings = config(server, "api-key")
     runs = [
-        make_codex(tmp_path / name, config, TRIOPROXY_TEST_KEY="sk-codex-test")
+        make_codex(tmp_path / name, settings, OPENAI_API_KEY="sk-codex-test")
         for name in ("one", "two")
     ]
     prompt = 'Two steps.\nfake: steps 2 exec_command {"cmd": "echo step-#n-done"}\nfake: slow 0.05'
@@ -322,8 +321,8 @@ async def test_codex_with_websockets_enabled_falls_back_to_http_and_completes(
 ) -> None:
     codex = make_codex(
         tmp_path,
-        API_KEY_PROVIDER.format(root=root_of(server), extra="supports_websockets = true"),
-        TRIOPROXY_TEST_KEY="sk-codex-test",
+        config(server, "api-key", "supports_websockets = true"),
+        OPENAI_API_KEY="sk-codex-test",
     )
     stdout = (await codex.run(LOOP)).succeeded()
     assert_answered(stdout, 4)
@@ -352,11 +351,10 @@ async def test_codex_with_websockets_enabled_falls_back_to_http_and_completes(
 async def test_failures_reach_codex_in_the_shapes_it_parses(
     server: ProxyServer, tmp_path: Path, script: str, codex_says: str
 ) -> None:
-    no_retries = "request_max_retries = 0\nstream_max_retries = 0"
     codex = make_codex(
         tmp_path,
-        API_KEY_PROVIDER.format(root=root_of(server), extra=no_retries),
-        TRIOPROXY_TEST_KEY="sk-codex-test",
+        config(server, "api-key", "request_max_retries = 0", "stream_max_retries = 0"),
+        OPENAI_API_KEY="sk-codex-test",
     )
     await codex.run(f"Please fail.\n{script}")
     assert codex.returncode != 0
