@@ -343,3 +343,34 @@ async def test_held_login_quickstarts_work_as_written(
     assert events[-1][0] == "response.completed"
     assert {h["chatgpt-account-id"] for h in fake.handshakes} == {"acct-docs"}
     assert all(c.message["instructions"] == "Be brief." for c in fake.creates())
+
+
+async def test_compaction_goes_to_the_codex_backend_with_the_right_credentials(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    body = request_body([user("one"), user("two")])
+    passed = await start_proxy(nursery, fake, chatgpt_upstream=fake.chatgpt_url)
+    tokens = fake.logins.issue("acct-1")
+    async with httpx.AsyncClient(base_url=root(passed), timeout=30) as client:
+        reply = await client.post(
+            "/backend-api/codex/responses/compact",
+            json=body,
+            headers=chatgpt_headers(tokens["access_token"], "acct-1"),
+        )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["output"][-1]["type"] == "compaction"
+    assert fake.http_requests[-1].target == "/backend-api/codex/responses/compact"
+
+    auth = write_auth(tmp_path / "auth.json", fake.logins.auth_json("acct-held", lifetime=-1))
+    held = await held_proxy(nursery, fake, auth, api_key="local")
+    async with held.client() as client:
+        reply = await client.post(
+            "/responses/compact", json=body, headers={"authorization": "Bearer local"}
+        )
+    assert reply.status_code == 200, reply.text
+    seen = fake.http_requests[-1]
+    assert seen.target == "/backend-api/codex/responses/compact"
+    token = json.loads(auth.read_text())["tokens"]["access_token"]  # refreshed first
+    assert seen.headers["authorization"] == f"Bearer {token}"
+    assert seen.headers["chatgpt-account-id"] == "acct-held"
+    assert "openai-beta" not in seen.headers  # the WebSocket flag is for sockets only

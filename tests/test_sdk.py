@@ -89,3 +89,21 @@ async def test_sdk_sees_upstream_errors_as_api_errors(server: ProxyServer) -> No
     error = await in_thread(run)
     assert error.status_code == 429
     assert error.code == "rate_limit_exceeded"
+
+
+async def test_sdk_compact_is_relayed_over_http(server: ProxyServer) -> None:
+    client = sdk(server)
+    history = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "an answer"},
+        {"role": "user", "content": "second"},
+    ]
+    compacted = await in_thread(
+        lambda: client.responses.compact(model="gpt-test", input=history)  # type: ignore[arg-type]
+    )
+    assert compacted.object == "response.compaction"
+    assert [item.type for item in compacted.output] == ["message", "message", "compaction"]
+    seen = server.fake.http_requests[-1]
+    assert seen.method == "POST" and seen.target == "/v1/responses/compact"
+    assert seen.headers["authorization"] == "Bearer sk-test-key"
+    assert server.fake.sockets_opened == 0  # not a turn: no socket involved

@@ -230,8 +230,12 @@ def create_app(
     for path in ("/v1/responses", "/responses", "/backend-api/codex/responses"):
         app.add_websocket(path, f"refuse_upgrade{path}", refuse_upgrade)
 
-    async def relay_get(target: Target, path: str) -> Response:
-        """A plain GET relayed to the target's HTTP base (Codex's model list)."""
+    async def relay(target: Target, path: str, seconds: float) -> Response:
+        """A plain HTTP request relayed to the target's HTTP base, answer and status as is.
+
+        For the calls that are not turns: Codex's model list, and `responses/compact`, which
+        Codex calls to compact a long session (a 404 there breaks long Codex sessions).
+        """
         headers = keys.normalise(request.headers.items())
         refused = client_error(headers, target)
         if refused is not None:
@@ -240,20 +244,33 @@ def create_app(
         query = request.query_string.decode()
         if query:
             url += "?" + query
-        forwarded = [(n, v) for n, v in headers if n not in _NOT_RELAYED]
+        body = b""
+        if request.method == "POST":
+            raw = await request.get_data(cache=False, as_text=False)
+            body = raw if isinstance(raw, bytes) else raw.encode()
         try:
-            with trio.fail_after(settings.connect_timeout):
-                reply = await httpclient.request("GET", url, headers=forwarded)
+            token = await proxy.token(target)
+            upstream_headers = target.http_headers(headers, token)
+            with trio.fail_after(seconds):
+                reply = await httpclient.request(
+                    request.method,
+                    url,
+                    headers=upstream_headers,
+                    body=body,
+                    max_bytes=settings.max_message_bytes,
+                )
+        except ApiError as exc:
+            return error_response(exc)
         except httpclient.HttpError as exc:
             return error_response(errors.upstream_unreachable(str(exc)))
         except trio.TooSlowError:
-            return error_response(errors.upstream_unreachable(f"{url} did not answer in time"))
+            return error_response(errors.upstream_unreachable(f"no answer within {seconds:g} s"))
         kept = [(n, v) for n, v in reply.headers if n in _RELAYED_BACK]
         return Response(reply.body, status=reply.status, headers=dict(kept))
 
     @app.get("/backend-api/codex/models")
     async def codex_models() -> Response:
-        return await relay_get(chatgpt, "/models")
+        return await relay(chatgpt, "/models", settings.connect_timeout)
 
     @app.get("/v1/models")
     async def api_models() -> Response:
@@ -266,7 +283,19 @@ def create_app(
                     code="not_found",
                 )
             )
-        return await relay_get(api, "/models")
+        return await relay(api, "/models", settings.connect_timeout)
+
+    async def compact() -> Response:
+        return await relay(held or api, "/responses/compact", settings.turn_timeout)
+
+    async def codex_compact() -> Response:
+        return await relay(chatgpt, "/responses/compact", settings.turn_timeout)
+
+    for path in ("/v1/responses/compact", "/responses/compact"):
+        app.add_url_rule(path, f"compact{path}", compact, methods=["POST"])
+    app.add_url_rule(
+        "/backend-api/codex/responses/compact", "codex_compact", codex_compact, methods=["POST"]
+    )
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -291,6 +320,5 @@ def _bearer(headers: list[tuple[str, str]]) -> str:
     return ""
 
 
-# Request headers a relayed GET does not pass on, and response headers it passes back.
-_NOT_RELAYED = frozenset({"host", "connection", "content-length", "accept-encoding", "cookie"})
+# Response headers a relayed request passes back.
 _RELAYED_BACK = frozenset({"content-type", "etag", "cache-control", "x-request-id"})

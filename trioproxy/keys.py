@@ -90,6 +90,17 @@ def forwarded(headers: list[tuple[str, str]], beta: str) -> list[tuple[str, str]
     return out
 
 
+# Never relayed on a plain HTTP call: the hop's own framing and what would change its encoding.
+_NOT_RELAYED = frozenset(
+    {"host", "connection", "content-length", "transfer-encoding", "accept-encoding", "cookie"}
+)
+
+
+def relayed(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers sent on a relayed HTTP call (model list, compaction): the client's own."""
+    return [(name, value) for name, value in headers if name not in _NOT_RELAYED]
+
+
 def _meaningful(name: str) -> bool:
     return name not in _PER_REQUEST and not name.startswith(_PER_REQUEST_PREFIXES)
 

@@ -83,7 +83,7 @@ class Proxy:
         self, body: dict[str, Any], headers: list[tuple[str, str]], target: Target
     ) -> TurnStream:
         """Start a turn and wait for its first event (or its end); raises `ApiError`."""
-        upstream = target.upstream(headers, await self._token(target))
+        upstream = target.upstream(headers, await self.token(target))
         chained = client_chained(body)
         reusable = None
         if chained is not None:
@@ -104,7 +104,8 @@ class Proxy:
         conn = await self.registry.lease(retry_key, upstream.url, upstream.headers, fresh=True)
         return await self._start(conn, body, None)
 
-    async def _token(self, target: Target) -> str | None:
+    async def token(self, target: Target) -> str | None:
+        """The held login's access token (refreshed if due), or None for pass-through."""
         if target.login is None:
             return None
         try:

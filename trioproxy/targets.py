@@ -58,17 +58,40 @@ class Target:
                 keys.pool_key(self.url, client_headers, self.beta),
             )
         assert self.login is not None and token is not None
-        own = [(n, v) for n, v in client_headers if n not in ("authorization", ACCOUNT_HEADER)]
-        if not any(name == "originator" for name, _ in own):
-            own.append(("originator", self.originator))
-        account = [(ACCOUNT_HEADER, self.login.account_id)]
-        key_headers = [*own, *account, ("x-trioproxy-login", str(self.login.path))]
+        own = self._own(client_headers)
+        account = self._account()
+        key_headers = [*own, account, ("x-trioproxy-login", str(self.login.path))]
         return Upstream(
             self.url,
-            keys.forwarded([*own, ("authorization", f"Bearer {token}"), *account], self.beta),
+            keys.forwarded([*own, ("authorization", f"Bearer {token}"), account], self.beta),
             keys.pool_key(self.url, key_headers, self.beta),
             token,
         )
+
+    def http_headers(
+        self, client_headers: list[tuple[str, str]], token: str | None
+    ) -> list[tuple[str, str]]:
+        """Headers for a plain HTTP call relayed to this target (no WebSocket beta flag)."""
+        if self.mode != "held":
+            return keys.relayed(client_headers)
+        assert self.login is not None and token is not None
+        own = self._own(client_headers)
+        credentials = [
+            ("authorization", f"Bearer {token}"),
+            (ACCOUNT_HEADER, self.login.account_id),
+        ]
+        return keys.relayed([*own, *credentials])
+
+    def _account(self) -> tuple[str, str]:
+        assert self.login is not None
+        return (ACCOUNT_HEADER, self.login.account_id)
+
+    def _own(self, client_headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """A held-login client's headers without its proxy key, plus Codex's originator."""
+        own = [(n, v) for n, v in client_headers if n not in ("authorization", ACCOUNT_HEADER)]
+        if not any(name == "originator" for name, _ in own):
+            own.append(("originator", self.originator))
+        return own
 
 
 def http_base(ws_url: str) -> str:

@@ -7,13 +7,16 @@ the conversation the same socket already held, which is what a continuation earn
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 from trioproxy.fake.script import Reply
+from trioproxy.items import input_items
 
 _CHUNK_WORDS = 3
 
@@ -218,3 +221,21 @@ def _error_message(code: str, request: dict[str, Any]) -> str:
     if code == "previous_response_not_found":
         return f"Previous response with id '{request.get('previous_response_id')}' not found."
     return f"Upstream error: {code}."
+
+
+def compacted(request: dict[str, Any]) -> dict[str, Any]:
+    """`POST /responses/compact`: the user messages kept, the rest folded into one item."""
+    items = input_items(request.get("input"))
+    users = [item for item in items if isinstance(item, dict) and item.get("role") == "user"]
+    kept = [{"type": "message", **item} for item in users]
+    folded = json.dumps([item for item in items if item not in users])
+    summary = base64.b64encode(f"{len(items) - len(users)} items: {folded[:200]}".encode())
+    compaction = {"type": "compaction", "id": new_id("cmp"), "encrypted_content": summary.decode()}
+    size = len(json.dumps(items))
+    return {
+        "id": new_id("resp"),
+        "object": "response.compaction",
+        "created_at": int(time.time()),
+        "output": [*kept, compaction],
+        "usage": usage(size, 0, len(json.dumps(compaction))),
+    }

@@ -26,7 +26,7 @@ from trio_websocket import (
 )
 
 from trioproxy.fake import backend
-from trioproxy.fake.events import new_id, response_events
+from trioproxy.fake.events import compacted, new_id, response_events
 from trioproxy.fake.script import Reply, decide
 from trioproxy.items import input_items
 
@@ -199,6 +199,21 @@ class FakeUpstream:
             if refused:
                 return refused[0], json.loads(_error_body(refused[1], "not authorised"))
             return 200, backend.models_list()
+        if request.method == "POST" and path.endswith("/responses/compact"):
+            if path.startswith("/backend-api/codex/"):
+                refused = self.logins.check(
+                    request.headers.get("authorization", ""),
+                    request.headers.get("chatgpt-account-id"),
+                )
+                if refused:
+                    return refused[0], json.loads(_error_body(refused[1], "not authorised"))
+            elif not request.headers.get("authorization", "").startswith("Bearer "):
+                return 401, json.loads(_error_body("invalid_api_key", "missing bearer token"))
+            try:
+                body = json.loads(request.body)
+            except ValueError:
+                return 400, json.loads(_error_body("invalid_json", "body is not JSON"))
+            return 200, compacted(body)
         if request.method == "GET" and path == "/v1/models":
             if not request.headers.get("authorization", "").startswith("Bearer "):
                 return 401, json.loads(_error_body("invalid_api_key", "missing bearer token"))
