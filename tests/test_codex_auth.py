@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from trioproxy.access import bearer, refusal
 from trioproxy.codex_auth import (
     CLIENT_ID,
     CodexAuthError,
@@ -19,9 +20,10 @@ from trioproxy.codex_auth import (
     refresh_request,
     tokens_of,
 )
+from trioproxy.config import Settings
 from trioproxy.fake.backend import Logins, make_jwt
 from trioproxy.fake.script import decide
-from trioproxy.targets import http_base
+from trioproxy.targets import Target, api_target, http_base
 
 
 def test_jwt_claims_reads_the_payload_and_tolerates_junk() -> None:
@@ -138,3 +140,17 @@ def test_slow_script_paces_whatever_else_is_asked() -> None:
     slow_call = decide([_user("fake: slow 0.25\nfake: call f {}")])
     assert slow_call.kind == "call" and slow_call.delay == 0.25
     assert decide([_user("hi")]).delay == 0.0
+
+
+def test_who_may_use_which_target() -> None:
+    settings = Settings()
+    api, held = api_target(settings), Target("held", settings.chatgpt_ws, settings.beta)
+    with_key = [("authorization", "Bearer local")]
+    assert bearer([("authorization", "bearer  tok ")]) == "tok" and bearer([]) == ""
+    assert refusal(with_key, api, "") is None
+    missing = refusal([], api, "")
+    assert missing is not None and missing.code == "missing_api_key"
+    assert refusal([], held, "") is None  # loopback, no key: the login is lent to anyone local
+    assert refusal(with_key, held, "local") is None
+    wrong = refusal([("authorization", "Bearer other")], held, "local")
+    assert wrong is not None and wrong.status == 401 and wrong.code == "invalid_api_key"

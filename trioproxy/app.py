@@ -7,26 +7,25 @@ they come. Hypercorn cancels the route when its client disconnects; the response
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
-import trio
 from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioproxy import errors, httpclient, keys, sse
+from trioproxy import access, keys, sse
 from trioproxy.codex_auth import CodexLogin, default_token_url
 from trioproxy.config import Settings
 from trioproxy.errors import ApiError
 from trioproxy.events import response_object
 from trioproxy.proxy import Proxy, TurnStream
 from trioproxy.registry import Registry
-from trioproxy.targets import Target, api_target, chatgpt_target, http_base
+from trioproxy.relay import relay
+from trioproxy.targets import Target, api_target, chatgpt_target
 from trioproxy.upstream import Connector, websocket_connector
 from trioproxy.validate import parse_request, require_unstored
 
@@ -155,34 +154,9 @@ def create_app(
             }
         )
 
-    def client_error(headers: list[tuple[str, str]], target: Target) -> ApiError | None:
-        """Who may send this request: a held login needs the local key (if one is set);
-        pass-through needs a credential of the client's own to pass through."""
-        bearer = _bearer(headers)
-        if target.mode == "held":
-            if settings.api_key and not hmac.compare_digest(
-                bearer.encode(), settings.api_key.encode()
-            ):
-                return ApiError(
-                    401,
-                    "Incorrect or missing proxy key: send 'Authorization: Bearer <key>' "
-                    "with the key this proxy was started with.",
-                    type="invalid_request_error",
-                    code="invalid_api_key",
-                )
-            return None
-        if not bearer:
-            return ApiError(
-                401,
-                "Missing credentials: send the upstream API key as 'Authorization: Bearer <key>'.",
-                type="invalid_request_error",
-                code="missing_api_key",
-            )
-        return None
-
     async def run_turn(target: Target) -> Response:
         headers = keys.normalise(request.headers.items())
-        refused = client_error(headers, target)
+        refused = access.refusal(headers, target, settings.api_key)
         if refused is not None:
             return error_response(refused)
         try:
@@ -230,47 +204,33 @@ def create_app(
     for path in ("/v1/responses", "/responses", "/backend-api/codex/responses"):
         app.add_websocket(path, f"refuse_upgrade{path}", refuse_upgrade)
 
-    async def relay(target: Target, path: str, seconds: float) -> Response:
-        """A plain HTTP request relayed to the target's HTTP base, answer and status as is.
-
-        For the calls that are not turns: Codex's model list, and `responses/compact`, which
-        Codex calls to compact a long session (a 404 there breaks long Codex sessions).
-        """
+    async def relayed(target: Target, path: str, seconds: float) -> Response:
+        """A request that is not a turn, relayed over HTTP (see trioproxy/relay.py)."""
         headers = keys.normalise(request.headers.items())
-        refused = client_error(headers, target)
+        refused = access.refusal(headers, target, settings.api_key)
         if refused is not None:
             return error_response(refused)
-        url = http_base(target.url) + path
         query = request.query_string.decode()
-        if query:
-            url += "?" + query
-        body = b""
-        if request.method == "POST":
-            raw = await request.get_data(cache=False, as_text=False)
-            body = raw if isinstance(raw, bytes) else raw.encode()
+        raw = await request.get_data(cache=False, as_text=False)
+        body = raw if isinstance(raw, bytes) else raw.encode()
         try:
-            token = await proxy.token(target)
-            upstream_headers = target.http_headers(headers, token)
-            with trio.fail_after(seconds):
-                reply = await httpclient.request(
-                    request.method,
-                    url,
-                    headers=upstream_headers,
-                    body=body,
-                    max_bytes=settings.max_message_bytes,
-                )
+            reply = await relay(
+                target,
+                request.method,
+                path + (f"?{query}" if query else ""),
+                headers,
+                body,
+                await proxy.token(target),
+                seconds=seconds,
+                max_bytes=settings.max_message_bytes,
+            )
         except ApiError as exc:
             return error_response(exc)
-        except httpclient.HttpError as exc:
-            return error_response(errors.upstream_unreachable(str(exc)))
-        except trio.TooSlowError:
-            return error_response(errors.upstream_unreachable(f"no answer within {seconds:g} s"))
-        kept = [(n, v) for n, v in reply.headers if n in _RELAYED_BACK]
-        return Response(reply.body, status=reply.status, headers=dict(kept))
+        return Response(reply.body, status=reply.status, headers=dict(reply.headers))
 
     @app.get("/backend-api/codex/models")
     async def codex_models() -> Response:
-        return await relay(chatgpt, "/models", settings.connect_timeout)
+        return await relayed(chatgpt, "/models", settings.connect_timeout)
 
     @app.get("/v1/models")
     async def api_models() -> Response:
@@ -283,13 +243,13 @@ def create_app(
                     code="not_found",
                 )
             )
-        return await relay(api, "/models", settings.connect_timeout)
+        return await relayed(api, "/models", settings.connect_timeout)
 
     async def compact() -> Response:
-        return await relay(held or api, "/responses/compact", settings.turn_timeout)
+        return await relayed(held or api, "/responses/compact", settings.turn_timeout)
 
     async def codex_compact() -> Response:
-        return await relay(chatgpt, "/responses/compact", settings.turn_timeout)
+        return await relayed(chatgpt, "/responses/compact", settings.turn_timeout)
 
     for path in ("/v1/responses/compact", "/responses/compact"):
         app.add_url_rule(path, f"compact{path}", compact, methods=["POST"])
@@ -310,15 +270,3 @@ def create_app(
         )
 
     return app
-
-
-def _bearer(headers: list[tuple[str, str]]) -> str:
-    for name, value in headers:
-        if name == "authorization":
-            scheme, _, token = value.strip().partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else value.strip()
-    return ""
-
-
-# Response headers a relayed request passes back.
-_RELAYED_BACK = frozenset({"content-type", "etag", "cache-control", "x-request-id"})

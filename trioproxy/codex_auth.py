@@ -17,7 +17,7 @@ upstream, and refreshes the token the way Codex does (codex-rs `login/src/auth/m
 The refreshed file is written back atomically (a temp file in the same directory with the
 original's permissions, then rename), so a Codex CLI sharing it never reads half a file and keeps
 working. One refresh at a time: concurrent turns that all saw the token expire share one.
-Tokens never reach a log line; only the account id's hash-free form is the pool's business.
+No token ever reaches a log line or an error message.
 """
 
 from __future__ import annotations
