@@ -374,3 +374,26 @@ async def test_compaction_goes_to_the_codex_backend_with_the_right_credentials(
     assert seen.headers["authorization"] == f"Bearer {token}"
     assert seen.headers["chatgpt-account-id"] == "acct-held"
     assert "openai-beta" not in seen.headers  # the WebSocket flag is for sockets only
+
+
+async def test_a_pooled_socket_whose_token_lapsed_is_replaced_after_one_refresh(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    doc = fake.logins.auth_json("acct-9")
+    auth = write_auth(tmp_path / "auth.json", doc)
+    server = await held_proxy(nursery, fake, auth)
+    async with server.client(headers={"session-id": "s"}) as client:
+        first = await client.post("/responses", json=request_body([user("one")]))
+        assert first.status_code == 200 and server.registry.idle == 1
+        # The token is revoked upstream while the session's socket sits in the pool.
+        fake.logins.revoke(doc["tokens"]["access_token"])
+        history = [user("one"), *first.json()["output"], user("two")]
+        second = await client.post("/responses", json=request_body(history))
+    assert second.status_code == 200, second.text
+    assert second.json()["output"][0]["content"][0]["text"] == "You said: two"
+    assert len(fake.logins.token_requests) == 1
+    assert server.proxy.retries == {"unauthorized": 1}
+    new = json.loads(auth.read_text())["tokens"]["access_token"]
+    assert [h["authorization"] for h in fake.handshakes][-1] == f"Bearer {new}"
+    last = fake.creates()[-1]
+    assert last.socket == 2 and "previous_response_id" not in last.message  # full input

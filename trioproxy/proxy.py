@@ -93,11 +93,18 @@ class Proxy:
 
         conn, upstream = await self._lease(target, upstream, headers, reusable=reusable)
         stream = await self._start(conn, body, conn.memory)
-        if stream.first is not None or not self._retryable(stream):
+        if stream.first is not None:
+            return stream
+        end = stream.end
+        if _unauthorized(end) and upstream.token is not None:
+            # A pooled socket whose token lapsed upstream: refresh, then a fresh socket.
+            cause: str | None = "unauthorized"
+            upstream = await self._refreshed(target, upstream, headers)
+        elif self._retryable(stream):
+            cause = end.error.code if end.kind == "error" and end.error else end.kind
+        else:
             return stream
         # Once, on a new socket (pooled again if the failed one was), with the full input.
-        end = stream.end
-        cause = end.error.code if end.kind == "error" and end.error else end.kind
         self.retries[cause or end.kind] += 1
         log.info("turn refused before its first event (%s); retrying on a fresh socket", cause)
         retry_key = None if conn.one_turn else upstream.key
@@ -127,19 +134,26 @@ class Proxy:
             )
             return conn, upstream
         except ApiError as exc:
-            if exc.status != 401 or target.login is None or upstream.token is None:
+            if exc.status != 401 or upstream.token is None:
                 raise
         self.retries["unauthorized"] += 1
+        upstream = await self._refreshed(target, upstream, headers)
+        conn = await self.registry.lease(
+            upstream.key, upstream.url, upstream.headers, reusable=reusable, fresh=True
+        )
+        return conn, upstream
+
+    async def _refreshed(
+        self, target: Target, upstream: Upstream, headers: list[tuple[str, str]]
+    ) -> Upstream:
+        """The upstream refused the held token: the same upstream with a newer one."""
+        assert target.login is not None and upstream.token is not None
         log.info("upstream refused the held ChatGPT token; refreshing it as Codex does")
         try:
             token = await target.login.unauthorized(upstream.token)
         except CodexAuthError as exc:
             raise errors.login_failed(str(exc)) from None
-        upstream = target.upstream(headers, token)
-        conn = await self.registry.lease(
-            upstream.key, upstream.url, upstream.headers, reusable=reusable, fresh=True
-        )
-        return conn, upstream
+        return target.upstream(headers, token)
 
     def _retryable(self, stream: TurnStream) -> bool:
         end = stream.end
@@ -171,3 +185,7 @@ class Proxy:
             turn.abandon()  # cancelled while waiting: the socket's state is unknown
             raise
         return TurnStream(turn, first)
+
+
+def _unauthorized(end: TurnEnd) -> bool:
+    return end.kind == "error" and end.error is not None and end.error.status == 401

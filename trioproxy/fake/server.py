@@ -57,6 +57,7 @@ class _Socket:
     number: int
     ws: WebSocketConnection
     chatgpt: bool  # opened on the Codex backend's path: `store` must be false
+    headers: dict[str, str]
     responses: dict[str, list[Any]] = field(default_factory=dict)  # store=false: this socket only
     busy: bool = False
 
@@ -243,7 +244,7 @@ class FakeUpstream:
             await request.reject(401, body=_error_body("invalid_api_key", "missing bearer token"))
             return
         ws = await request.accept()
-        sock = _Socket(next(self._numbers), ws, chatgpt)
+        sock = _Socket(next(self._numbers), ws, chatgpt, headers)
         self._open[sock.number] = sock
         self._notify()
         try:
@@ -271,6 +272,15 @@ class FakeUpstream:
                 self._send_all,
                 sock,
                 [_error("invalid_request_error", 400, "unknown_event", "expected response.create")],
+            )
+            return
+        refused = sock.chatgpt and self.logins.check(
+            sock.headers.get("authorization", ""), sock.headers.get("chatgpt-account-id")
+        )
+        if refused:  # the token the socket opened with has since lapsed or been revoked
+            status, code = refused
+            nursery.start_soon(
+                self._send_all, sock, [_error("invalid_request_error", status, code, code)]
             )
             return
         if sock.chatgpt and message.get("store") is not False:
