@@ -17,6 +17,7 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 
 from tests.conftest import ProxyServer, request_body, sse_events, start_proxy, user
 from trioproxy.cli import main as cli_main
+from trioproxy.codex_auth import CodexLogin
 from trioproxy.config import Settings
 from trioproxy.fake import FakeUpstream
 
@@ -397,3 +398,40 @@ async def test_a_pooled_socket_whose_token_lapsed_is_replaced_after_one_refresh(
     assert [h["authorization"] for h in fake.handshakes][-1] == f"Bearer {new}"
     last = fake.creates()[-1]
     assert last.socket == 2 and "previous_response_id" not in last.message  # full input
+
+
+async def test_two_processes_sharing_the_file_spend_the_refresh_token_once(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    # Two logins on one file stand for two hypercorn workers: each has its own lock, the
+    # directory lock is what they share.
+    auth = write_auth(tmp_path / "auth.json", fake.logins.auth_json("acct-9", lifetime=-1))
+    workers = [CodexLogin(auth, fake.token_url) for _ in range(2)]
+    tokens: list[str] = []
+
+    async def use(login: CodexLogin) -> None:
+        tokens.append(await login.access_token())
+
+    async with trio.open_nursery() as nursery:
+        for login in workers:
+            nursery.start_soon(use, login)
+    assert len(fake.logins.token_requests) == 1
+    assert tokens[0] == tokens[1] == json.loads(auth.read_text())["tokens"]["access_token"]
+
+
+async def test_a_dead_refresh_token_is_not_asked_about_again_until_the_file_changes(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    doc = fake.logins.auth_json("acct-9", lifetime=-1)
+    fake.logins.used_refresh.add(doc["tokens"]["refresh_token"])
+    auth = write_auth(tmp_path / "auth.json", doc)
+    server = await held_proxy(nursery, fake, auth)
+    async with server.client() as client:
+        for _ in range(3):
+            reply = await client.post("/responses", json=request_body("hi"))
+            assert reply.status_code == 502
+        assert len(fake.logins.token_requests) == 1  # asked once, not once per turn
+        write_auth(auth, fake.logins.auth_json("acct-9"))  # `codex login` again
+        reply = await client.post("/responses", json=request_body("hi"))
+    assert reply.status_code == 200, reply.text
+    assert len(fake.logins.token_requests) == 1

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +60,10 @@ _PERMANENT = {
 
 class CodexAuthError(Exception):
     """The login cannot be used; the message says what to do (never contains a token)."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent  # retrying with the same refresh token cannot help
 
 
 def default_path() -> Path:
@@ -170,8 +177,11 @@ def refresh_failure(status: int, body: bytes) -> CodexAuthError:
         code = code if isinstance(code, str) else parsed.get("code")
     reason = _PERMANENT.get(str(code).lower()) if code else None
     if reason:
-        return CodexAuthError(f"token refresh failed: {reason}; run `codex login` again")
-    return CodexAuthError(f"token refresh failed with HTTP {status}")
+        return CodexAuthError(
+            f"token refresh failed: {reason}; run `codex login` again", permanent=True
+        )
+    # Codex treats a 401 from the token endpoint as final too.
+    return CodexAuthError(f"token refresh failed with HTTP {status}", permanent=status == 401)
 
 
 # -- the login, with its I/O ----------------------------------------------------------------
@@ -206,6 +216,22 @@ def _write_atomically(path: Path, doc: dict[str, Any]) -> None:
         raise
 
 
+@asynccontextmanager
+async def _exclusive(directory: Path) -> AsyncIterator[None]:
+    """An advisory lock on `directory`, polled so waiting for it stays cancellable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await trio.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 class CodexLogin:
     """The proxy's hold on one `auth.json`: current tokens, refreshed as Codex would."""
 
@@ -215,6 +241,9 @@ class CodexLogin:
         self.timeout = timeout
         self.refreshes = 0
         self._lock = trio.Lock()
+        # Refresh tokens the endpoint refused for good, and why: asked again, the answer is
+        # the same, so until the file holds a new login the proxy fails fast, as Codex does.
+        self._dead: dict[str, CodexAuthError] = {}
         doc = _read(path)
         try:
             self._tokens = tokens_of(doc)
@@ -241,18 +270,27 @@ class CodexLogin:
         return self._tokens.access_token
 
     async def _refresh(self, stale: str, *, force: bool = False) -> None:
-        async with self._lock:
+        async with self._lock, _exclusive(self.path.parent):
+            # The directory lock makes this read-refresh-write one step across processes
+            # (hypercorn workers sharing the file), so no two spend the same refresh token.
             if self._tokens.access_token != stale:
                 return  # another turn refreshed while this one waited for the lock
             doc = await trio.to_thread.run_sync(_read, self.path)
             on_disk = tokens_of(doc)
             if on_disk.access_token != stale and (force or not on_disk.needs_refresh(time.time())):
-                log.info("using the token Codex refreshed in %s", self.path)
+                log.info("using the token another process refreshed in %s", self.path)
                 self._tokens = on_disk
                 return
             if not on_disk.refresh_token:
                 raise CodexAuthError(f"{self.path} has no refresh token: run `codex login`")
-            answer = await self._ask(on_disk.refresh_token)
+            if on_disk.refresh_token in self._dead:
+                raise self._dead[on_disk.refresh_token]
+            try:
+                answer = await self._ask(on_disk.refresh_token)
+            except CodexAuthError as exc:
+                if exc.permanent:
+                    self._dead[on_disk.refresh_token] = exc
+                raise
             updated = apply_refresh(doc, answer, time.time())
             await trio.to_thread.run_sync(_write_atomically, self.path, updated)
             self._tokens = tokens_of(updated)
