@@ -56,7 +56,7 @@ async def fake(nursery: trio.Nursery) -> FakeUpstream:
 async def start_proxy(
     nursery: trio.Nursery, fake: FakeUpstream, connector: Connector | None = None, **overrides: Any
 ) -> ProxyServer:
-    settings = Settings(upstream=fake.url, **overrides)
+    settings = Settings(**{"upstream": fake.url, **overrides})
     app = create_app(settings, connector=connector)
     config = hypercorn_config("127.0.0.1", 0)
     binds = await nursery.start(partial(hypercorn_serve, app, config))

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-lifetime", type=float, help="max socket age in seconds (3000)")
     serve.add_argument("--turn-timeout", type=float, help="max seconds for one turn (600)")
     serve.add_argument("--connect-timeout", type=float, help="handshake timeout in seconds (15)")
+    serve.add_argument(
+        "--read-timeout", type=float, help="max upstream silence within a turn, seconds (240)"
+    )
     serve.add_argument("--max-sockets", type=int, help="cap on pooled sockets (10000)")
     serve.add_argument(
         "--chatgpt-upstream",
@@ -112,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_lifetime=args.max_lifetime,
             turn_timeout=args.turn_timeout,
             connect_timeout=args.connect_timeout,
+            read_timeout=args.read_timeout,
             max_sockets=args.max_sockets,
             chatgpt_upstream=args.chatgpt_upstream,
             codex_auth=args.codex_auth,

@@ -43,6 +43,8 @@ class Settings:
     max_lifetime: float = 50 * 60
     # The longest a single turn may take; it also bounds how late a socket may start one.
     turn_timeout: float = 10 * 60
+    # The longest the upstream may stay silent within a turn (Codex gives up at 300 s).
+    read_timeout: float = 240.0
     connect_timeout: float = 15.0
     # How long a graceful close (idle eviction, shutdown) waits for the upstream's close frame.
     close_timeout: float = 2.0
@@ -69,7 +71,7 @@ class Settings:
     def __post_init__(self) -> None:
         if self.turn_timeout >= self.max_lifetime:
             raise ValueError("turn_timeout must be shorter than max_lifetime")
-        for name in ("idle_ttl", "max_lifetime", "turn_timeout", "connect_timeout"):
+        for name in ("idle_ttl", "max_lifetime", "turn_timeout", "read_timeout", "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_sockets < 1 or self.event_buffer < 1:

@@ -153,6 +153,10 @@ def turn_timeout(seconds: float) -> ApiError:
     )
 
 
+def upstream_silent(seconds: float) -> ApiError:
+    return _upstream(504, "upstream_timeout", f"the upstream sent nothing for {seconds:g} s")
+
+
 def login_failed(detail: str) -> ApiError:
     """The proxy's own ChatGPT login cannot be used: the operator, not the client, must act."""
     return _upstream(502, "upstream_login_failed", f"the proxy's ChatGPT login failed: {detail}")

@@ -68,7 +68,13 @@ class Registry:
             "live": self.live,
             "opened": self.opened,
             "evictions": dict(self.evictions),
+            "buffered_events": self.buffered_events,
         }
+
+    @property
+    def buffered_events(self) -> int:
+        """Events waiting for slow clients, over all turns in progress (each turn's is bounded)."""
+        return sum(conn.current.buffered for conn in self._live if conn.current is not None)
 
     # -- the registry task -------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,21 +48,35 @@ Connector = Callable[[str, Headers], AbstractAsyncContextManager[WebSocketConnec
 
 # How a turn can end: as upstream ended it, or as the proxy had to.
 EndKind = Literal[UpstreamEnd, "socket", "timeout", "abandoned"]
+# Beyond connect_timeout, how long the client library may take to give up on its own.
+_HANDSHAKE_SLACK = 0.5
 # Ends after which the socket's state is unknown: close it at once, without a close handshake.
 _ABRUPT = frozenset({"socket", "timeout", "abandoned"})
 
 
 def websocket_connector(settings: Settings) -> Connector:
-    """The production connector: a real (TLS where `wss://`) WebSocket client."""
+    """The production connector: a real (TLS where `wss://`) WebSocket client.
 
-    def connect(url: str, headers: Headers) -> AbstractAsyncContextManager[WebSocketConnection]:
-        return open_websocket_url(
-            url,
-            extra_headers=headers,
-            connect_timeout=settings.connect_timeout,
-            disconnect_timeout=settings.close_timeout,
-            max_message_size=settings.max_message_bytes,
-        )
+    trio-websocket's `connect_timeout` stops waiting for the upgrade's answer but then waits for
+    its own reader task, which an upstream that accepted TCP and never answers keeps blocked
+    forever. An outer cancel scope bounds the whole handshake, reader included.
+    """
+
+    @asynccontextmanager
+    async def connect(url: str, headers: Headers) -> AsyncIterator[WebSocketConnection]:
+        deadline = trio.current_time() + settings.connect_timeout + _HANDSHAKE_SLACK
+        with trio.CancelScope(deadline=deadline) as handshake:
+            async with open_websocket_url(
+                url,
+                extra_headers=headers,
+                connect_timeout=settings.connect_timeout,
+                disconnect_timeout=settings.close_timeout,
+                max_message_size=settings.max_message_bytes,
+            ) as ws:
+                handshake.deadline = math.inf
+                yield ws
+        if handshake.cancelled_caught:
+            raise ConnectionTimeout
 
     return connect
 
@@ -92,6 +107,11 @@ class Turn:
 
     async def deliver(self, event: UpstreamEvent) -> None:
         await self._send.send(event)
+
+    @property
+    def buffered(self) -> int:
+        """Events relayed from the socket that the client has not read yet (bounded)."""
+        return self._send.statistics().current_buffer_used
 
     def finish(self, end: TurnEnd) -> None:
         """Record the end and close the event channel: the reader sees the end after the events."""
@@ -134,6 +154,7 @@ class UpstreamConnection:
         self.busy = True
         self.memory: Conversation | None = None
         self.turns = 0
+        self.current: Turn | None = None  # the turn in progress
         self._scope = trio.CancelScope()
         self._turns_send, self._turns_recv = trio.open_memory_channel[Turn](1)
         self.closed = trio.Event()
@@ -193,6 +214,7 @@ class UpstreamConnection:
 
     async def _serve(self, ws: WebSocketConnection) -> None:
         async for turn in self._turns_recv:
+            self.current = turn
             try:
                 end = await self._exchange(ws, turn)
             except BaseException:
@@ -202,6 +224,7 @@ class UpstreamConnection:
                 )
                 raise
             keep = end.kind == "completed" and not self.one_turn
+            self.current = None
             self.turns += 1
             log.info(
                 "turn socket=#%d session=%s mode=%s items=%d sent=%dB end=%s%s",
@@ -233,7 +256,13 @@ class UpstreamConnection:
                 try:
                     await ws.send_message(turn.payload)
                     while True:
-                        event = parse_frame(await ws.get_message())
+                        frame: str | bytes | None = None
+                        with trio.move_on_after(self._settings.read_timeout):
+                            frame = await ws.get_message()
+                        if frame is None:
+                            silent = errors.upstream_silent(self._settings.read_timeout)
+                            return _broken("timeout", silent, tracker)
+                        event = parse_frame(frame)
                         kind = tracker.feed(event)
                         if kind is not None:
                             return _terminal(kind, event, tracker, turn.plan)

@@ -9,7 +9,8 @@ conversation, so a real client (Codex, the SDK, curl) can drive it by what it ty
 - `fake: slow SECONDS` (beside any of these) paces every event of the reply;
 - `fake: error CODE [STATUS [N]]` an `error` event (after N opening events),
   `fake: fail CODE` a `response.failed`, `fake: incomplete` a `response.incomplete`,
-  `fake: drop N` a socket closed after N events;
+  `fake: drop N` a socket closed after N events, `fake: stall N` silence after N events,
+  `fake: long N` a message of N words (a long stream);
 - a `function_call_output` as the newest item gets a message quoting the tool's output;
 - anything else gets a message echoing the newest user text.
 """
@@ -20,7 +21,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-ReplyKind = Literal["text", "call", "error", "fail", "incomplete", "drop"]
+ReplyKind = Literal["text", "call", "error", "fail", "incomplete", "drop", "stall", "garbage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +32,7 @@ class Reply:
     arguments: str = "{}"
     code: str = ""
     status: int = 400
-    after_events: int = 0  # `drop`: events before the socket closes; `error`: before the error
+    after_events: int = 0  # events before: `drop` the close, `error` the error, `stall` silence
     delay: float = 0.0  # seconds before each event (0: the server's default pace)
 
     @classmethod
@@ -93,6 +94,10 @@ def _directive(text: str, outputs_since: int) -> Reply | None:
             reply = Reply("incomplete")
         elif verb == "drop":
             reply = Reply.drop(int(rest[0]) if rest else 0)
+        elif verb == "stall":
+            reply = Reply("stall", after_events=int(rest[0]) if rest else 0)
+        elif verb == "long" and rest:
+            reply = Reply.message(" ".join(f"w{n}" for n in range(int(rest[0]))))
     if delay and reply is not None:
         return replace(reply, delay=delay)
     if delay:

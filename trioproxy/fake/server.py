@@ -71,6 +71,8 @@ class FakeUpstream:
         self.replies: deque[Reply] = deque()
         self.stored: dict[str, list[Any]] = {}  # store=true responses: any socket resolves them
         self.logins = backend.Logins()  # ChatGPT logins issued for the Codex backend's path
+        self.refusals: deque[tuple[int, str]] = deque()  # handshakes to refuse, in order
+        self.stall_handshakes = False  # accept TCP, never answer the upgrade
         self.http_requests: list[HttpRequest] = []
         self.port = 0
         self.events_sent = 0
@@ -103,6 +105,10 @@ class FakeUpstream:
     def queue(self, *replies: Reply) -> None:
         """Answer the next turns with these replies, in order, before any default answer."""
         self.replies.extend(replies)
+
+    def refuse_handshakes(self, status: int, code: str, count: int = 1) -> None:
+        """Refuse the next `count` WebSocket handshakes with this status and error code."""
+        self.refusals.extend([(status, code)] * count)
 
     def creates(self) -> list[Received]:
         return [r for r in self.received if r.message.get("type") == "response.create"]
@@ -232,6 +238,12 @@ class FakeUpstream:
         ):
             await request.reject(404, body=_error_body("not_found", f"no route {request.path}"))
             return
+        if self.stall_handshakes:
+            await trio.sleep_forever()
+        if self.refusals:
+            status, code = self.refusals.popleft()
+            await request.reject(status, body=_error_body(code, f"refused by the fake ({status})"))
+            return
         chatgpt = request.path.startswith("/backend-api/codex/")
         if chatgpt:
             refused = self.logins.check(
@@ -331,6 +343,12 @@ class FakeUpstream:
                 await self._send_all(sock, events[: reply.after_events], reply.delay)
                 await sock.ws.aclose(1011, "dropped by the fake upstream")
                 return
+            if reply.kind == "garbage":
+                await sock.ws.send_message("this is not an event")
+                return
+            if reply.kind == "stall":
+                await self._send_all(sock, events[: reply.after_events], reply.delay)
+                await trio.sleep_forever()  # until the client gives up and closes
             if reply.kind in ("text", "call"):
                 # Remembered before the last event goes out: a client may chain at once.
                 sock.responses[rid] = conversation + output

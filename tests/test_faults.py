@@ -1,0 +1,311 @@
+"""The fault suite: every way the upstream can fail, over real sockets, and what the client sees.
+
+Each case ends in a complete stream, a transparent retry or a clear OpenAI-style error, never a
+hang (pytest-timeout and the `fail_after` in `nothing_left` bound every wait), and each checks
+afterwards that no socket task and no upstream socket is left but the idle pooled ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from tests.conftest import (
+    ProxyServer,
+    post,
+    request_body,
+    sse_events,
+    start_proxy,
+    user,
+    wait_until,
+)
+from trioproxy.fake import FakeUpstream, Reply
+
+
+async def nothing_left(server: ProxyServer) -> None:
+    """Only idle pooled sockets remain: no busy one, no stray task, no unowned upstream socket."""
+    registry, fake = server.registry, server.fake
+    await wait_until(lambda: registry.tasks == registry.live == registry.idle)
+    with trio.fail_after(5):
+        await fake.wait_open_sockets(registry.live)
+
+
+# -- handshake -----------------------------------------------------------------------------------
+async def test_handshake_refused_at_tcp_is_a_502(nursery: trio.Nursery, fake: FakeUpstream) -> None:
+    with trio.socket.socket() as sock:  # a port with nobody listening
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = await start_proxy(nursery, fake, upstream=f"ws://127.0.0.1:{port}/v1/responses")
+    async with server.client() as client:
+        reply = await post(client, request_body("x", stream=True))
+    assert reply.status_code == 502
+    assert reply.json()["error"]["code"] == "upstream_unreachable"
+    await nothing_left(server)
+    assert server.registry.live == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, "invalid_request_error"),
+        (401, "invalid_api_key"),
+        (403, "unsupported_country_region_territory"),
+        (404, "not_found"),
+        (429, "rate_limit_exceeded"),
+        (500, "server_error"),
+        (503, "service_unavailable"),
+    ],
+)
+async def test_handshake_rejection_keeps_its_status_and_body(
+    server: ProxyServer, status: int, code: str
+) -> None:
+    server.fake.refuse_handshakes(status, code)
+    async with server.client() as client:
+        reply = await post(client, request_body("x", stream=True))
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert error["code"] == code and set(error) == {"message", "type", "param", "code"}
+    await nothing_left(server)
+    assert server.registry.live == 0 and server.fake.creates() == []
+
+
+async def test_handshake_without_a_bearer_upstream_refuses_maps_to_401(
+    server: ProxyServer,
+) -> None:
+    async with server.client() as client:
+        reply = await client.post(
+            "/responses",
+            json=request_body("x"),
+            headers={"authorization": "Basic nope", "session-id": "s"},
+        )
+    assert reply.status_code == 401
+    assert reply.json()["error"]["code"] == "invalid_api_key"
+    await nothing_left(server)
+    assert server.registry.live == 0
+
+
+async def test_handshake_that_never_completes_times_out(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    fake.stall_handshakes = True
+    server = await start_proxy(nursery, fake, connect_timeout=0.3)
+    async with server.client() as client:
+        reply = await post(client, request_body("x"))
+    assert reply.status_code == 502
+    error = reply.json()["error"]
+    assert error["code"] == "upstream_unreachable" and "timed out" in error["message"]
+    fake.stall_handshakes = False
+    await nothing_left(server)
+    assert server.registry.live == 0
+
+
+# -- before the first event: a transparent retry ---------------------------------------------------
+async def test_socket_dropped_before_the_first_event_is_retried_on_a_fresh_socket(
+    server: ProxyServer,
+) -> None:
+    server.fake.queue(Reply.drop(after_events=0))
+    async with server.client() as client:
+        reply = await post(client, request_body([user("a")], stream=True))
+    assert reply.status_code == 200
+    assert sse_events(reply.text)[-1][0] == "response.completed"
+    assert server.fake.sockets_opened == 2 and server.proxy.retries["socket"] == 1
+    await nothing_left(server)
+    assert server.registry.idle == 1  # the retry's socket is the session's now
+
+
+async def test_socket_closed_by_upstream_while_idle_is_replaced_transparently(
+    server: ProxyServer,
+) -> None:
+    fake = server.fake
+    async with server.client() as client:
+        first = await post(client, request_body([user("a")]))
+        await fake.close_sockets()
+        await fake.wait_open_sockets(0)
+        history = [user("a"), *first.json()["output"], user("b")]
+        second = await post(client, request_body(history))
+    assert second.status_code == 200, second.text
+    creates = fake.creates()
+    assert fake.sockets_opened == 2
+    assert creates[-1].socket == 2
+    assert "previous_response_id" not in creates[-1].message
+    assert len(creates[-1].message["input"]) == 3  # the full input on the fresh socket
+    assert server.proxy.retries["socket"] == 1
+    await nothing_left(server)
+
+
+async def test_previous_response_not_found_is_resent_in_full(server: ProxyServer) -> None:
+    fake = server.fake
+    async with server.client() as client:
+        first = await post(client, request_body([user("a")]))
+        # The upstream loses the chain (as it does for any failed continuation).
+        fake.queue(Reply.error("previous_response_not_found"))
+        history = [user("a"), *first.json()["output"], user("b")]
+        second = await post(client, request_body(history, stream=True))
+        assert second.status_code == 200
+        events = sse_events(second.text)
+        assert events[-1][0] == "response.completed"
+        assert all(t != "error" for t, _ in events)
+        # The new socket is the session's now, and chains from the resent turn.
+        third = await post(
+            client, request_body([*history, *events[-1][1]["response"]["output"], user("c")])
+        )
+        assert third.status_code == 200
+    creates = fake.creates()
+    assert [c.socket for c in creates] == [1, 1, 2, 2]
+    assert creates[1].message["previous_response_id"] == first.json()["id"]
+    assert "previous_response_id" not in creates[2].message
+    assert len(creates[2].message["input"]) == 3
+    assert creates[3].message["input"] == [user("c")]
+    assert server.proxy.retries["previous_response_not_found"] == 1
+    await nothing_left(server)
+
+
+async def test_a_second_failure_reaches_the_client(server: ProxyServer) -> None:
+    fake = server.fake
+    fake.queue(
+        Reply.error("websocket_connection_limit_reached", 429),
+        Reply.error("websocket_connection_limit_reached", 429),
+    )
+    async with server.client() as client:
+        reply = await post(client, request_body([user("a")], stream=True))
+    assert reply.status_code == 429
+    assert reply.json()["error"]["code"] == "websocket_connection_limit_reached"
+    assert fake.sockets_opened == 2
+    await nothing_left(server)
+
+
+async def test_upstream_error_before_streaming_is_an_http_error(server: ProxyServer) -> None:
+    server.fake.queue(Reply.error("context_length_exceeded", 400, "Your input is too long."))
+    async with server.client() as client:
+        reply = await post(client, request_body([user("a")], stream=True))
+    assert reply.status_code == 400
+    assert reply.json() == {
+        "error": {
+            "message": "Your input is too long.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "context_length_exceeded",
+        }
+    }
+    await server.fake.wait_open_sockets(0)
+    assert server.registry.pooled == 0 and server.registry.evictions["error"] == 1
+    await nothing_left(server)
+
+
+async def test_upstream_drop_mid_stream_ends_in_an_error_event(server: ProxyServer) -> None:
+    server.fake.queue(Reply.drop(after_events=4))
+    async with server.client() as client:
+        reply = await post(client, request_body([user("a")], stream=True))
+    assert reply.status_code == 200
+    events = sse_events(reply.text)
+    assert len(events) == 6
+    kind, error = events[-2]
+    assert kind == "error"
+    assert error["code"] == "upstream_connection_closed"
+    assert error["sequence_number"] == 4
+    assert set(error) == {"type", "code", "message", "param", "sequence_number"}
+    # Then `response.failed` for the response the client saw created: Codex reads only that.
+    kind, failed = events[-1]
+    assert kind == "response.failed" and failed["sequence_number"] == 5
+    assert failed["response"]["id"] == events[0][1]["response"]["id"]
+    assert failed["response"]["status"] == "failed"
+    assert failed["response"]["error"] == {"code": error["code"], "message": error["message"]}
+    assert server.registry.pooled == 0
+    await nothing_left(server)
+
+
+async def test_upstream_drop_without_stream_is_a_502(server: ProxyServer) -> None:
+    server.fake.queue(Reply.drop(after_events=3))
+    async with server.client() as client:
+        reply = await post(client, request_body([user("a")]))
+    assert reply.status_code == 502
+    assert reply.json()["error"]["code"] == "upstream_connection_closed"
+    await nothing_left(server)
+
+
+async def test_upstream_handshake_refusal_maps_to_the_same_status(server: ProxyServer) -> None:
+    server.fake.require_auth = True
+    async with server.client() as client:
+        reply = await client.post(
+            "/responses",
+            json=request_body("x"),
+            headers={"authorization": "Basic nope", "session-id": "s"},
+        )
+    assert reply.status_code == 401
+    assert reply.json()["error"]["code"] == "invalid_api_key"
+    assert server.registry.pooled == 0 and server.registry.live == 0
+    await nothing_left(server)
+
+
+# -- silence and garbage ---------------------------------------------------------------------------
+@pytest.mark.parametrize("stream", [True, False])
+async def test_upstream_silent_past_the_read_timeout(
+    nursery: trio.Nursery, fake: FakeUpstream, stream: bool
+) -> None:
+    server = await start_proxy(nursery, fake, read_timeout=0.3)
+    fake.queue(Reply("stall", after_events=2))
+    async with server.client() as client:
+        with trio.fail_after(10):
+            reply = await post(client, request_body([user("a")], stream=stream))
+    if stream:
+        events = sse_events(reply.text)
+        assert [t for t, _ in events] == [
+            "response.created",
+            "response.in_progress",
+            "error",
+            "response.failed",
+        ]
+        assert events[2][1]["code"] == "upstream_timeout"
+        assert "sent nothing for 0.3 s" in events[2][1]["message"]
+    else:
+        assert reply.status_code == 504
+        assert reply.json()["error"]["code"] == "upstream_timeout"
+    await nothing_left(server)
+    assert server.registry.live == 0 and server.registry.evictions["timeout"] == 1
+
+
+async def test_unreadable_upstream_frames_are_retried_once_then_a_clear_error(
+    server: ProxyServer,
+) -> None:
+    server.fake.queue(Reply("garbage"), Reply("garbage"))
+    async with server.client() as client:
+        reply = await post(client, request_body([user("a")]))
+    assert reply.status_code == 502
+    assert reply.json()["error"]["code"] == "bad_event"
+    assert server.fake.sockets_opened == 2
+    await nothing_left(server)
+    assert server.registry.live == 0
+
+
+# -- a client that does not read ---------------------------------------------------------------
+async def test_a_slow_client_slows_its_socket_instead_of_growing_memory(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    server = await start_proxy(nursery, fake, event_buffer=8)
+    words = 60_000  # 20,000 delta events, ~2 MB of frames
+    async with (
+        server.client() as client,
+        client.stream(
+            "POST",
+            "/responses",
+            json=request_body(f"fake: long {words}", stream=True),
+            headers={"authorization": "Bearer sk", "session-id": "slow"},
+        ) as reply,
+    ):
+        chunks = reply.aiter_raw()
+        first = await chunks.__anext__()
+        assert first.startswith(b"event: response.created")
+        # The client stops reading. The upstream keeps sending only until the buffers fill:
+        # the turn's channel (8 events), the socket's, the kernel's. Then it waits.
+        await wait_until(lambda: fake.events_sent > 100)
+        sent = -1
+        while sent != fake.events_sent:
+            sent = fake.events_sent
+            await trio.sleep(0.2)
+        total = words // 3 + 8
+        assert sent < total // 2, (sent, total)
+        assert server.registry.buffered_events == 8  # a full, bounded backlog
+        body = first + b"".join([chunk async for chunk in chunks])
+    events = sse_events(body.decode())
+    assert events[-1][0] == "response.completed" and len(events) == fake.events_sent
+    await nothing_left(server)
