@@ -8,12 +8,12 @@ they come. Hypercorn cancels the route when its client disconnects; the response
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
-from quart import Response, request, websocket
+from prometheus_client import CONTENT_TYPE_LATEST
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -26,6 +26,7 @@ from trioproxy.proxy import Proxy, TurnStream
 from trioproxy.registry import Registry
 from trioproxy.relay import relay
 from trioproxy.targets import Target, api_target, chatgpt_target
+from trioproxy.telemetry import Telemetry, request_id
 from trioproxy.upstream import Connector, websocket_connector
 from trioproxy.validate import parse_request, require_unstored
 
@@ -112,8 +113,9 @@ def create_app(
         BODY_TIMEOUT=60,
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
     )
-    registry = Registry(settings, connector or websocket_connector(settings))
-    proxy = Proxy(settings, registry)
+    telemetry = Telemetry()
+    registry = Registry(settings, connector or websocket_connector(settings), telemetry)
+    proxy = Proxy(settings, registry, telemetry)
     app.extensions["trioproxy"] = proxy
     login = None
     if settings.codex_auth:
@@ -126,7 +128,7 @@ def create_app(
     api = api_target(settings)
     chatgpt = chatgpt_target(settings)
     held = chatgpt_target(settings, login) if login is not None else None
-    refused_upgrades = Counter[str]()
+    telemetry.watch(proxy, registry, lambda: login.refreshes if login is not None else 0)
 
     @app.before_serving
     async def start_registry() -> None:
@@ -149,13 +151,21 @@ def create_app(
                 "retries": dict(proxy.retries),
                 "request_bytes": proxy.request_bytes,
                 "upstream_bytes": proxy.upstream_bytes,
+                "suffix_saved_bytes": telemetry.saved_bytes,
+                "cached_tokens": telemetry.cached_tokens,
                 "token_refreshes": login.refreshes if login is not None else 0,
-                "websocket_upgrades_refused": sum(refused_upgrades.values()),
+                "websocket_upgrades_refused": telemetry.refused_upgrades,
             }
         )
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(telemetry.scrape(), content_type=CONTENT_TYPE_LATEST)
+
     async def run_turn(target: Target) -> Response:
         headers = keys.normalise(request.headers.items())
+        rid = request_id(headers)
+        g.request_id = rid
         refused = access.refusal(headers, target, settings.api_key)
         if refused is not None:
             return error_response(refused)
@@ -166,7 +176,9 @@ def create_app(
             if target.chatgpt:
                 body = require_unstored(body)
             proxy.request_bytes += len(data)
-            stream = await proxy.open_turn(body, headers, target)
+            stream = await proxy.open_turn(
+                body, headers, target, request_id=rid, request_bytes=len(data)
+            )
         except ApiError as exc:
             return error_response(exc)
         if stream.first is None and stream.end.error is not None:
@@ -191,7 +203,7 @@ def create_app(
     async def refuse_upgrade() -> Response:
         """No WebSocket downstream: 426 at once, so a client that tries one (Codex with
         `supports_websockets = true`) falls back to HTTP without waiting or retrying."""
-        refused_upgrades[websocket.path] += 1
+        telemetry.refused_upgrades += 1
         error = ApiError(
             426,
             "This proxy serves the Responses API over HTTP (POST with SSE), not WebSocket; "
@@ -256,6 +268,14 @@ def create_app(
     app.add_url_rule(
         "/backend-api/codex/responses/compact", "codex_compact", codex_compact, methods=["POST"]
     )
+
+    @app.after_request
+    async def tag(response: Response) -> Response:
+        """Every answer names its request, so a client's report finds the turn's log line."""
+        rid = g.get("request_id")
+        if rid:
+            response.headers["x-request-id"] = rid
+        return response
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from trioproxy import logs
 from trioproxy.codex_auth import CodexAuthError, CodexLogin, default_path
 from trioproxy.config import Settings
 
@@ -30,6 +32,7 @@ def hypercorn_config(host: str, port: int) -> Config:
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # through our formatter, not its own
     config.graceful_timeout = 10.0
     return config
 
@@ -59,7 +62,13 @@ async def run_fake(host: str, port: int, event_delay: float) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trioproxy", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=os.environ.get("TRIOPROXY_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        default=os.environ.get("TRIOPROXY_LOG_FORMAT", "json"),
+        help="one JSON object per line (default), or plain text",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy (settings also from TRIOPROXY_* variables)")
@@ -102,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logs.configure(args.log_level, args.log_format)
     if args.command == "fake-upstream":
         trio.run(run_fake, args.host, args.port, args.event_delay)
         return 0

@@ -23,6 +23,7 @@ from trioproxy.errors import ApiError
 from trioproxy.events import UpstreamEvent
 from trioproxy.registry import Registry, Reusable
 from trioproxy.targets import Target, Upstream
+from trioproxy.telemetry import Telemetry
 from trioproxy.upstream import Turn, TurnEnd, UpstreamConnection
 
 log = logging.getLogger("trioproxy.proxy")
@@ -71,18 +72,28 @@ class TurnStream:
 class Proxy:
     """Runs turns for the HTTP layer; counts what it sent so the savings can be shown."""
 
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry, telemetry: Telemetry | None = None
+    ) -> None:
         self.settings = settings
         self.registry = registry
+        self.telemetry = telemetry or Telemetry()
         self.turns: Counter[str] = Counter()  # by mode: full / suffix / passthrough / one_turn
         self.retries: Counter[str] = Counter()
         self.request_bytes = 0  # what clients sent: what the upstream would get without us
         self.upstream_bytes = 0
 
     async def open_turn(
-        self, body: dict[str, Any], headers: list[tuple[str, str]], target: Target
+        self,
+        body: dict[str, Any],
+        headers: list[tuple[str, str]],
+        target: Target,
+        *,
+        request_id: str = "",
+        request_bytes: int = 0,
     ) -> TurnStream:
         """Start a turn and wait for its first event (or its end); raises `ApiError`."""
+        about = {"request_id": request_id, "request_bytes": request_bytes}
         upstream = target.upstream(headers, await self.token(target))
         chained = client_chained(body)
         reusable = None
@@ -92,7 +103,7 @@ class Proxy:
                 return memory is not None and memory.response_id == chained
 
         conn, upstream = await self._lease(target, upstream, headers, reusable=reusable)
-        stream = await self._start(conn, body, conn.memory)
+        stream = await self._start(conn, body, conn.memory, about)
         if stream.first is not None:
             return stream
         end = stream.end
@@ -109,7 +120,7 @@ class Proxy:
         log.info("turn refused before its first event (%s); retrying on a fresh socket", cause)
         retry_key = None if conn.one_turn else upstream.key
         conn = await self.registry.lease(retry_key, upstream.url, upstream.headers, fresh=True)
-        return await self._start(conn, body, None)
+        return await self._start(conn, body, None, about)
 
     async def token(self, target: Target) -> str | None:
         """The held login's access token (refreshed if due), or None for pass-through."""
@@ -168,10 +179,15 @@ class Proxy:
         return False
 
     async def _start(
-        self, conn: UpstreamConnection, body: dict[str, Any], memory: Conversation | None
+        self,
+        conn: UpstreamConnection,
+        body: dict[str, Any],
+        memory: Conversation | None,
+        about: dict[str, Any],
     ) -> TurnStream:
         plan = plan_turn(memory, body)
-        turn = Turn(plan, self.settings.event_buffer)
+        turn = Turn(plan, self.settings.event_buffer, **about)
+        submitted = trio.current_time()
         self.turns["one_turn" if conn.one_turn else plan.mode] += 1
         self.upstream_bytes += turn.sent_bytes
         if not conn.submit(turn):
@@ -179,6 +195,7 @@ class Proxy:
             return TurnStream(turn, None)
         try:
             first: UpstreamEvent | None = await turn.events.receive()
+            self.telemetry.first_event.observe(trio.current_time() - submitted)
         except trio.EndOfChannel:
             first = None
         except BaseException:

@@ -20,7 +20,8 @@ import trio
 from trioproxy import errors
 from trioproxy.config import Settings
 from trioproxy.delta import Conversation
-from trioproxy.upstream import Connector, UpstreamConnection
+from trioproxy.telemetry import Telemetry
+from trioproxy.upstream import Connector, Turn, TurnEnd, UpstreamConnection
 
 log = logging.getLogger("trioproxy.registry")
 
@@ -28,9 +29,12 @@ Reusable = Callable[[Conversation | None], bool]
 
 
 class Registry:
-    def __init__(self, settings: Settings, connector: Connector) -> None:
+    def __init__(
+        self, settings: Settings, connector: Connector, telemetry: Telemetry | None = None
+    ) -> None:
         self._settings = settings
         self._connector = connector
+        self._telemetry = telemetry or Telemetry()
         self._pooled: dict[str, UpstreamConnection] = {}
         self._idle: OrderedDict[str, UpstreamConnection] = OrderedDict()
         self._by_age: dict[UpstreamConnection, None] = {}  # pooled, oldest first
@@ -179,18 +183,22 @@ class Registry:
             self._pooled[key] = conn
             self._by_age[conn] = None
         self._live.add(conn)
+        started = trio.current_time()
         try:
             await self._nursery.start(conn.run, self._connector)
         except BaseException:
             self._exited(conn)  # idempotent: the task's own exit usually did it already
             raise
+        self._telemetry.handshake.observe(trio.current_time() - started)
         self.opened += 1
         self._wake.set()
         return conn
 
     # -- callbacks from socket tasks (synchronous, so no request can see a stale state) --------
-    def _turn_ended(self, conn: UpstreamConnection, ended: str) -> None:
-        """A turn is over; `ended` is how ("completed" keeps a pooled socket, all else evicts)."""
+    def _turn_ended(self, conn: UpstreamConnection, turn: Turn, end: TurnEnd) -> None:
+        """A turn is over: "completed" keeps a pooled socket, every other end evicts it."""
+        self._telemetry.turn_ended(conn, turn, end)
+        ended = end.kind
         conn.last_used = trio.current_time()
         if conn.one_turn or ended != "completed":
             if not conn.one_turn:

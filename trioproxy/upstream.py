@@ -96,8 +96,19 @@ class TurnEnd:
 class Turn:
     """One request's turn: the message to send, its event channel, and its cancel scope."""
 
-    def __init__(self, plan: TurnPlan, buffer: int) -> None:
+    def __init__(
+        self,
+        plan: TurnPlan,
+        buffer: int,
+        *,
+        request_id: str = "",
+        request_bytes: int = 0,
+        transport: str = "websocket",
+    ) -> None:
         self.plan = plan
+        self.request_id = request_id
+        self.request_bytes = request_bytes  # the client's body: what a full send would cost
+        self.transport = transport
         encoded = orjson.dumps(plan.message)
         self.sent_bytes = len(encoded)
         self.payload = encoded.decode()  # a text frame
@@ -138,7 +149,7 @@ class UpstreamConnection:
         url: str,
         headers: list[tuple[str, str]],
         settings: Settings,
-        on_turn_end: Callable[[UpstreamConnection, str], None],
+        on_turn_end: Callable[[UpstreamConnection, Turn, TurnEnd], None],
         on_exit: Callable[[UpstreamConnection], None],
     ) -> None:
         self.id = next(_ids)
@@ -226,21 +237,11 @@ class UpstreamConnection:
             keep = end.kind == "completed" and not self.one_turn
             self.current = None
             self.turns += 1
-            log.info(
-                "turn socket=#%d session=%s mode=%s items=%d sent=%dB end=%s%s",
-                self.id,
-                self.key[:12] if self.key else "one-turn",
-                turn.plan.mode,
-                turn.plan.new_items,
-                turn.sent_bytes,
-                end.kind,
-                f" code={end.error.code}" if end.error is not None else "",
-            )
             if keep:
                 self.memory = end.remembered
             # The pool learns first, then the client: by the time a client sees the end and
             # sends its next request, this socket is already idle and reusable.
-            self._on_turn_end(self, end.kind)
+            self._on_turn_end(self, turn, end)
             turn.finish(end)
             if not keep:
                 if end.kind in _ABRUPT:
