@@ -209,6 +209,12 @@ def test_pool_key_separates_what_changes_upstream_meaning() -> None:
     assert keys.pool_key(url, H(authorization="Bearer k1"), BETA) is None
 
 
+def test_header_values_that_cannot_go_on_the_wire_are_trimmed_or_dropped() -> None:
+    headers = [("x-a", "  padded "), ("x-b", " "), ("x-c", "in\tner ok"), ("x-d", "bad\x01")]
+    assert keys.relayed(headers) == [("x-a", "padded"), ("x-c", "in\tner ok")]
+    assert ("x-b", " ") not in keys.forwarded(headers, BETA)
+
+
 def test_forwarded_headers_add_the_beta_and_drop_hop_by_hop() -> None:
     out = dict(
         keys.forwarded(

@@ -220,6 +220,16 @@ async def test_bad_input_gets_openai_errors_and_nothing_goes_upstream(server: Pr
         assert missing.status_code == 404 and "error" in missing.json()
         wrong_method = await client.get("/responses")
         assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+        form = await client.post(
+            "/responses",
+            content=b"model=m&input=x",
+            headers={**AUTH, "content-type": "application/x-www-form-urlencoded"},
+        )
+        assert form.status_code == 415
+        assert form.json()["error"]["code"] == "unsupported_media_type"
+        long_session = await post(client, request_body("x"), "s" * 257)
+        assert long_session.status_code == 400
+        assert long_session.json()["error"]["code"] == "invalid_session_id"
     assert server.fake.sockets_opened == 0 and server.fake.received == []
 
 

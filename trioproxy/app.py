@@ -28,7 +28,7 @@ from trioproxy.relay import relay
 from trioproxy.targets import Target, api_target, chatgpt_target
 from trioproxy.telemetry import Telemetry, request_id
 from trioproxy.upstream import Connector, websocket_connector
-from trioproxy.validate import parse_request, require_unstored
+from trioproxy.validate import check_headers, parse_request, require_unstored
 
 log = logging.getLogger("trioproxy.app")
 
@@ -170,6 +170,7 @@ def create_app(
         if refused is not None:
             return error_response(refused)
         try:
+            check_headers(headers)
             raw = await request.get_data(cache=False, as_text=False)
             data = raw if isinstance(raw, bytes) else raw.encode()
             body = parse_request(data)
@@ -223,9 +224,10 @@ def create_app(
         if refused is not None:
             return error_response(refused)
         query = request.query_string.decode()
-        raw = await request.get_data(cache=False, as_text=False)
-        body = raw if isinstance(raw, bytes) else raw.encode()
         try:
+            check_headers(headers)
+            raw = await request.get_data(cache=False, as_text=False)
+            body = raw if isinstance(raw, bytes) else raw.encode()
             reply = await relay(
                 target,
                 request.method,

@@ -7,6 +7,7 @@ The key is a hash of all of that, so neither secrets nor raw header values sit i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from hashlib import sha256
 
@@ -77,9 +78,24 @@ def session_id(headers: list[tuple[str, str]]) -> str | None:
     return None
 
 
+# An HTTP field value as h11 will send it: visible characters, inner spaces and tabs only.
+_FIELD_VALUE = re.compile(r"[\x21-\x7e\x80-\xff]([\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?")
+
+
+def _sendable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Values trimmed; a header whose value cannot go on the wire (empty, control characters)
+    is dropped rather than failing the whole upstream request."""
+    out = []
+    for name, value in headers:
+        value = value.strip(" \t")
+        if _FIELD_VALUE.fullmatch(value):
+            out.append((name, value))
+    return out
+
+
 def forwarded(headers: list[tuple[str, str]], beta: str) -> list[tuple[str, str]]:
     """The headers sent on the upstream handshake, with the WebSocket-mode beta flag added."""
-    out = [(name, value) for name, value in headers if name not in _NOT_FORWARDED]
+    out = [(name, value) for name, value in _sendable(headers) if name not in _NOT_FORWARDED]
     betas = [value for name, value in out if name == BETA_HEADER]
     out = [(name, value) for name, value in out if name != BETA_HEADER]
     merged = ", ".join(betas)
@@ -98,7 +114,7 @@ _NOT_RELAYED = frozenset(
 
 def relayed(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The headers sent on a relayed HTTP call (model list, compaction): the client's own."""
-    return [(name, value) for name, value in headers if name not in _NOT_RELAYED]
+    return [(name, value) for name, value in _sendable(headers) if name not in _NOT_RELAYED]
 
 
 def _meaningful(name: str) -> bool:

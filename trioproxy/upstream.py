@@ -156,7 +156,8 @@ class UpstreamConnection:
         self.key = key
         self.url = url
         self.one_turn = key is None
-        self._handshake: Headers = [(n.encode(), v.encode()) for n, v in headers]
+        # Latin-1 both ways: header values arrive decoded as latin-1 and leave byte-identical.
+        self._handshake: Headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
         self._settings = settings
         self._on_turn_end = on_turn_end
         self._on_exit = on_exit

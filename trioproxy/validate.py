@@ -5,11 +5,13 @@ Only what the proxy relies on is checked here; the model provider validates the 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 
 from trioproxy.errors import ApiError
+from trioproxy.keys import SESSION_HEADERS
 
 
 def _invalid(param: str | None, message: str, code: str = "invalid_value") -> ApiError:
@@ -86,3 +88,27 @@ def require_unstored(body: dict[str, Any]) -> dict[str, Any]:
             "unsupported_parameter",
         )
     return {**body, "store": False}
+
+
+_SESSION_ID = re.compile(r"[\x21-\x7e]{1,256}")  # visible ASCII: ids, UUIDs, affinity tokens
+
+
+def check_headers(headers: list[tuple[str, str]]) -> None:
+    """Refuse what the proxy cannot use before the body is read: a body that is not JSON (415)
+    and a session id that is not a short printable token (it becomes part of a pool key)."""
+    for name, value in headers:
+        if name == "content-type":
+            media = value.split(";", 1)[0].strip().lower()
+            if media and media != "application/json" and not media.endswith("+json"):
+                raise ApiError(
+                    415,
+                    f"Unsupported Content-Type {media!r}: send the body as application/json.",
+                    type="invalid_request_error",
+                    code="unsupported_media_type",
+                )
+        elif name in SESSION_HEADERS and not _SESSION_ID.fullmatch(value):
+            raise _invalid(
+                None,
+                f"Invalid '{name}' header: expected 1 to 256 visible ASCII characters.",
+                "invalid_session_id",
+            )
