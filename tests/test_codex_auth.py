@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trioproxy.access import bearer, refusal
+from trioproxy.access import refusal
 from trioproxy.codex_auth import (
     CLIENT_ID,
     CodexAuthError,
@@ -23,6 +23,7 @@ from trioproxy.codex_auth import (
 from trioproxy.config import Settings
 from trioproxy.fake.backend import Logins, make_jwt
 from trioproxy.fake.script import decide
+from trioproxy.keys import bearer
 from trioproxy.targets import Target, api_target, http_base
 
 

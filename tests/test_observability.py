@@ -12,6 +12,8 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import AUTH, ProxyServer, post, request_body, start_proxy, user
+from tests.test_managed import KEY_A, UPSTREAM_SECRET, _env_config, ask, start_managed
+from trioproxy import managed
 from trioproxy.fake import FakeUpstream, Reply
 from trioproxy.logs import JsonFormatter
 
@@ -120,11 +122,20 @@ async def test_no_secret_appears_in_any_log_line(
             "/responses", json=request_body("hi"), headers={"authorization": "Bearer wrong-key"}
         )
     assert ok.status_code == 200 and bad.status_code == 401
+    # Managed keys: the proxy key and the channel's upstream key.
+    _, keys = managed.load(None, {**_env_config(), "TRIOPROXY_CHANNEL_MAIN_UPSTREAM": fake.url})
+    assert keys is not None
+    gateway = await start_managed(nursery, fake, keys)
+    async with gateway.client() as client:
+        assert (await ask(client, KEY_A, request_body("hi"))).status_code == 200
+        assert (await ask(client, KEY_A + "-wrong", request_body("hi"))).status_code == 401
     refreshed = json.loads(auth.read_text())["tokens"]
     secrets = {
         AUTH["authorization"].split()[1],
         "local-proxy-key-123",
         "wrong-key",
+        KEY_A,
+        UPSTREAM_SECRET,
         *(doc["tokens"][k] for k in ("access_token", "refresh_token", "id_token")),
         *(refreshed[k] for k in ("access_token", "refresh_token", "id_token")),
     }

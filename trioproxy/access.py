@@ -2,24 +2,20 @@
 
 Pass-through routes carry the client's own upstream credential, so they need one to pass
 through. A held login lends the proxy's ChatGPT login: when the proxy has a local key, only a
-client presenting it may borrow the login (compared in constant time).
+client presenting it may borrow the login (compared in constant time). With managed keys every
+request must present a proxy key, which picks the scope and the channel.
 """
 
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass, field
+from typing import Literal
 
 from trioproxy.errors import ApiError
+from trioproxy.keys import bearer
+from trioproxy.managed import Managed
 from trioproxy.targets import Target
-
-
-def bearer(headers: list[tuple[str, str]]) -> str:
-    """The token of the `Authorization` header (lower-cased names), or ""."""
-    for name, value in headers:
-        if name == "authorization":
-            scheme, _, token = value.strip().partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else value.strip()
-    return ""
 
 
 def refusal(headers: list[tuple[str, str]], target: Target, local_key: str) -> ApiError | None:
@@ -43,3 +39,37 @@ def refusal(headers: list[tuple[str, str]], target: Target, local_key: str) -> A
             code="missing_api_key",
         )
     return None
+
+
+Route = Literal["responses", "chatgpt"]
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Which target serves a request on a route, and for which managed scope."""
+
+    api: Target
+    chatgpt: Target
+    held: Target | None = None
+    managed: Managed | None = None
+    channels: dict[str, Target] = field(default_factory=dict)
+    local_key: str = ""
+
+    def resolve(self, headers: list[tuple[str, str]], route: Route) -> tuple[Target, str | None]:
+        """(target, scope); raises the `ApiError` a refused request gets."""
+        if self.managed is not None:
+            if route == "chatgpt":
+                raise ApiError(
+                    404,
+                    "ChatGPT-login routes are not served by a proxy with managed keys; "
+                    "use /v1/responses with your proxy key.",
+                    type="invalid_request_error",
+                    code="not_found",
+                )
+            key, channel = self.managed.authenticate(headers)
+            return self.channels[channel.name], key.scope
+        target = self.chatgpt if route == "chatgpt" else (self.held or self.api)
+        refused = refusal(headers, target, self.local_key)
+        if refused is not None:
+            raise refused
+        return target, None

@@ -22,10 +22,11 @@ from trioproxy.codex_auth import CodexLogin, default_token_url
 from trioproxy.config import Settings
 from trioproxy.errors import ApiError
 from trioproxy.events import response_object
+from trioproxy.managed import Managed
 from trioproxy.proxy import Proxy, TurnStream
 from trioproxy.registry import Registry
 from trioproxy.relay import relay
-from trioproxy.targets import Target, api_target, chatgpt_target
+from trioproxy.targets import api_target, chatgpt_target, managed_targets
 from trioproxy.telemetry import Telemetry, request_id
 from trioproxy.upstream import Connector, websocket_connector
 from trioproxy.validate import check_headers, parse_request, require_unstored
@@ -103,7 +104,10 @@ async def collect(stream: TurnStream) -> Response:
 
 
 def create_app(
-    settings: Settings | None = None, *, connector: Connector | None = None
+    settings: Settings | None = None,
+    *,
+    connector: Connector | None = None,
+    managed: Managed | None = None,
 ) -> QuartTrio:
     """Build the ASGI app. The registry task starts with the server and stops with it."""
     settings = settings or Settings.from_env()
@@ -125,9 +129,16 @@ def create_app(
             timeout=settings.connect_timeout,
         )
     app.extensions["trioproxy.login"] = login
-    api = api_target(settings)
-    chatgpt = chatgpt_target(settings)
-    held = chatgpt_target(settings, login) if login is not None else None
+    if managed is not None and login is not None:
+        raise ValueError("managed keys and --codex-auth cannot be combined")
+    gate = access.Gate(
+        api=api_target(settings),
+        chatgpt=chatgpt_target(settings),
+        held=chatgpt_target(settings, login) if login is not None else None,
+        managed=managed,
+        channels=managed_targets(settings, managed) if managed is not None else {},
+        local_key=settings.api_key,
+    )
     telemetry.watch(proxy, registry, lambda: login.refreshes if login is not None else 0)
 
     @app.before_serving
@@ -162,14 +173,12 @@ def create_app(
     async def metrics() -> Response:
         return Response(telemetry.scrape(), content_type=CONTENT_TYPE_LATEST)
 
-    async def run_turn(target: Target) -> Response:
+    async def run_turn(route: access.Route) -> Response:
         headers = keys.normalise(request.headers.items())
         rid = request_id(headers)
         g.request_id = rid
-        refused = access.refusal(headers, target, settings.api_key)
-        if refused is not None:
-            return error_response(refused)
         try:
+            target, scope = gate.resolve(headers, route)
             check_headers(headers)
             raw = await request.get_data(cache=False, as_text=False)
             data = raw if isinstance(raw, bytes) else raw.encode()
@@ -178,7 +187,7 @@ def create_app(
                 body = require_unstored(body)
             proxy.request_bytes += len(data)
             stream = await proxy.open_turn(
-                body, headers, target, request_id=rid, request_bytes=len(data)
+                body, headers, target, request_id=rid, request_bytes=len(data), scope=scope
             )
         except ApiError as exc:
             return error_response(exc)
@@ -190,10 +199,10 @@ def create_app(
         return await collect(stream)
 
     async def responses() -> Response:
-        return await run_turn(held or api)
+        return await run_turn("responses")
 
     async def codex_responses() -> Response:
-        return await run_turn(chatgpt)
+        return await run_turn("chatgpt")
 
     app.add_url_rule("/v1/responses", "responses", responses, methods=["POST"])
     app.add_url_rule("/responses", "responses_unversioned", responses, methods=["POST"])
@@ -217,14 +226,12 @@ def create_app(
     for path in ("/v1/responses", "/responses", "/backend-api/codex/responses"):
         app.add_websocket(path, f"refuse_upgrade{path}", refuse_upgrade)
 
-    async def relayed(target: Target, path: str, seconds: float) -> Response:
+    async def relayed(route: access.Route, path: str, seconds: float) -> Response:
         """A request that is not a turn, relayed over HTTP (see trioproxy/relay.py)."""
         headers = keys.normalise(request.headers.items())
-        refused = access.refusal(headers, target, settings.api_key)
-        if refused is not None:
-            return error_response(refused)
         query = request.query_string.decode()
         try:
+            target, scope = gate.resolve(headers, route)
             check_headers(headers)
             raw = await request.get_data(cache=False, as_text=False)
             body = raw if isinstance(raw, bytes) else raw.encode()
@@ -235,6 +242,7 @@ def create_app(
                 headers,
                 body,
                 await proxy.token(target),
+                scope,
                 seconds=seconds,
                 max_bytes=settings.max_message_bytes,
             )
@@ -244,11 +252,11 @@ def create_app(
 
     @app.get("/backend-api/codex/models")
     async def codex_models() -> Response:
-        return await relayed(chatgpt, "/models", settings.connect_timeout)
+        return await relayed("chatgpt", "/models", settings.connect_timeout)
 
     @app.get("/v1/models")
     async def api_models() -> Response:
-        if held is not None:
+        if gate.held is not None:
             return error_response(
                 ApiError(
                     404,
@@ -257,13 +265,13 @@ def create_app(
                     code="not_found",
                 )
             )
-        return await relayed(api, "/models", settings.connect_timeout)
+        return await relayed("responses", "/models", settings.connect_timeout)
 
     async def compact() -> Response:
-        return await relayed(held or api, "/responses/compact", settings.turn_timeout)
+        return await relayed("responses", "/responses/compact", settings.turn_timeout)
 
     async def codex_compact() -> Response:
-        return await relayed(chatgpt, "/responses/compact", settings.turn_timeout)
+        return await relayed("chatgpt", "/responses/compact", settings.turn_timeout)
 
     for path in ("/v1/responses/compact", "/responses/compact"):
         app.add_url_rule(path, f"compact{path}", compact, methods=["POST"])

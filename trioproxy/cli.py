@@ -14,9 +14,10 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from trioproxy import logs
+from trioproxy import logs, managed
 from trioproxy.codex_auth import CodexAuthError, CodexLogin, default_path
 from trioproxy.config import Settings
+from trioproxy.managed import Managed
 
 log = logging.getLogger("trioproxy")
 
@@ -37,10 +38,10 @@ def hypercorn_config(host: str, port: int) -> Config:
     return config
 
 
-async def run_server(settings: Settings) -> None:
+async def run_server(settings: Settings, keys: Managed | None = None) -> None:
     from trioproxy.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, managed=keys)
     config = hypercorn_config(settings.host, settings.port)
     target = settings.chatgpt_ws if settings.codex_auth else settings.upstream_ws
     log.info("trioproxy on http://%s:%d/v1 -> %s", settings.host, settings.port, target)
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy (settings also from TRIOPROXY_* variables)")
+    serve.add_argument(
+        "--config",
+        default=os.environ.get("TRIOPROXY_CONFIG"),
+        help="TOML config: [server] settings, managed [keys.*] and [channels.*]",
+    )
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8787)")
     serve.add_argument("--upstream", help="upstream Responses WebSocket URL")
@@ -102,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--codex-token-url", help="OAuth token endpoint for refreshes")
 
+    hasher = sub.add_parser("hash-key", help="print the sha256 a [keys.NAME] entry stores")
+    hasher.add_argument("key", nargs="?", help="the proxy key (default: read from stdin)")
+
     fake = sub.add_parser("fake-upstream", help="run the bundled fake Responses WebSocket upstream")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8765)
@@ -115,8 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "fake-upstream":
         trio.run(run_fake, args.host, args.port, args.event_delay)
         return 0
+    if args.command == "hash-key":
+        key = args.key if args.key is not None else sys.stdin.readline().strip()
+        print(managed.hash_key(key))
+        return 0
     try:
-        settings = Settings.from_env().with_overrides(
+        server, keys = managed.load(args.config)
+        settings = Settings.from_env(base=server).with_overrides(
             host=args.host,
             port=args.port,
             upstream=args.upstream,
@@ -132,11 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             codex_token_url=args.codex_token_url,
         )
         if settings.codex_auth:
+            if keys is not None:
+                raise ValueError("managed keys and --codex-auth cannot be combined")
             CodexLogin(Path(settings.codex_auth).expanduser(), "")  # refuse a bad file now
     except (ValueError, CodexAuthError) as exc:
         print(f"trioproxy: {exc}", file=sys.stderr)
         return 2
-    trio.run(run_server, settings)
+    trio.run(run_server, settings, keys)
     return 0
 
 

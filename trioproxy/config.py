@@ -105,15 +105,21 @@ class Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read `TRIOPROXY_<FIELD>` for each field: `TRIOPROXY_UPSTREAM`, `TRIOPROXY_IDLE_TTL`..."""
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, base: Mapping[str, Any] | None = None
+    ) -> Settings:
+        """`base` (a config file's [server] table), then `TRIOPROXY_<FIELD>` over it:
+        `TRIOPROXY_UPSTREAM`, `TRIOPROXY_IDLE_TTL`..."""
         env = os.environ if env is None else env
+        defaults = cls()
         values: dict[str, Any] = {}
         for f in fields(cls):
+            kind = type(getattr(defaults, f.name))
+            if base is not None and f.name in base:
+                values[f.name] = _typed(f.name, base[f.name], kind)
             raw = env.get(f"TRIOPROXY_{f.name.upper()}")
             if raw is None or raw == "":
                 continue
-            kind = type(getattr(cls(), f.name))
             try:
                 values[f.name] = kind(raw)
             except ValueError:
@@ -121,3 +127,12 @@ class Settings:
                     f"TRIOPROXY_{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
                 ) from None
         return cls(**values)
+
+
+def _typed(name: str, value: Any, kind: type) -> Any:
+    """A config-file value of the field's type (an int is a fine float)."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise ValueError(f"[server] {name} = {value!r} is not a {kind.__name__}")
+    return value

@@ -153,6 +153,16 @@ def turn_timeout(seconds: float) -> ApiError:
     )
 
 
+def previous_response_not_found(response_id: str) -> ApiError:
+    return ApiError(
+        400,
+        f"Previous response with id '{response_id}' not found.",
+        type="invalid_request_error",
+        param="previous_response_id",
+        code="previous_response_not_found",
+    )
+
+
 def upstream_silent(seconds: float) -> ApiError:
     return _upstream(504, "upstream_timeout", f"the upstream sent nothing for {seconds:g} s")
 

@@ -133,3 +133,12 @@ def pool_key(upstream: str, headers: list[tuple[str, str]], beta: str) -> str | 
         # The credential and every other meaningful header enter only through this hash.
         digest.update(b"\0" + name.encode() + b"\0" + value.encode())
     return digest.hexdigest()[:32]
+
+
+def bearer(headers: list[tuple[str, str]]) -> str:
+    """The token of the `Authorization` header (lower-cased names), or ""."""
+    for name, value in headers:
+        if name == "authorization":
+            scheme, _, token = value.strip().partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else value.strip()
+    return ""

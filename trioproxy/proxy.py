@@ -20,7 +20,8 @@ from trioproxy.codex_auth import CodexAuthError
 from trioproxy.config import Settings
 from trioproxy.delta import Conversation, client_chained, plan_turn
 from trioproxy.errors import ApiError
-from trioproxy.events import UpstreamEvent
+from trioproxy.events import UpstreamEvent, response_id
+from trioproxy.managed import Ownership
 from trioproxy.registry import Registry, Reusable
 from trioproxy.targets import Target, Upstream
 from trioproxy.telemetry import Telemetry
@@ -78,6 +79,8 @@ class Proxy:
         self.settings = settings
         self.registry = registry
         self.telemetry = telemetry or Telemetry()
+        self.ownership = Ownership()
+        registry.on_turn.append(self._record_owner)
         self.turns: Counter[str] = Counter()  # by mode: full / suffix / passthrough / one_turn
         self.retries: Counter[str] = Counter()
         self.request_bytes = 0  # what clients sent: what the upstream would get without us
@@ -91,18 +94,21 @@ class Proxy:
         *,
         request_id: str = "",
         request_bytes: int = 0,
+        scope: str | None = None,
     ) -> TurnStream:
         """Start a turn and wait for its first event (or its end); raises `ApiError`."""
-        about = {"request_id": request_id, "request_bytes": request_bytes}
-        upstream = target.upstream(headers, await self.token(target))
+        about = {"request_id": request_id, "request_bytes": request_bytes, "tenant": scope}
         chained = client_chained(body)
+        if chained is not None and scope is not None and self.ownership.foreign(chained, scope):
+            raise errors.previous_response_not_found(chained)  # another scope's: never reveal
+        upstream = target.upstream(headers, await self.token(target), scope)
         reusable = None
         if chained is not None:
 
             def reusable(memory: Conversation | None) -> bool:
                 return memory is not None and memory.response_id == chained
 
-        conn, upstream = await self._lease(target, upstream, headers, reusable=reusable)
+        conn, upstream = await self._lease(target, upstream, headers, reusable, scope)
         stream = await self._start(conn, body, conn.memory, about)
         if stream.first is not None:
             return stream
@@ -110,7 +116,7 @@ class Proxy:
         if _unauthorized(end) and upstream.token is not None:
             # A pooled socket whose token lapsed upstream: refresh, then a fresh socket.
             cause: str | None = "unauthorized"
-            upstream = await self._refreshed(target, upstream, headers)
+            upstream = await self._refreshed(target, upstream, headers, scope)
         elif self._retryable(stream):
             cause = end.error.code if end.kind == "error" and end.error else end.kind
         else:
@@ -137,6 +143,7 @@ class Proxy:
         upstream: Upstream,
         headers: list[tuple[str, str]],
         reusable: Reusable | None,
+        scope: str | None,
     ) -> tuple[UpstreamConnection, Upstream]:
         """A socket for the turn; a held login refused with 401 is refreshed, then retried."""
         try:
@@ -148,14 +155,18 @@ class Proxy:
             if exc.status != 401 or upstream.token is None:
                 raise
         self.retries["unauthorized"] += 1
-        upstream = await self._refreshed(target, upstream, headers)
+        upstream = await self._refreshed(target, upstream, headers, scope)
         conn = await self.registry.lease(
             upstream.key, upstream.url, upstream.headers, reusable=reusable, fresh=True
         )
         return conn, upstream
 
     async def _refreshed(
-        self, target: Target, upstream: Upstream, headers: list[tuple[str, str]]
+        self,
+        target: Target,
+        upstream: Upstream,
+        headers: list[tuple[str, str]],
+        scope: str | None,
     ) -> Upstream:
         """The upstream refused the held token: the same upstream with a newer one."""
         assert target.login is not None and upstream.token is not None
@@ -164,7 +175,13 @@ class Proxy:
             token = await target.login.unauthorized(upstream.token)
         except CodexAuthError as exc:
             raise errors.login_failed(str(exc)) from None
-        return target.upstream(headers, token)
+        return target.upstream(headers, token, scope)
+
+    def _record_owner(self, conn: UpstreamConnection, turn: Turn, end: TurnEnd) -> None:
+        """A managed scope's completed response: only that scope may chain from it."""
+        rid = response_id(end.event) if end.event is not None else None
+        if turn.tenant is not None and rid is not None:
+            self.ownership.record(rid, turn.tenant)
 
     def _retryable(self, stream: TurnStream) -> bool:
         end = stream.end

@@ -35,6 +35,10 @@ class Registry:
         self._settings = settings
         self._connector = connector
         self._telemetry = telemetry or Telemetry()
+        # Told of every finished turn, after the pool's own bookkeeping (synchronously).
+        self.on_turn: list[Callable[[UpstreamConnection, Turn, TurnEnd], None]] = [
+            self._telemetry.turn_ended
+        ]
         self._pooled: dict[str, UpstreamConnection] = {}
         self._idle: OrderedDict[str, UpstreamConnection] = OrderedDict()
         self._by_age: dict[UpstreamConnection, None] = {}  # pooled, oldest first
@@ -197,7 +201,8 @@ class Registry:
     # -- callbacks from socket tasks (synchronous, so no request can see a stale state) --------
     def _turn_ended(self, conn: UpstreamConnection, turn: Turn, end: TurnEnd) -> None:
         """A turn is over: "completed" keeps a pooled socket, every other end evicts it."""
-        self._telemetry.turn_ended(conn, turn, end)
+        for observer in self.on_turn:
+            observer(conn, turn, end)
         ended = end.kind
         conn.last_used = trio.current_time()
         if conn.one_turn or ended != "completed":

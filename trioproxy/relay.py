@@ -25,6 +25,7 @@ async def relay(
     headers: list[tuple[str, str]],
     body: bytes,
     token: str | None,
+    scope: str | None,
     *,
     seconds: float,
     max_bytes: int,
@@ -36,7 +37,7 @@ async def relay(
             reply = await httpclient.request(
                 method,
                 url,
-                headers=target.http_headers(headers, token),
+                headers=target.http_headers(headers, token, scope),
                 body=body,
                 max_bytes=max_bytes,
             )

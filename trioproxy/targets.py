@@ -20,9 +20,11 @@ from typing import Literal
 
 from trioproxy import keys
 from trioproxy.codex_auth import CodexLogin
-from trioproxy.config import Settings
+from trioproxy.config import Settings, as_websocket
+from trioproxy.managed import CHANNEL_HEADER, Channel, Managed
 
-Mode = Literal["api", "chatgpt", "held"]
+Mode = Literal["api", "chatgpt", "held", "managed"]
+Headers = list[tuple[str, str]]
 ACCOUNT_HEADER = "chatgpt-account-id"
 
 
@@ -36,62 +38,70 @@ class Upstream:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """A route's upstream: its WebSocket URL and how turns authenticate there."""
+    """A route's upstream: its WebSocket URL and how turns authenticate there.
+
+    Pass-through modes (`api`, `chatgpt`) forward the client's credential. The others replace
+    it: `held` with the proxy's ChatGPT login, `managed` with a channel's key; what replaced it
+    (account, login, scope, channel) enters the pool key instead of the secret.
+    """
 
     mode: Mode
     url: str
     beta: str
     login: CodexLogin | None = None
     originator: str = "codex_cli_rs"
+    channel: Channel | None = None
 
     @property
     def chatgpt(self) -> bool:
         """The Codex backend: it keeps nothing, so `store` must be false."""
-        return self.mode != "api"
+        return self.mode in ("chatgpt", "held")
 
-    def upstream(self, client_headers: list[tuple[str, str]], token: str | None) -> Upstream:
+    def upstream(
+        self, client_headers: list[tuple[str, str]], token: str | None, scope: str | None = None
+    ) -> Upstream:
         """The upstream for a request with these (lower-cased) headers."""
-        if self.mode != "held":
+        if self.mode in ("api", "chatgpt"):
             return Upstream(
                 self.url,
                 keys.forwarded(client_headers, self.beta),
                 keys.pool_key(self.url, client_headers, self.beta),
             )
-        assert self.login is not None and token is not None
-        own = self._own(client_headers)
-        account = self._account()
-        key_headers = [*own, account, ("x-trioproxy-login", str(self.login.path))]
+        own, credentials, identity = self._substitute(client_headers, token, scope)
         return Upstream(
             self.url,
-            keys.forwarded([*own, ("authorization", f"Bearer {token}"), account], self.beta),
-            keys.pool_key(self.url, key_headers, self.beta),
+            keys.forwarded([*own, *credentials], self.beta),
+            keys.pool_key(self.url, [*own, *identity], self.beta),
             token,
         )
 
     def http_headers(
-        self, client_headers: list[tuple[str, str]], token: str | None
+        self, client_headers: list[tuple[str, str]], token: str | None, scope: str | None = None
     ) -> list[tuple[str, str]]:
         """Headers for a plain HTTP call relayed to this target (no WebSocket beta flag)."""
-        if self.mode != "held":
+        if self.mode in ("api", "chatgpt"):
             return keys.relayed(client_headers)
-        assert self.login is not None and token is not None
-        own = self._own(client_headers)
-        credentials = [
-            ("authorization", f"Bearer {token}"),
-            (ACCOUNT_HEADER, self.login.account_id),
-        ]
+        own, credentials, _ = self._substitute(client_headers, token, scope)
         return keys.relayed([*own, *credentials])
 
-    def _account(self) -> tuple[str, str]:
-        assert self.login is not None
-        return (ACCOUNT_HEADER, self.login.account_id)
-
-    def _own(self, client_headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """A held-login client's headers without its proxy key, plus Codex's originator."""
-        own = [(n, v) for n, v in client_headers if n not in ("authorization", ACCOUNT_HEADER)]
-        if not any(name == "originator" for name, _ in own):
-            own.append(("originator", self.originator))
-        return own
+    def _substitute(
+        self, client_headers: list[tuple[str, str]], token: str | None, scope: str | None
+    ) -> tuple[Headers, Headers, Headers]:
+        """(the client's own headers, the credentials sent instead, what identifies them)."""
+        if self.mode == "held":
+            assert self.login is not None and token is not None
+            own = [(n, v) for n, v in client_headers if n not in ("authorization", ACCOUNT_HEADER)]
+            if not any(name == "originator" for name, _ in own):
+                own.append(("originator", self.originator))
+            account = (ACCOUNT_HEADER, self.login.account_id)
+            login = ("x-trioproxy-login", str(self.login.path))
+            return own, [("authorization", f"Bearer {token}"), account], [account, login]
+        assert self.channel is not None and scope is not None
+        own = [(n, v) for n, v in client_headers if n not in ("authorization", CHANNEL_HEADER)]
+        fixed = list(self.channel.headers)
+        bearer = ("authorization", f"Bearer {self.channel.secret}")
+        identity = [*fixed, ("x-trioproxy-scope", scope), (CHANNEL_HEADER, self.channel.name)]
+        return own, [*fixed, bearer], identity
 
 
 def http_base(ws_url: str) -> str:
@@ -108,6 +118,14 @@ def http_base(ws_url: str) -> str:
 def api_target(settings: Settings) -> Target:
     """API-key pass-through to the configured upstream."""
     return Target("api", settings.upstream_ws, settings.beta)
+
+
+def managed_targets(settings: Settings, managed: Managed) -> dict[str, Target]:
+    """One target per channel of a managed config."""
+    return {
+        name: Target("managed", as_websocket(channel.upstream), settings.beta, channel=channel)
+        for name, channel in managed.channels.items()
+    }
 
 
 def chatgpt_target(settings: Settings, login: CodexLogin | None = None) -> Target:

@@ -102,6 +102,7 @@ class Telemetry:
         fields: dict[str, Any] = {
             "request_id": turn.request_id,
             "session": conn.key[:12] if conn.key else None,
+            "scope": turn.tenant,
             "socket": conn.id,
             "transport": turn.transport,
             "mode": "one_turn" if conn.one_turn else turn.plan.mode,

@@ -104,9 +104,11 @@ class Turn:
         request_id: str = "",
         request_bytes: int = 0,
         transport: str = "websocket",
+        tenant: str | None = None,
     ) -> None:
         self.plan = plan
         self.request_id = request_id
+        self.tenant = tenant  # managed mode: the scope of the key that sent it
         self.request_bytes = request_bytes  # the client's body: what a full send would cost
         self.transport = transport
         encoded = orjson.dumps(plan.message)
