@@ -96,3 +96,88 @@ async def test_process_serves_then_closes_sockets_on_sigterm(
     finally:
         if process.returncode is None:
             process.kill()
+
+
+async def start_serve(
+    nursery: trio.Nursery, fake: FakeUpstream, grace: float
+) -> tuple[trio.Process, str]:
+    port = free_port()
+    env = {**os.environ, "TRIOPROXY_SHUTDOWN_GRACE": str(grace)}
+    run = partial(
+        trio.run_process,
+        commands(port, fake.url)["cli"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+    process = await nursery.start(run)
+    base = f"http://127.0.0.1:{port}"
+    await wait_ready(f"{base}/healthz")
+    return process, base
+
+
+async def stream_turn(
+    client: httpx.AsyncClient,
+    prompt: str,
+    events: list[str],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A streaming turn whose event types land in `events`; started once the first arrived."""
+    request = client.stream(
+        "POST",
+        "/responses",
+        json=request_body([user(prompt)], stream=True),
+        headers={**AUTH, "session-id": "draining"},
+    )
+    async with request as reply:
+        async for line in reply.aiter_lines():
+            if line.startswith("event: "):
+                events.append(line[len("event: ") :])
+                if len(events) == 1:
+                    task_status.started()
+
+
+async def wait_for_503(client: httpx.AsyncClient) -> httpx.Response:
+    """The signal lands asynchronously: ask until the proxy starts refusing."""
+    with trio.fail_after(5):
+        while True:
+            reply = await client.post(
+                "/responses", json=request_body("new"), headers={**AUTH, "session-id": "new"}
+            )
+            if reply.status_code == 503:
+                return reply
+            assert reply.status_code == 200, reply.text
+            await trio.sleep(0.02)
+
+
+@pytest.mark.parametrize("grace", [10.0, 0.3], ids=["turn-finishes", "grace-runs-out"])
+async def test_sigterm_refuses_new_turns_and_lets_running_ones_finish_within_the_grace(
+    fake: FakeUpstream, nursery: trio.Nursery, grace: float
+) -> None:
+    process, base = await start_serve(nursery, fake, grace)
+    events: list[str] = []
+    try:
+        async with (
+            httpx.AsyncClient(base_url=f"{base}/v1", timeout=30) as client,
+            trio.open_nursery() as turns,
+        ):
+            # ~14 events 0.2 s apart: a turn of about 3 s, running when the signal comes.
+            await turns.start(stream_turn, client, "Take your time.\nfake: slow 0.2", events)
+            process.send_signal(signal.SIGTERM)
+            refused = await wait_for_503(client)
+            health = await client.get(f"{base}/healthz")
+        assert refused.json()["error"]["code"] == "shutting_down"
+        assert health.status_code == 503
+        with trio.fail_after(20):
+            await process.wait()
+            await fake.wait_open_sockets(0)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert process.returncode == 0
+    if grace > 5:
+        assert events[-1] == "response.completed"  # the running turn finished in full
+    else:
+        assert events[-2:] == ["error", "response.failed"]  # cut at the grace, and said so

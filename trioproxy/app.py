@@ -17,7 +17,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioproxy import access, keys, sse
+from trioproxy import access, errors, keys, sse
 from trioproxy.codex_auth import CodexLogin, default_token_url
 from trioproxy.config import Settings
 from trioproxy.errors import ApiError
@@ -148,6 +148,14 @@ def create_app(
     @app.after_serving
     async def stop_registry() -> None:
         await registry.aclose()
+
+    @app.before_request
+    async def refuse_while_draining() -> Response | None:
+        """Shutting down: new work gets a 503 at once (a balancer retries elsewhere) while
+        the turns already running finish; health checks say so too."""
+        if registry.draining and request.path != "/metrics":
+            return error_response(errors.shutting_down())
+        return None
 
     @app.get("/healthz")
     async def healthz() -> Response:

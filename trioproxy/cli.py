@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -18,6 +19,8 @@ from trioproxy import logs, managed
 from trioproxy.codex_auth import CodexAuthError, CodexLogin, default_path
 from trioproxy.config import Settings
 from trioproxy.managed import Managed
+from trioproxy.proxy import Proxy
+from trioproxy.registry import Registry
 
 log = logging.getLogger("trioproxy")
 
@@ -25,8 +28,20 @@ log = logging.getLogger("trioproxy")
 async def _until_signalled() -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            log.info("received %s: closing every upstream socket", signal.Signals(signum).name)
+            log.info("received %s: shutting down", signal.Signals(signum).name)
             return
+
+
+async def _drained(registry: Registry, grace: float) -> None:
+    """hypercorn's shutdown trigger: on a signal, refuse new turns with 503 and give the running
+    ones `grace` seconds to finish; then hypercorn stops and every socket is closed."""
+    await _until_signalled()
+    registry.draining = True
+    with trio.move_on_after(grace):
+        await registry.wait_quiet()
+    cut = registry.kill_busy()
+    log.info("drained (%d turns cut at the end of the grace); closing every upstream socket", cut)
+    await registry.aclose(grace=registry.close_timeout)
 
 
 def hypercorn_config(host: str, port: int) -> Config:
@@ -42,12 +57,14 @@ async def run_server(settings: Settings, keys: Managed | None = None) -> None:
     from trioproxy.app import create_app
 
     app = create_app(settings, managed=keys)
+    proxy: Proxy = app.extensions["trioproxy"]
     config = hypercorn_config(settings.host, settings.port)
     target = settings.chatgpt_ws if settings.codex_auth else settings.upstream_ws
     log.info("trioproxy on http://%s:%d/v1 -> %s", settings.host, settings.port, target)
     if settings.codex_auth:
         log.info("using the ChatGPT login in %s for /v1/responses", settings.codex_auth)
-    await hypercorn_serve(app, config, shutdown_trigger=_until_signalled)
+    trigger = partial(_drained, proxy.registry, settings.shutdown_grace)
+    await hypercorn_serve(app, config, shutdown_trigger=trigger)
 
 
 async def run_fake(host: str, port: int, event_delay: float) -> None:

@@ -174,7 +174,10 @@ def login_failed(detail: str) -> ApiError:
 
 def shutting_down() -> ApiError:
     return ApiError(
-        503, "the proxy is shutting down", type="server_error", code="service_unavailable"
+        503,
+        "The proxy is shutting down: retry on another instance or in a moment.",
+        type="server_error",
+        code="shutting_down",
     )
 
 

@@ -47,6 +47,8 @@ class Registry:
         self._wake = trio.Event()
         self._stopped = trio.Event()
         self._closing = False
+        self.draining = False  # shutting down: no new turns, the running ones may finish
+        self._changed = trio.Event()  # a turn ended or a socket went: for `wait_quiet`
         self.evictions: Counter[str] = Counter()
         self.opened = 0
 
@@ -173,7 +175,7 @@ class Registry:
     async def _open(
         self, key: str | None, url: str, headers: list[tuple[str, str]]
     ) -> UpstreamConnection:
-        if self._nursery is None or self._closing:
+        if self._nursery is None or self._closing or self.draining:
             raise errors.shutting_down()
         conn = UpstreamConnection(
             key=key,
@@ -203,6 +205,7 @@ class Registry:
         """A turn is over: "completed" keeps a pooled socket, every other end evicts it."""
         for observer in self.on_turn:
             observer(conn, turn, end)
+        self._notify()
         ended = end.kind
         conn.last_used = trio.current_time()
         if conn.one_turn or ended != "completed":
@@ -222,11 +225,30 @@ class Registry:
         self._idle.move_to_end(conn.key)
         self._wake.set()
 
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    @property
+    def close_timeout(self) -> float:
+        return self._settings.close_timeout
+
+    @property
+    def busy(self) -> int:
+        """Sockets in a turn (or opening for one)."""
+        return self.live - self.idle
+
+    async def wait_quiet(self) -> None:
+        """Until no socket is in a turn: what a graceful shutdown waits for."""
+        while self.busy:
+            await self._changed.wait()
+
     def _exited(self, conn: UpstreamConnection) -> None:
         if self._pooled.get(conn.key or "") is conn and not conn.busy:
             self.evictions["closed_idle"] += 1  # the upstream went away while it sat idle
         self._forget(conn)
         self._live.discard(conn)
+        self._notify()
 
     # -- eviction ----------------------------------------------------------------------------
     def _forget(self, conn: UpstreamConnection) -> None:
@@ -241,13 +263,21 @@ class Registry:
         self._forget(conn)
         conn.retire()
 
-    async def aclose(self) -> None:
-        """Close every socket: idle ones gracefully, then whatever is left after the grace."""
+    def kill_busy(self) -> int:
+        """End every running turn now (its client gets a clear error); how many there were."""
+        busy = [conn for conn in self._live if conn.busy]
+        for conn in busy:
+            conn.kill()
+        return len(busy)
+
+    async def aclose(self, grace: float | None = None) -> None:
+        """Close every socket: idle ones gracefully, then whatever is left after the grace
+        (`shutdown_grace` unless given). Idempotent."""
         self._closing = True
         for conn in list(self._pooled.values()):
             if not conn.busy:
                 self._retire(conn, "shutdown")
-        with trio.move_on_after(self._settings.shutdown_grace):
+        with trio.move_on_after(self._settings.shutdown_grace if grace is None else grace):
             for conn in list(self._live):
                 await conn.closed.wait()
         for conn in list(self._live):

@@ -115,6 +115,7 @@ class Turn:
         self.sent_bytes = len(encoded)
         self.payload = encoded.decode()  # a text frame
         self.scope = trio.CancelScope()
+        self.tracker = TurnTracker()  # what the client has been told so far
         self._send, self.events = trio.open_memory_channel[UpstreamEvent](buffer)
         self.end: TurnEnd | None = None
 
@@ -233,9 +234,8 @@ class UpstreamConnection:
                 end = await self._exchange(ws, turn)
             except BaseException:
                 # Even when this task is cancelled (shutdown, eviction) the client hears an end.
-                turn.finish(
-                    TurnEnd("socket", error=errors.upstream_closed("socket closed by the proxy"))
-                )
+                closed = errors.upstream_closed("socket closed by the proxy")
+                turn.finish(_broken("socket", closed, turn.tracker))
                 raise
             keep = end.kind == "completed" and not self.one_turn
             self.current = None
@@ -252,7 +252,7 @@ class UpstreamConnection:
                 return
 
     async def _exchange(self, ws: WebSocketConnection, turn: Turn) -> TurnEnd:
-        tracker = TurnTracker()
+        tracker = turn.tracker
         with turn.scope:
             with trio.move_on_after(self._settings.turn_timeout):
                 if ws.closed is not None:
