@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import random
+
+import httpx
 import trio
 
 from tests.conftest import AUTH, ProxyServer, post, request_body, start_proxy, user, wait_until
@@ -83,3 +87,77 @@ async def test_many_disconnects_leave_nothing_behind(nursery: trio.Nursery) -> N
         await wait_until(lambda: server.registry.live == 0)
     assert server.registry.pooled == 0 and server.registry.tasks == 0
     assert server.registry.evictions["abandoned"] == 20
+
+
+STREAMS = 1_000
+CONCURRENT = 100
+
+
+async def test_a_thousand_streams_half_cut_at_random_points_leave_nothing_behind(
+    nursery: trio.Nursery,
+) -> None:
+    """1,000 streaming turns, 100 at a time, on sessions of their own; a seeded random half
+    is cut: before the response starts or after a random number of events. Afterwards no
+    socket, task or upstream connection is left, and every stream that ran to its end is
+    byte-identical to what the upstream sent for that response."""
+    fake = FakeUpstream(event_delay=0.002, record_frames=True)
+    await nursery.start(fake.serve)
+    server = await start_proxy(nursery, fake, max_sockets=STREAMS)
+    rng = random.Random(20261124)
+    plans = [rng.choice(["full", "cut"]) for _ in range(STREAMS)]
+    cut_at = [rng.choice([0, *range(1, 14)]) for _ in range(STREAMS)]  # 0: before the response
+    completed: list[tuple[str, list[str]]] = []
+    cut = finished_early = 0
+    limits = httpx.Limits(max_connections=CONCURRENT, max_keepalive_connections=CONCURRENT)
+    slots = trio.Semaphore(CONCURRENT)
+
+    async def one(n: int, client: httpx.AsyncClient) -> None:
+        nonlocal cut, finished_early
+        body = request_body([user(f"stream {n}: " + " ".join(["w"] * 30))], stream=True)
+        headers = {**AUTH, "session-id": f"scale-{n}"}
+        async with slots:
+            if plans[n] == "cut" and cut_at[n] == 0:
+                with trio.move_on_after(rng.random() * 0.01):
+                    await client.post("/responses", json=body, headers=headers)
+                    finished_early += 1  # done before the cut could land: its socket stays
+                    return
+                cut += 1
+                return
+            async with client.stream("POST", "/responses", json=body, headers=headers) as reply:
+                frames: list[str] = []
+                async for line in reply.aiter_lines():
+                    if line.startswith("data: "):
+                        frames.append(line[len("data: ") :])
+                        if plans[n] == "cut" and len(frames) == cut_at[n]:
+                            cut += 1
+                            return  # leaving the block drops the connection mid-stream
+            rid = json.loads(frames[0])["response"]["id"]
+            completed.append((rid, frames))
+
+    async with server.client(limits=limits) as client, trio.open_nursery() as streams:
+        for n in range(STREAMS):
+            streams.start_soon(one, n, client)
+
+    registry = server.registry
+    # What is left is exactly the completed sessions' idle sockets, each with its task and its
+    # upstream connection; every cut turn's socket is gone.
+    await wait_until(lambda: registry.busy == 0 and registry.tasks == registry.live, 10)
+    with trio.fail_after(10):
+        await fake.wait_open_sockets(registry.live)
+    left = registry.live
+    assert left == registry.idle == registry.pooled == len(completed) + finished_early
+    await registry.aclose()
+    assert registry.live == registry.tasks == 0
+    with trio.fail_after(10):
+        await fake.wait_open_sockets(0)
+    assert registry.buffered_events == 0
+    assert cut >= STREAMS * 0.4 and len(completed) >= STREAMS * 0.4, (cut, len(completed))
+    assert fake.transcripts is not None
+    for rid, frames in completed:
+        assert frames == fake.transcripts[rid]  # byte for byte, every event, in order
+    print(
+        f"\n{STREAMS} streams: {len(completed)} completed byte-identical, {cut} cut, "
+        f"{finished_early} done before their cut; {left} idle pooled sockets left (one per "
+        f"completed session); after close: sockets {registry.live}, tasks {registry.tasks}, "
+        f"upstream open {fake.open_sockets}"
+    )

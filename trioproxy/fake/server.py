@@ -63,8 +63,13 @@ class _Socket:
 
 
 class FakeUpstream:
-    def __init__(self, *, event_delay: float = 0.0, require_auth: bool = True) -> None:
+    def __init__(
+        self, *, event_delay: float = 0.0, require_auth: bool = True, record_frames: bool = False
+    ) -> None:
         self.event_delay = event_delay
+        # response id -> the exact text frames sent for it (tests compare streams byte for byte;
+        # off by default so a long-running fake does not grow)
+        self.transcripts: dict[str, list[str]] | None = {} if record_frames else None
         self.require_auth = require_auth
         self.received: list[Received] = []
         self.handshakes: list[dict[str, str]] = []
@@ -354,21 +359,31 @@ class FakeUpstream:
                 sock.responses[rid] = conversation + output
                 if request.get("store", True) is not False:
                     self.stored[rid] = sock.responses[rid]
-            await self._send_all(sock, events, reply.delay)
+            await self._send_all(sock, events, reply.delay, rid)
         except ConnectionClosed:
             pass
         finally:
             sock.busy = False
 
     async def _send_all(
-        self, sock: _Socket, events: list[dict[str, Any]], delay: float = 0.0
+        self,
+        sock: _Socket,
+        events: list[dict[str, Any]],
+        delay: float = 0.0,
+        rid: str | None = None,
     ) -> None:
         delay = delay or self.event_delay
+        sent = None
+        if rid is not None and self.transcripts is not None:
+            sent = self.transcripts.setdefault(rid, [])
         for event in events:
             if delay:
                 await trio.sleep(delay)
-            await sock.ws.send_message(json.dumps(event))
+            frame = json.dumps(event)
+            await sock.ws.send_message(frame)
             self.events_sent += 1
+            if sent is not None:
+                sent.append(frame)
 
 
 def _error(type_: str, status: int, code: str, message: str) -> dict[str, Any]:
