@@ -47,10 +47,8 @@ async def test_handshake_refused_at_tcp_is_a_502(nursery: trio.Nursery, fake: Fa
 @pytest.mark.parametrize(
     ("status", "code"),
     [
-        (400, "invalid_request_error"),
         (401, "invalid_api_key"),
         (403, "unsupported_country_region_territory"),
-        (404, "not_found"),
         (429, "rate_limit_exceeded"),
         (500, "server_error"),
         (503, "service_unavailable"),
@@ -95,6 +93,20 @@ async def test_handshake_that_never_completes_times_out(
     error = reply.json()["error"]
     assert error["code"] == "upstream_unreachable" and "timed out" in error["message"]
     fake.stall_handshakes = False
+    await nothing_left(server)
+    assert server.registry.live == 0
+
+
+@pytest.mark.parametrize("status", [400, 404, 426])
+async def test_handshake_refused_as_no_websocket_falls_back_to_http(
+    server: ProxyServer, status: int
+) -> None:
+    server.fake.refuse_handshakes(status, "no_websocket")
+    async with server.client() as client:
+        reply = await post(client, request_body([user("a")], stream=True))
+    assert reply.status_code == 200
+    assert sse_events(reply.text)[-1][0] == "response.completed"
+    assert len(server.fake.http_posts) == 1 and server.fake.creates() == []
     await nothing_left(server)
     assert server.registry.live == 0
 

@@ -57,6 +57,11 @@ class Settings:
     event_buffer: int = 64
     beta: str = WEBSOCKET_BETA
     shutdown_grace: float = 5.0
+    # HTTP fallback: when the upstream refuses the upgrade, or a session's sockets fail this
+    # many times in a row, its turns go over HTTP POST /responses for the cool-down.
+    http_fallback: bool = True
+    fallback_after: int = 3
+    fallback_cooldown: float = 300.0
     # The Codex backend, for ChatGPT logins (its HTTP base serves `/models`).
     chatgpt_upstream: str = CHATGPT_UPSTREAM
     # Proxy-held ChatGPT login: path of a Codex `auth.json` ("" = off).
@@ -74,6 +79,8 @@ class Settings:
         for name in ("idle_ttl", "max_lifetime", "turn_timeout", "read_timeout", "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.fallback_after < 1 or self.fallback_cooldown < 0:
+            raise ValueError("fallback_after must be at least 1 and fallback_cooldown >= 0")
         if self.max_sockets < 1 or self.event_buffer < 1:
             raise ValueError("max_sockets and event_buffer must be at least 1")
         for name in ("upstream", "chatgpt_upstream"):
@@ -121,7 +128,7 @@ class Settings:
             if raw is None or raw == "":
                 continue
             try:
-                values[f.name] = kind(raw)
+                values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
                 raise ValueError(
                     f"TRIOPROXY_{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
@@ -136,3 +143,12 @@ def _typed(name: str, value: Any, kind: type) -> Any:
     if type(value) is not kind:
         raise ValueError(f"[server] {name} = {value!r} is not a {kind.__name__}")
     return value
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)

@@ -9,7 +9,10 @@ framing (content-length, chunked, close-delimited); trio does the socket and TLS
 from __future__ import annotations
 
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import h11
@@ -50,21 +53,60 @@ async def _connect(scheme: str, host: str, port: int) -> trio.abc.Stream:
     return await trio.open_tcp_stream(host, port)
 
 
-async def request(
+class StreamingResponse:
+    """A response whose head has arrived; `chunks()` reads the body as it comes."""
+
+    def __init__(
+        self, conn: h11.Connection, stream: trio.abc.Stream, head: h11.Response, what: str
+    ) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._what = what
+        self.status = head.status_code
+        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers]
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                event = await _next(self._conn, self._stream)
+                if isinstance(event, h11.Data):
+                    yield bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    return
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise HttpError(f"{self._what}: connection closed before the body ended")
+        except _TRANSPORT_ERRORS as exc:
+            raise HttpError(f"{self._what}: {exc or type(exc).__name__}") from exc
+
+    async def read(self, max_bytes: int) -> bytes:
+        body = bytearray()
+        async for chunk in self.chunks():
+            body += chunk
+            if len(body) > max_bytes:
+                raise HttpError(f"{self._what}: response larger than {max_bytes} bytes")
+        return bytes(body)
+
+
+_TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, h11.ProtocolError, ssl.SSLError)
+
+
+@asynccontextmanager
+async def stream(
     method: str,
     url: str,
     *,
     headers: list[tuple[str, str]] | None = None,
     body: bytes = b"",
-    max_bytes: int = 16 * 2**20,
-) -> HttpResponse:
-    """One request, the whole response. Raises `HttpError` on any transport failure.
+) -> AsyncIterator[StreamingResponse]:
+    """Send one request; yield once the response head is in. The connection closes on exit.
 
-    No timeout of its own: callers bound it with `trio.fail_after`, as trio code does.
+    Raises `HttpError` on any transport failure. No timeout of its own: callers bound it
+    with `trio.fail_after` or a cancel scope, as trio code does.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise HttpError(f"not an http(s) URL: {url}")
+    what = f"{method} {url}"
     port = parts.port or (443 if parts.scheme == "https" else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
@@ -76,39 +118,44 @@ async def request(
     out.append(("content-length", str(len(body))))
     conn = h11.Connection(h11.CLIENT)
     try:
-        stream = await _connect(parts.scheme, parts.hostname, port)
-        async with stream:
-            await stream.send_all(
+        connection = await _connect(parts.scheme, parts.hostname, port)
+    except _TRANSPORT_ERRORS as exc:
+        raise HttpError(f"{what}: {exc or type(exc).__name__}") from exc
+    async with connection:
+        try:
+            await connection.send_all(
                 conn.send(h11.Request(method=method, target=target, headers=out))
                 + conn.send(h11.Data(data=body))
                 + conn.send(h11.EndOfMessage())
             )
-            return await _read_response(conn, stream, max_bytes)
-    except (OSError, trio.BrokenResourceError, h11.ProtocolError, ssl.SSLError) as exc:
-        raise HttpError(f"{method} {url}: {exc or type(exc).__name__}") from exc
+            while True:
+                event = await _next(conn, connection)
+                if isinstance(event, h11.Response):
+                    break
+                if isinstance(event, h11.ConnectionClosed):
+                    raise HttpError(f"{what}: connection closed before a response")
+        except _TRANSPORT_ERRORS as exc:
+            raise HttpError(f"{what}: {exc or type(exc).__name__}") from exc
+        yield StreamingResponse(conn, connection, event, what)
 
 
-async def _read_response(
-    conn: h11.Connection, stream: trio.abc.Stream, max_bytes: int
+async def request(
+    method: str,
+    url: str,
+    *,
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+    max_bytes: int = 16 * 2**20,
 ) -> HttpResponse:
-    status = 0
-    headers: list[tuple[str, str]] = []
-    chunks: list[bytes] = []
-    size = 0
+    """One request, the whole response. Raises `HttpError` on any transport failure."""
+    async with stream(method, url, headers=headers, body=body) as response:
+        data = await response.read(max_bytes)
+    return HttpResponse(response.status, response.headers, data)
+
+
+async def _next(conn: h11.Connection, connection: trio.abc.Stream) -> Any:
     while True:
         event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(bytes(await stream.receive_some(_READ_CHUNK)))
-            continue
-        if isinstance(event, h11.Response):
-            status = event.status_code
-            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
-        elif isinstance(event, h11.Data):
-            size += len(event.data)
-            if size > max_bytes:
-                raise HttpError(f"response larger than {max_bytes} bytes")
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            return HttpResponse(status, headers, b"".join(chunks))
-        elif isinstance(event, h11.ConnectionClosed):
-            raise HttpError("connection closed before the response ended")
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(bytes(await connection.receive_some(_READ_CHUNK)))

@@ -13,6 +13,7 @@ import logging
 from collections import Counter
 from typing import Any
 
+import orjson
 import trio
 
 from trioproxy import errors
@@ -21,10 +22,11 @@ from trioproxy.config import Settings
 from trioproxy.delta import Conversation, client_chained, plan_turn
 from trioproxy.errors import ApiError
 from trioproxy.events import UpstreamEvent, response_id
+from trioproxy.fallback import REFUSALS, FallbackPolicy
 from trioproxy.managed import Ownership
 from trioproxy.registry import Registry, Reusable
-from trioproxy.targets import Target, Upstream
-from trioproxy.telemetry import Telemetry
+from trioproxy.targets import Target, Upstream, http_base
+from trioproxy.telemetry import Carrier, Telemetry
 from trioproxy.upstream import Turn, TurnEnd, UpstreamConnection
 
 log = logging.getLogger("trioproxy.proxy")
@@ -80,7 +82,10 @@ class Proxy:
         self.registry = registry
         self.telemetry = telemetry or Telemetry()
         self.ownership = Ownership()
-        registry.on_turn.append(self._record_owner)
+        self.fallback = FallbackPolicy(
+            settings.fallback_after, settings.fallback_cooldown, enabled=settings.http_fallback
+        )
+        registry.on_turn.append(self._turn_ended)
         self.turns: Counter[str] = Counter()  # by mode: full / suffix / passthrough / one_turn
         self.retries: Counter[str] = Counter()
         self.request_bytes = 0  # what clients sent: what the upstream would get without us
@@ -108,7 +113,20 @@ class Proxy:
             def reusable(memory: Conversation | None) -> bool:
                 return memory is not None and memory.response_id == chained
 
-        conn, upstream = await self._lease(target, upstream, headers, reusable, scope)
+        if self.fallback.use_http(upstream.url, upstream.key, trio.current_time()):
+            return await self._over_http(body, headers, target, upstream, scope, about)
+        try:
+            conn, upstream = await self._lease(target, upstream, headers, reusable, scope)
+        except ApiError as exc:
+            if self.fallback.enabled and exc.status in REFUSALS:
+                # The upstream does not take WebSocket here: HTTP for a while, starting now.
+                self.fallback.websocket_refused(upstream.url, trio.current_time())
+                self.retries["websocket_refused"] += 1
+                log.info("upstream refused the WebSocket upgrade (%d): HTTP for now", exc.status)
+                return await self._over_http(body, headers, target, upstream, scope, about)
+            if exc.code == "upstream_unreachable":
+                self.fallback.socket_failed(upstream.key, trio.current_time())
+            raise
         stream = await self._start(conn, body, conn.memory, about)
         if stream.first is not None:
             return stream
@@ -124,9 +142,32 @@ class Proxy:
         # Once, on a new socket (pooled again if the failed one was), with the full input.
         self.retries[cause or end.kind] += 1
         log.info("turn refused before its first event (%s); retrying on a fresh socket", cause)
+        if self.fallback.use_http(upstream.url, upstream.key, trio.current_time()):
+            return await self._over_http(body, headers, target, upstream, scope, about)
         retry_key = None if conn.one_turn else upstream.key
         conn = await self.registry.lease(retry_key, upstream.url, upstream.headers, fresh=True)
         return await self._start(conn, body, None, about)
+
+    async def _over_http(
+        self,
+        body: dict[str, Any],
+        headers: list[tuple[str, str]],
+        target: Target,
+        upstream: Upstream,
+        scope: str | None,
+        about: dict[str, Any],
+    ) -> TurnStream:
+        """The turn as one `POST {base}/responses` streamed back as SSE, full input."""
+        plan = plan_turn(None, body)
+        payload = orjson.dumps({**body, "stream": True})
+        turn = Turn(plan, self.settings.event_buffer, transport="http", payload=payload, **about)
+        self.turns[plan.mode] += 1
+        self.upstream_bytes += turn.sent_bytes
+        url = http_base(upstream.url) + "/responses"
+        http_headers = target.http_headers(headers, upstream.token, scope)
+        submitted = trio.current_time()
+        await self.registry.run_http(turn, url, http_headers, upstream.key)
+        return await self._first(turn, submitted)
 
     async def token(self, target: Target) -> str | None:
         """The held login's access token (refreshed if due), or None for pass-through."""
@@ -177,11 +218,17 @@ class Proxy:
             raise errors.login_failed(str(exc)) from None
         return target.upstream(headers, token, scope)
 
-    def _record_owner(self, conn: UpstreamConnection, turn: Turn, end: TurnEnd) -> None:
-        """A managed scope's completed response: only that scope may chain from it."""
+    def _turn_ended(self, carrier: Carrier, turn: Turn, end: TurnEnd) -> None:
+        """Who owns the response (managed scopes), and how this session's sockets fare."""
         rid = response_id(end.event) if end.event is not None else None
         if turn.tenant is not None and rid is not None:
             self.ownership.record(rid, turn.tenant)
+        if turn.transport != "websocket":
+            return
+        if end.kind in ("socket", "timeout"):
+            self.fallback.socket_failed(carrier.key, trio.current_time())
+        elif end.kind == "completed":
+            self.fallback.socket_ok(carrier.key)
 
     def _retryable(self, stream: TurnStream) -> bool:
         end = stream.end
@@ -210,13 +257,17 @@ class Proxy:
         if not conn.submit(turn):
             turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket task ended")))
             return TurnStream(turn, None)
+        return await self._first(turn, submitted)
+
+    async def _first(self, turn: Turn, submitted: float) -> TurnStream:
+        """Wait for the turn's first event (or its end) before answering the client."""
         try:
             first: UpstreamEvent | None = await turn.events.receive()
             self.telemetry.first_event.observe(trio.current_time() - submitted)
         except trio.EndOfChannel:
             first = None
         except BaseException:
-            turn.abandon()  # cancelled while waiting: the socket's state is unknown
+            turn.abandon()  # cancelled while waiting: the upstream's state is unknown
             raise
         return TurnStream(turn, first)
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import trio
 
-from trioproxy import errors
+from trioproxy import errors, httpturn
 from trioproxy.config import Settings
 from trioproxy.delta import Conversation
-from trioproxy.telemetry import Telemetry
+from trioproxy.httpturn import HttpExchange
+from trioproxy.telemetry import Carrier, Telemetry
 from trioproxy.upstream import Connector, Turn, TurnEnd, UpstreamConnection
 
 log = logging.getLogger("trioproxy.registry")
@@ -36,9 +37,7 @@ class Registry:
         self._connector = connector
         self._telemetry = telemetry or Telemetry()
         # Told of every finished turn, after the pool's own bookkeeping (synchronously).
-        self.on_turn: list[Callable[[UpstreamConnection, Turn, TurnEnd], None]] = [
-            self._telemetry.turn_ended
-        ]
+        self.on_turn: list[Callable[[Carrier, Turn, TurnEnd], None]] = [self._telemetry.turn_ended]
         self._pooled: dict[str, UpstreamConnection] = {}
         self._idle: OrderedDict[str, UpstreamConnection] = OrderedDict()
         self._by_age: dict[UpstreamConnection, None] = {}  # pooled, oldest first
@@ -199,6 +198,32 @@ class Registry:
         self.opened += 1
         self._wake.set()
         return conn
+
+    # -- HTTP turns (the fallback transport) ---------------------------------------------------
+    async def run_http(
+        self, turn: Turn, url: str, headers: list[tuple[str, str]], key: str | None
+    ) -> None:
+        """Start a turn over HTTP in a task of this nursery, like a socket's, so shutdown
+        reaches it; it finishes the turn whatever happens."""
+        if self._nursery is None or self._closing or self.draining:
+            raise errors.shutting_down()
+        await self._nursery.start(self._http_turn, turn, url, headers, HttpExchange.new(key))
+
+    async def _http_turn(
+        self,
+        turn: Turn,
+        url: str,
+        headers: list[tuple[str, str]],
+        exchange: HttpExchange,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            end = await httpturn.run(turn, url, headers, self._settings, task_status=task_status)
+            for observer in self.on_turn:
+                observer(exchange, turn, end)
+        finally:
+            self._notify()
 
     # -- callbacks from socket tasks (synchronous, so no request can see a stale state) --------
     def _turn_ended(self, conn: UpstreamConnection, turn: Turn, end: TurnEnd) -> None:

@@ -23,3 +23,37 @@ def encode_json(payload: dict[str, Any]) -> bytes:
     return (
         b"event: " + str(payload["type"]).encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
     )
+
+
+class Decoder:
+    """An upstream SSE byte stream in, each event's `data` out (the HTTP fallback's reader).
+
+    Handles any chunking, CRLF or LF line ends, multi-line `data`, comments (keep-alives) and
+    the `[DONE]` sentinel some servers send. Bounded: an event larger than `max_bytes` is an
+    error rather than unbounded growth.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._buffer = bytearray()
+        self._data: list[str] = []
+        self._max = max_bytes
+
+    def feed(self, chunk: bytes) -> list[str]:
+        self._buffer += chunk
+        out: list[str] = []
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[:end]).rstrip(b"\r")
+            del self._buffer[: end + 1]
+            if not line:
+                if self._data:
+                    data = "\n".join(self._data)
+                    self._data = []
+                    if data != "[DONE]":
+                        out.append(data)
+            elif not line.startswith(b":"):
+                name, _, value = line.partition(b":")
+                if name == b"data":
+                    self._data.append(value.removeprefix(b" ").decode())
+        if len(self._buffer) > self._max:
+            raise ValueError(f"an SSE event larger than {self._max} bytes")
+        return out

@@ -16,7 +16,7 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -27,7 +27,7 @@ from trioproxy.events import response_object
 if TYPE_CHECKING:
     from trioproxy.proxy import Proxy
     from trioproxy.registry import Registry
-    from trioproxy.upstream import Turn, TurnEnd, UpstreamConnection
+    from trioproxy.upstream import Turn, TurnEnd
 
 turn_log = logging.getLogger("trioproxy.turn")
 
@@ -56,6 +56,17 @@ def cached_tokens(end: TurnEnd) -> tuple[int, int]:
     cached = details.get("cached_tokens") if isinstance(details, dict) else 0
     total = usage.get("input_tokens")
     return (total if isinstance(total, int) else 0), (cached if isinstance(cached, int) else 0)
+
+
+class Carrier(Protocol):
+    """What carried a turn: an upstream socket, or an HTTP exchange."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def key(self) -> str | None: ...
+    @property
+    def one_turn(self) -> bool: ...
 
 
 class Telemetry:
@@ -89,7 +100,7 @@ class Telemetry:
     def scrape(self) -> bytes:
         return generate_latest(self.registry)
 
-    def turn_ended(self, conn: UpstreamConnection, turn: Turn, end: TurnEnd) -> None:
+    def turn_ended(self, conn: Carrier, turn: Turn, end: TurnEnd) -> None:
         """Count a finished turn and write its one log line."""
         outcome = end.kind
         self.outcomes[outcome] += 1

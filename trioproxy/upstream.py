@@ -105,15 +105,16 @@ class Turn:
         request_bytes: int = 0,
         transport: str = "websocket",
         tenant: str | None = None,
+        payload: bytes | None = None,
     ) -> None:
         self.plan = plan
         self.request_id = request_id
         self.tenant = tenant  # managed mode: the scope of the key that sent it
         self.request_bytes = request_bytes  # the client's body: what a full send would cost
         self.transport = transport
-        encoded = orjson.dumps(plan.message)
+        encoded = orjson.dumps(plan.message) if payload is None else payload
         self.sent_bytes = len(encoded)
-        self.payload = encoded.decode()  # a text frame
+        self.payload = encoded.decode()  # a text frame (or, over HTTP, the request body)
         self.scope = trio.CancelScope()
         self.tracker = TurnTracker()  # what the client has been told so far
         self._send, self.events = trio.open_memory_channel[UpstreamEvent](buffer)
@@ -235,7 +236,7 @@ class UpstreamConnection:
             except BaseException:
                 # Even when this task is cancelled (shutdown, eviction) the client hears an end.
                 closed = errors.upstream_closed("socket closed by the proxy")
-                turn.finish(_broken("socket", closed, turn.tracker))
+                turn.finish(broken_end("socket", closed, turn.tracker))
                 raise
             keep = end.kind == "completed" and not self.one_turn
             self.current = None
@@ -265,29 +266,31 @@ class UpstreamConnection:
                             frame = await ws.get_message()
                         if frame is None:
                             silent = errors.upstream_silent(self._settings.read_timeout)
-                            return _broken("timeout", silent, tracker)
+                            return broken_end("timeout", silent, tracker)
                         event = parse_frame(frame)
                         kind = tracker.feed(event)
                         if kind is not None:
-                            return _terminal(kind, event, tracker, turn.plan)
+                            return terminal_end(kind, event, tracker, turn.plan)
                         await turn.deliver(event)
                 except ConnectionClosed as exc:
-                    return _broken("socket", errors.upstream_closed(_close_detail(exc)), tracker)
+                    return broken_end("socket", errors.upstream_closed(_close_detail(exc)), tracker)
                 except ValueError as exc:
-                    return _broken("socket", errors.upstream_protocol(str(exc)), tracker)
+                    return broken_end("socket", errors.upstream_protocol(str(exc)), tracker)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return TurnEnd("abandoned")  # the client closed its end of the channel
-            return _broken("timeout", errors.turn_timeout(self._settings.turn_timeout), tracker)
+            return broken_end("timeout", errors.turn_timeout(self._settings.turn_timeout), tracker)
         return TurnEnd("abandoned")
 
 
-def _broken(kind: EndKind, error: ApiError, tracker: TurnTracker) -> TurnEnd:
+def broken_end(kind: EndKind, error: ApiError, tracker: TurnTracker) -> TurnEnd:
+    """A turn the proxy had to end: the error, and what the client was already told."""
     return TurnEnd(kind, error=error, next_sequence=tracker.next_sequence, begun=tracker.response)
 
 
-def _terminal(
+def terminal_end(
     kind: UpstreamEnd, event: UpstreamEvent, tracker: TurnTracker, plan: TurnPlan
 ) -> TurnEnd:
+    """A turn the upstream ended; a completed one leaves the socket's new memory."""
     if kind == "error":
         return TurnEnd(
             "error", event, error_of(event), tracker.next_sequence, begun=tracker.response

@@ -79,6 +79,8 @@ class FakeUpstream:
         self.refusals: deque[tuple[int, str]] = deque()  # handshakes to refuse, in order
         self.stall_handshakes = False  # accept TCP, never answer the upgrade
         self.http_requests: list[HttpRequest] = []
+        self.http_posts: list[Received] = []  # turns that came over HTTP (socket 0)
+        self.websocket_enabled = True  # False: every upgrade gets 404, as an HTTP-only provider
         self.port = 0
         self.events_sent = 0
         self._numbers = itertools.count(1)
@@ -190,47 +192,109 @@ class FakeUpstream:
             request.method.decode(), request.target.decode(), headers, b"".join(chunks)
         )
         self.http_requests.append(seen)
+        path = seen.target.split("?")[0].rstrip("/")
+        if seen.method == "POST" and path in _RESPONSE_PATHS:
+            await self._serve_sse(stream, conn, seen, path)
+            return
         status, payload = self.answer_http(seen)
-        body = json.dumps(payload).encode()
-        reply = [("content-type", "application/json"), ("content-length", str(len(body)))]
-        await stream.send_all(
-            conn.send(h11.Response(status_code=status, headers=reply))
-            + conn.send(h11.Data(data=body))
-            + conn.send(h11.EndOfMessage())
+        await _send_json(stream, conn, status, payload)
+
+    async def _serve_sse(
+        self, stream: trio.abc.Stream, conn: h11.Connection, seen: HttpRequest, path: str
+    ) -> None:
+        """`POST /responses` over HTTP, as the HTTP fallback uses it: the full input in, the
+        response's events out as SSE, one event per chunk, paced like the socket's."""
+        refused = self._refusal(path, seen.headers)
+        if refused:
+            await _send_json(stream, conn, refused[0], json.loads(_error_body(refused[1], "no")))
+            return
+        try:
+            request = json.loads(seen.body)
+        except ValueError:
+            await _send_json(stream, conn, 400, json.loads(_error_body("invalid_json", "bad")))
+            return
+        if path.startswith("/backend-api/codex/") and request.get("store") is not False:
+            await _send_json(stream, conn, 400, json.loads(_error_body("invalid_value", "store")))
+            return
+        self.http_posts.append(Received(0, request, len(seen.body)))
+        previous = request.get("previous_response_id")
+        history = self.stored.get(previous) if isinstance(previous, str) else []
+        if history is None:  # over HTTP only stored responses resolve
+            body = _error_body("previous_response_not_found", f"no response {previous}")
+            await _send_json(stream, conn, 400, json.loads(body))
+            return
+        reply, rid, events, conversation, output = self._prepare(request, history)
+        if reply.kind == "error" and not reply.after_events:
+            await _send_json(stream, conn, reply.status, {"error": events[0]["error"]})
+            return
+        if reply.kind in ("text", "call") and request.get("store", True) is not False:
+            self.stored[rid] = conversation + output
+        limit = reply.after_events if reply.kind in ("drop", "stall") else len(events)
+        head = [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")]
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=head)))
+        delay = reply.delay or self.event_delay
+        for event in events[:limit]:
+            if delay:
+                await trio.sleep(delay)
+            frame = json.dumps(event)
+            block = f"event: {event['type']}\ndata: {frame}\n\n".encode()
+            await stream.send_all(conn.send(h11.Data(data=block)))
+            self.events_sent += 1
+        if reply.kind == "stall":
+            await trio.sleep_forever()
+        if reply.kind != "drop":
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+
+    def _refusal(self, path: str, headers: dict[str, str]) -> tuple[int, str] | None:
+        """Why the upstream refuses a request's credentials, if it does."""
+        if path.startswith("/backend-api/codex/"):
+            return self.logins.check(
+                headers.get("authorization", ""), headers.get("chatgpt-account-id")
+            )
+        if self.require_auth and not headers.get("authorization", "").startswith("Bearer "):
+            return 401, "invalid_api_key"
+        return None
+
+    def _prepare(
+        self, request: dict[str, Any], history: list[Any], reply: Reply | None = None
+    ) -> tuple[Reply, str, list[dict[str, Any]], list[Any], list[Any]]:
+        """The reply to a request and its events: (reply, id, events, conversation, output)."""
+        conversation = history + input_items(request.get("input"))
+        if reply is None:
+            reply = self.replies.popleft() if self.replies else decide(conversation)
+        rid = new_id("resp")
+        context = {k: request.get(k) for k in ("instructions", "tools")}
+        input_bytes = len(json.dumps([conversation, context]))
+        cached = len(json.dumps([history, context])) if request.get("previous_response_id") else 0
+        events, output = response_events(
+            rid, request, reply, input_bytes=input_bytes, cached_bytes=cached
         )
+        return reply, rid, events, conversation, output
 
     def answer_http(self, request: HttpRequest) -> tuple[int, Any]:
+        """Plain HTTP other than turns: the token endpoint, model lists, compaction."""
         path = request.target.split("?")[0].rstrip("/")
         if request.method == "POST" and path == "/oauth/token":
             return self.logins.refresh_grant(request.body)
-        if request.method == "GET" and path == "/backend-api/codex/models":
-            refused = self.logins.check(
-                request.headers.get("authorization", ""),
-                request.headers.get("chatgpt-account-id"),
-            )
-            if refused:
-                return refused[0], json.loads(_error_body(refused[1], "not authorised"))
-            return 200, backend.models_list()
-        if request.method == "POST" and path.endswith("/responses/compact"):
-            if path.startswith("/backend-api/codex/"):
-                refused = self.logins.check(
-                    request.headers.get("authorization", ""),
-                    request.headers.get("chatgpt-account-id"),
-                )
-                if refused:
-                    return refused[0], json.loads(_error_body(refused[1], "not authorised"))
-            elif not request.headers.get("authorization", "").startswith("Bearer "):
-                return 401, json.loads(_error_body("invalid_api_key", "missing bearer token"))
-            try:
-                body = json.loads(request.body)
-            except ValueError:
-                return 400, json.loads(_error_body("invalid_json", "body is not JSON"))
-            return 200, compacted(body)
-        if request.method == "GET" and path == "/v1/models":
-            if not request.headers.get("authorization", "").startswith("Bearer "):
-                return 401, json.loads(_error_body("invalid_api_key", "missing bearer token"))
-            return 200, backend.api_models_list()
-        return 404, json.loads(_error_body("not_found", f"no route {request.target}"))
+        routes = {
+            ("GET", "/backend-api/codex/models"),
+            ("GET", "/v1/models"),
+            ("POST", "/backend-api/codex/responses/compact"),
+            ("POST", "/v1/responses/compact"),
+            ("POST", "/responses/compact"),
+        }
+        if (request.method, path) not in routes:
+            return 404, json.loads(_error_body("not_found", f"no route {request.target}"))
+        refused = self._refusal(path, request.headers)
+        if refused:
+            return refused[0], json.loads(_error_body(refused[1], "not authorised"))
+        if path.endswith("/models"):
+            chatgpt = path.startswith("/backend-api/")
+            return 200, backend.models_list() if chatgpt else backend.api_models_list()
+        try:
+            return 200, compacted(json.loads(request.body))
+        except ValueError:
+            return 400, json.loads(_error_body("invalid_json", "body is not JSON"))
 
     async def handle(self, request: WebSocketRequest) -> None:
         """Serve one socket from its handshake to its close."""
@@ -245,20 +309,17 @@ class FakeUpstream:
             return
         if self.stall_handshakes:
             await trio.sleep_forever()
+        if not self.websocket_enabled:
+            await request.reject(404, body=_error_body("not_found", "no WebSocket here"))
+            return
         if self.refusals:
             status, code = self.refusals.popleft()
             await request.reject(status, body=_error_body(code, f"refused by the fake ({status})"))
             return
         chatgpt = request.path.startswith("/backend-api/codex/")
-        if chatgpt:
-            refused = self.logins.check(
-                headers.get("authorization", ""), headers.get("chatgpt-account-id")
-            )
-            if refused:
-                await request.reject(refused[0], body=_error_body(refused[1], "not authorised"))
-                return
-        if self.require_auth and not headers.get("authorization", "").startswith("Bearer "):
-            await request.reject(401, body=_error_body("invalid_api_key", "missing bearer token"))
+        refused = self._refusal(request.path, headers)
+        if refused:
+            await request.reject(refused[0], body=_error_body(refused[1], "not authorised"))
             return
         ws = await request.accept()
         sock = _Socket(next(self._numbers), ws, chatgpt, headers)
@@ -330,20 +391,8 @@ class FakeUpstream:
             history: list[Any] | None = []
             if isinstance(previous, str):
                 history = sock.responses.get(previous) or self.stored.get(previous)
-            if history is None:
-                reply = Reply.error("previous_response_not_found", 400)
-                history = []
-            else:
-                conversation = history + input_items(request.get("input"))
-                reply = self.replies.popleft() if self.replies else decide(conversation)
-            conversation = history + input_items(request.get("input"))
-            rid = new_id("resp")
-            context = {k: request.get(k) for k in ("instructions", "tools")}
-            input_bytes = len(json.dumps([conversation, context]))
-            cached_bytes = len(json.dumps([history, context])) if previous else 0
-            events, output = response_events(
-                rid, request, reply, input_bytes=input_bytes, cached_bytes=cached_bytes
-            )
+            lost = Reply.error("previous_response_not_found", 400) if history is None else None
+            reply, rid, events, conversation, output = self._prepare(request, history or [], lost)
             if reply.kind == "drop":
                 await self._send_all(sock, events[: reply.after_events], reply.delay)
                 await sock.ws.aclose(1011, "dropped by the fake upstream")
@@ -384,6 +433,21 @@ class FakeUpstream:
             self.events_sent += 1
             if sent is not None:
                 sent.append(frame)
+
+
+_RESPONSE_PATHS = frozenset({"/v1/responses", "/responses", "/backend-api/codex/responses"})
+
+
+async def _send_json(
+    stream: trio.abc.Stream, conn: h11.Connection, status: int, payload: Any
+) -> None:
+    body = json.dumps(payload).encode()
+    head = [("content-type", "application/json"), ("content-length", str(len(body)))]
+    await stream.send_all(
+        conn.send(h11.Response(status_code=status, headers=head))
+        + conn.send(h11.Data(data=body))
+        + conn.send(h11.EndOfMessage())
+    )
 
 
 def _error(type_: str, status: int, code: str, message: str) -> dict[str, Any]:
