@@ -8,8 +8,15 @@ CODEX_DIR := .tools/codex
 CODEX := $(CODEX_DIR)/node_modules/.bin/codex
 HOST ?= 127.0.0.1
 PORT ?= 8787
+# The bench's own venv: LiteLLM and matplotlib stay out of the product's dependencies.
+# LiteLLM 1.106.0 is the newest whose requirements resolve against this machine's package
+# index (1.108 and later need certifi>=2026.10.19, which it does not have).
+BENCH_VENV ?= .bench-venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_PROFILE ?= quick
+LITELLM_VERSION ?= 1.106.0
 
-.PHONY: install codex test lint format demo serve clean
+.PHONY: install codex test lint format demo serve bench clean
 
 install: $(STAMP)
 
@@ -44,5 +51,18 @@ demo: install
 serve: install
 	$(VENV)/bin/trioproxy serve --host $(HOST) --port $(PORT)
 
+$(BENCH_STAMP): Makefile
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check \
+		'litellm[proxy]==$(LITELLM_VERSION)' 'matplotlib>=3.8,<4'
+	touch $(BENCH_STAMP)
+
+# Every contender against one fake upstream in one run: a Markdown table, the targets,
+# bench/results/latest.json and latest.png. BENCH_PROFILE=full for the long run.
+bench: install $(BENCH_STAMP)
+	mkdir -p bench/results
+	BENCH_VENV=$(BENCH_VENV) $(PY) bench/run.py --profile $(BENCH_PROFILE)
+	$(BENCH_VENV)/bin/python bench/plot.py bench/results/latest.json bench/results/latest.png
+
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .tools .pytest_cache .mypy_cache .ruff_cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import socket
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def main(sessions: int, batch: int) -> None:
+async def main(sessions: int, batch: int, as_json: bool) -> None:
     port = free_port()
     fake = await trio.lowlevel.open_process(
         [
@@ -100,6 +101,16 @@ async def main(sessions: int, batch: int) -> None:
                 f"{(after - before) / sessions:.1f} KiB per idle pooled socket"
             )
             print(f"one registry sweep with {registry.idle} idle sockets: {sweep * 1e6:.0f} us")
+            if as_json:
+                figures = {
+                    "sessions": sessions,
+                    "kib_per_socket": (after - before) / sessions,
+                    "rss_before_mib": before / 1024,
+                    "rss_after_mib": after / 1024,
+                    "sweep_us": sweep * 1e6,
+                    "open_s": elapsed,
+                }
+                print(json.dumps(figures))
             await registry.aclose()
             nursery.cancel_scope.cancel()
     finally:
@@ -111,5 +122,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of figures")
     args = parser.parse_args()
-    trio.run(main, args.sessions, args.batch)
+    trio.run(main, args.sessions, args.batch, args.json)

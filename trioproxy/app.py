@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response, g, request
 from quart_trio import QuartTrio
@@ -51,8 +52,10 @@ def error_response(error: ApiError) -> Response:
 class SseBody:
     """The streaming body: upstream events as SSE blocks, then a flat `error` if it ended badly.
 
-    A class rather than an async generator so that `aclose` abandons the turn even when the
-    server is cancelled before it ever started iterating.
+    Each chunk carries the next event plus every event already waiting behind it (up to
+    `_COALESCE`): under load one write replaces dozens, and an event never waits for a later
+    one. A class rather than an async generator so that `aclose` abandons the turn even when
+    the server is cancelled before it ever started iterating.
     """
 
     def __init__(self, stream: TurnStream) -> None:
@@ -69,20 +72,40 @@ class SseBody:
             event = await self._stream.__anext__()
         except StopAsyncIteration:
             self._done = True
-            end = self._stream.end
-            if end.event is not None and end.error is None:
-                return sse.encode(end.event.type, end.event.raw)
-            if end.error is not None:
-                blocks = sse.encode_json(end.error.sse_event(end.next_sequence))
-                if end.begun is not None:
-                    failed = end.error.failed_event(end.begun, end.next_sequence + 1)
-                    blocks += sse.encode_json(failed)
-                return blocks
-            raise
-        return sse.encode(event.type, event.raw)
+            last = self._ending()
+            if not last:
+                raise
+            return last
+        chunk = bytearray(sse.encode(event.type, event.raw))
+        for _ in range(_COALESCE):
+            try:
+                event = self._stream.next_nowait()
+            except trio.WouldBlock:
+                break
+            except StopAsyncIteration:
+                self._done = True
+                chunk += self._ending()
+                break
+            chunk += sse.encode(event.type, event.raw)
+        return bytes(chunk)
+
+    def _ending(self) -> bytes:
+        """The blocks after the upstream's last event: its terminal event, or the error."""
+        end = self._stream.end
+        if end.event is not None and end.error is None:
+            return sse.encode(end.event.type, end.event.raw)
+        if end.error is None:
+            return b""
+        blocks = sse.encode_json(end.error.sse_event(end.next_sequence))
+        if end.begun is not None:
+            blocks += sse.encode_json(end.error.failed_event(end.begun, end.next_sequence + 1))
+        return blocks
 
     async def aclose(self) -> None:
         self._stream.abandon()
+
+
+_COALESCE = 255  # events joined into one write at most, beyond the one awaited
 
 
 async def collect(stream: TurnStream) -> Response:

@@ -70,7 +70,7 @@ async def run_server(settings: Settings, keys: Managed | None = None) -> None:
 async def run_fake(host: str, port: int, event_delay: float) -> None:
     from trioproxy.fake import FakeUpstream
 
-    fake = FakeUpstream(event_delay=event_delay)
+    fake = FakeUpstream(event_delay=event_delay, keep_messages=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(fake.serve, host, port)
         print(f"fake upstream listening on {fake.url}", flush=True)

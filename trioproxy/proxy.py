@@ -59,6 +59,17 @@ class TurnStream:
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
+    def next_nowait(self) -> UpstreamEvent:
+        """The next event if one is already buffered; `trio.WouldBlock` if none is yet,
+        `StopAsyncIteration` once the turn has ended."""
+        if self._pending is not None:
+            event, self._pending = self._pending, None
+            return event
+        try:
+            return self.turn.events.receive_nowait()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
     @property
     def end(self) -> TurnEnd:
         assert self.turn.end is not None, "end is known once the events are exhausted"

@@ -104,7 +104,9 @@ def _message_events(item_id: str, text: str) -> Iterator[dict[str, Any]]:
     yield {"type": "response.content_part.done", **base, "part": done_part}
 
 
-def _call_events(item_id: str, call_id: str, name: str, arguments: str) -> Iterator[dict[str, Any]]:
+def _call_events(
+    item_id: str, call_id: str, name: str, arguments: str, deltas: int = 4
+) -> Iterator[dict[str, Any]]:
     item = {
         "id": item_id,
         "type": "function_call",
@@ -114,7 +116,7 @@ def _call_events(item_id: str, call_id: str, name: str, arguments: str) -> Itera
         "arguments": "",
     }
     yield {"type": "response.output_item.added", "output_index": 0, "item": item}
-    step = max(1, len(arguments) // 4)
+    step = max(1, -(-len(arguments) // deltas))
     for i in range(0, len(arguments), step):
         yield {
             "type": "response.function_call_arguments.delta",
@@ -195,7 +197,8 @@ def response_events(
         else Reply.message(reply.text or "This answer was cut short.")
     )
     if item["type"] == "function_call":
-        events.extend(_call_events(item["id"], item["call_id"], item["name"], item["arguments"]))
+        call = (item["id"], item["call_id"], item["name"], item["arguments"])
+        events.extend(_call_events(*call, reply.deltas))
     else:
         events.extend(_message_events(item["id"], item["content"][0]["text"]))
     events.append({"type": "response.output_item.done", "output_index": 0, "item": item})

@@ -6,7 +6,8 @@ conversation, so a real client (Codex, the SDK, curl) can drive it by what it ty
 - a user message containing a line `fake: call NAME {json args}` gets a function call;
 - `fake: steps N NAME {json args}` gets a tool loop: N calls, one per turn (`#n` in the
   arguments becomes the step number), then a message quoting the last tool output;
-- `fake: slow SECONDS` (beside any of these) paces every event of the reply;
+- `fake: slow SECONDS` (beside any of these) paces every event of the reply, and
+  `fake: deltas N` streams a function call's arguments in N deltas;
 - `fake: error CODE [STATUS [N]]` an `error` event (after N opening events),
   `fake: fail CODE` a `response.failed`, `fake: incomplete` a `response.incomplete`,
   `fake: drop N` a socket closed after N events, `fake: stall N` silence after N events,
@@ -34,6 +35,7 @@ class Reply:
     status: int = 400
     after_events: int = 0  # events before: `drop` the close, `error` the error, `stall` silence
     delay: float = 0.0  # seconds before each event (0: the server's default pace)
+    deltas: int = 4  # argument deltas a function call streams in
 
     @classmethod
     def message(cls, text: str) -> Reply:
@@ -66,6 +68,7 @@ def _directive(text: str, outputs_since: int) -> Reply | None:
     """The reply a user message's `fake:` lines ask for, given the tool outputs since it."""
     reply: Reply | None = None
     delay = 0.0
+    deltas = 0
     for line in text.splitlines():
         line = line.strip()
         if not line.startswith("fake:"):
@@ -76,6 +79,8 @@ def _directive(text: str, outputs_since: int) -> Reply | None:
         verb, rest = words[0], words[1:]
         if verb == "slow" and rest:
             delay = float(rest[0])
+        elif verb == "deltas" and rest:
+            deltas = int(rest[0])
         elif verb == "steps" and len(rest) == 2:
             name, _, args = rest[1].partition(" ")
             if outputs_since < int(rest[0]):
@@ -98,11 +103,10 @@ def _directive(text: str, outputs_since: int) -> Reply | None:
             reply = Reply("stall", after_events=int(rest[0]) if rest else 0)
         elif verb == "long" and rest:
             reply = Reply.message(" ".join(f"w{n}" for n in range(int(rest[0]))))
-    if delay and reply is not None:
-        return replace(reply, delay=delay)
-    if delay:
-        return Reply("text", delay=delay)  # text filled in by `decide`
-    return reply
+    if reply is None and not delay:
+        return None
+    reply = reply or Reply("text")  # text filled in by `decide`
+    return replace(reply, delay=delay, deltas=deltas or reply.deltas)
 
 
 def decide(conversation: list[Any]) -> Reply:

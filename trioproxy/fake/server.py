@@ -64,9 +64,16 @@ class _Socket:
 
 class FakeUpstream:
     def __init__(
-        self, *, event_delay: float = 0.0, require_auth: bool = True, record_frames: bool = False
+        self,
+        *,
+        event_delay: float = 0.0,
+        require_auth: bool = True,
+        record_frames: bool = False,
+        keep_messages: bool = True,
     ) -> None:
         self.event_delay = event_delay
+        # Keep each received message whole (tests read them); a load run keeps only sizes.
+        self.keep_messages = keep_messages
         # response id -> the exact text frames sent for it (tests compare streams byte for byte;
         # off by default so a long-running fake does not grow)
         self.transcripts: dict[str, list[str]] | None = {} if record_frames else None
@@ -112,6 +119,26 @@ class FakeUpstream:
     def queue(self, *replies: Reply) -> None:
         """Answer the next turns with these replies, in order, before any default answer."""
         self.replies.extend(replies)
+
+    def stats(self) -> dict[str, int]:
+        """Counters a load run reads from another process (`GET /_fake/stats`)."""
+        creates = self.creates()
+        return {
+            "sockets_opened": self.sockets_opened,
+            "open_sockets": self.open_sockets,
+            "ws_turns": len(creates),
+            "ws_bytes": sum(r.size for r in creates),
+            "http_turns": len(self.http_posts),
+            "http_bytes": sum(r.size for r in self.http_posts),
+            "events_sent": self.events_sent,
+        }
+
+    def recent_sizes(self, count: int = 200) -> dict[str, list[int]]:
+        """Sizes of the last `count` turns received over sockets and over HTTP, oldest first."""
+        return {
+            "ws": [r.size for r in self.creates()[-count:]],
+            "http": [r.size for r in self.http_posts[-count:]],
+        }
 
     def refuse_handshakes(self, status: int, code: str, count: int = 1) -> None:
         """Refuse the next `count` WebSocket handshakes with this status and error code."""
@@ -216,7 +243,8 @@ class FakeUpstream:
         if path.startswith("/backend-api/codex/") and request.get("store") is not False:
             await _send_json(stream, conn, 400, json.loads(_error_body("invalid_value", "store")))
             return
-        self.http_posts.append(Received(0, request, len(seen.body)))
+        kept = request if self.keep_messages else {"type": "http"}
+        self.http_posts.append(Received(0, kept, len(seen.body)))
         previous = request.get("previous_response_id")
         history = self.stored.get(previous) if isinstance(previous, str) else []
         if history is None:  # over HTTP only stored responses resolve
@@ -230,7 +258,11 @@ class FakeUpstream:
         if reply.kind in ("text", "call") and request.get("store", True) is not False:
             self.stored[rid] = conversation + output
         limit = reply.after_events if reply.kind in ("drop", "stall") else len(events)
-        head = [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")]
+        head = [
+            ("content-type", "text/event-stream"),
+            ("transfer-encoding", "chunked"),
+            ("connection", "close"),  # one request per connection: say so, clients reconnect
+        ]
         await stream.send_all(conn.send(h11.Response(status_code=200, headers=head)))
         delay = reply.delay or self.event_delay
         for event in events[:limit]:
@@ -276,6 +308,8 @@ class FakeUpstream:
         path = request.target.split("?")[0].rstrip("/")
         if request.method == "POST" and path == "/oauth/token":
             return self.logins.refresh_grant(request.body)
+        if request.method == "GET" and path == "/_fake/stats":
+            return 200, {**self.stats(), "recent_sizes": self.recent_sizes()}
         routes = {
             ("GET", "/backend-api/codex/models"),
             ("GET", "/v1/models"),
@@ -344,7 +378,8 @@ class FakeUpstream:
             message = json.loads(raw)
         except ValueError:
             message = {"type": "<unparsable>"}
-        self.received.append(Received(sock.number, message, size))
+        kept = message if self.keep_messages else {"type": message.get("type")}
+        self.received.append(Received(sock.number, kept, size))
         if not isinstance(message, dict) or message.get("type") != "response.create":
             nursery.start_soon(
                 self._send_all,
@@ -442,7 +477,11 @@ async def _send_json(
     stream: trio.abc.Stream, conn: h11.Connection, status: int, payload: Any
 ) -> None:
     body = json.dumps(payload).encode()
-    head = [("content-type", "application/json"), ("content-length", str(len(body)))]
+    head = [
+        ("content-type", "application/json"),
+        ("content-length", str(len(body))),
+        ("connection", "close"),
+    ]
     await stream.send_all(
         conn.send(h11.Response(status_code=status, headers=head))
         + conn.send(h11.Data(data=body))

@@ -1,0 +1,172 @@
+"""The trio load generator: N codex-shaped sessions at once against one contender.
+
+Contenders differ only in how a turn travels:
+
+- `direct`: WebSocket straight to the fake upstream, one socket per session, each later turn
+  sent as `previous_response_id` + the new items (the floor the proxy can reach);
+- `trioproxy`, `litellm`, `full_http`: HTTP/SSE with the whole conversation every turn, to the
+  proxy, to LiteLLM, or straight to the fake upstream's HTTP endpoint.
+
+Per turn it records the time to first event and the events received; the run's wall time
+gives turns/s and events/s.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+import trio
+from trio_websocket import open_websocket_url
+
+from bench.scenario import continuation, first_request
+
+TERMINAL = (b"response.completed", b"response.failed", b"response.incomplete")
+TERMINAL_LINES = tuple(b"event: " + kind for kind in TERMINAL)
+TERMINAL_TYPES = tuple(b'"type":"' + k + b'"' for k in TERMINAL) + tuple(
+    b'"type": "' + k + b'"' for k in TERMINAL
+)
+
+
+@dataclass
+class Result:
+    contender: str
+    sessions: int
+    turns: int = 0
+    events: int = 0
+    errors: int = 0
+    ttfe: list[float] = field(default_factory=list)  # seconds, one per turn
+    wall: float = 0.0
+    first_error: str = ""
+    frames: list[bytes] | None = None  # direct only, when asked: every frame it sent
+
+    def record_error(self, detail: str) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or detail[:300]
+
+
+async def http_turn(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str], r: Result
+) -> list[Any]:
+    """One turn over HTTP/SSE: returns the final response's output items.
+
+    Reads raw chunks and splits SSE blocks on blank lines, parsing only the terminal event's
+    JSON: the client stays cheap, so the contenders, not the load generator, set the pace.
+    """
+    started = time.perf_counter()
+    terminal: bytes | None = None
+    buffer = b""
+    async with client.stream("POST", url, content=orjson.dumps(body), headers=headers) as reply:
+        if reply.status_code != 200:
+            r.record_error(f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}")
+            return []
+        async for chunk in reply.aiter_raw():
+            buffer += chunk
+            *blocks, buffer = buffer.split(b"\n\n")
+            for block in blocks:
+                if not block.strip():
+                    continue
+                if started:
+                    r.ttfe.append(time.perf_counter() - started)
+                    started = 0.0
+                r.events += 1
+                # Some servers (LiteLLM) send `data:` lines without `event:` lines.
+                if block.startswith(TERMINAL_LINES) or any(k in block for k in TERMINAL_TYPES):
+                    terminal = block.split(b"data: ", 1)[1]
+    if terminal is None:
+        r.record_error("stream ended without a terminal event")
+        return []
+    response = orjson.loads(terminal).get("response", {})
+    if response.get("status") != "completed":
+        r.record_error(f"turn ended {response.get('status')}")
+    return list(response.get("output", []))
+
+
+async def http_session(
+    contender: str, base: str, n: int, turns: int, r: Result, client: httpx.AsyncClient
+) -> None:
+    body = first_request(turns, n)
+    body["stream"] = True
+    headers = {
+        "authorization": "Bearer sk-bench",
+        "content-type": "application/json",
+        "session-id": f"bench-{contender}-{n}-{time.monotonic_ns()}",
+    }
+    if contender == "litellm":
+        body["model"] = "gpt-bench"
+    for _ in range(turns):
+        output = await http_turn(client, f"{base}/responses", body, headers, r)
+        r.turns += 1
+        if not output:
+            return
+        body["input"] = [*body["input"], *continuation(output)]
+
+
+async def direct_session(ws_url: str, n: int, turns: int, r: Result) -> None:
+    """The physical limit: the client itself keeps the socket and sends suffixes."""
+    body = first_request(turns, n)
+    params = {k: v for k, v in body.items() if k not in ("input", "stream")}
+    async with open_websocket_url(
+        ws_url, extra_headers=[(b"authorization", b"Bearer sk-bench")], max_message_size=2**26
+    ) as ws:
+        message: dict[str, Any] = {"type": "response.create", **params, "input": body["input"]}
+        for _ in range(turns):
+            started = time.perf_counter()
+            frame_out = orjson.dumps(message)
+            if r.frames is not None:
+                r.frames.append(frame_out)
+            await ws.send_message(frame_out.decode())
+            first = True
+            while True:
+                frame = await ws.get_message()
+                if first:
+                    r.ttfe.append(time.perf_counter() - started)
+                    first = False
+                r.events += 1
+                head = frame[:60] if isinstance(frame, str) else frame[:60].decode()
+                if any(kind.decode() in head for kind in TERMINAL) or '"error"' in head:
+                    event = orjson.loads(frame)
+                    break
+            r.turns += 1
+            response = event.get("response") or {}
+            if response.get("status") != "completed":
+                r.record_error(f"direct turn ended {event.get('type')}")
+                return
+            added = continuation(response.get("output", []))
+            outputs = [item for item in added if item["type"] == "function_call_output"]
+            message = {
+                "type": "response.create",
+                **params,
+                "previous_response_id": response["id"],
+                "input": outputs,
+            }
+
+
+async def run(
+    contender: str, target: str, sessions: int, turns: int, *, keep_frames: bool = False
+) -> Result:
+    """`sessions` sessions of `turns` turns at once; `target` is a base URL or, for direct,
+    the fake upstream's WebSocket URL."""
+    r = Result(contender, sessions, frames=[] if keep_frames else None)
+    started = time.perf_counter()
+    limits = httpx.Limits(max_connections=sessions, max_keepalive_connections=sessions)
+    timeout = httpx.Timeout(300.0)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+
+        async def one(n: int) -> None:
+            try:
+                if contender == "direct":
+                    await direct_session(target, n, turns, r)
+                else:
+                    await http_session(contender, target, n, turns, r, client)
+            except Exception as exc:  # a load run reports failures, it does not stop on them
+                r.record_error(f"{type(exc).__name__}: {exc}")
+
+        async with trio.open_nursery() as nursery:
+            for n in range(sessions):
+                nursery.start_soon(one, n)
+    r.wall = time.perf_counter() - started
+    return r

@@ -1,0 +1,402 @@
+"""`make bench`: every contender against one fake upstream, in one run, side by side.
+
+Starts the fake upstream, trioproxy and (if its bench venv is there) LiteLLM as separate
+processes, runs the codex-shaped sessions at each concurrency through each contender, measures
+the proxies' CPU and RSS from /proc, reads upstream bytes from the fake, and prints a Markdown
+table and the targets. Ratios matter more than absolute times on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import trio
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import load  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {"sweep": [1, 16, 64], "turns": 20, "long": 100, "idle": 1_000, "delay": 0.0},
+    "full": {"sweep": [1, 16, 64, 256], "turns": 20, "long": 100, "idle": 10_000, "delay": 0.0},
+}
+CONTENDERS = ["direct", "trioproxy", "full_http", "litellm", "codex_lb"]
+CODEX_LB_MISSING = "not installable here: `pip install codex-lb` finds no distribution"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Process:
+    """A contender's server process, with what /proc says about it."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log = open(ROOT / "bench" / "results" / f"{name}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            argv, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+async def wait_http(url: str, seconds: float = 120) -> bool:
+    async with httpx.AsyncClient(timeout=5) as client:
+        with trio.move_on_after(seconds):
+            while True:
+                try:
+                    if (await client.get(url)).status_code < 500:
+                        return True
+                except httpx.HTTPError:
+                    pass
+                await trio.sleep(0.2)
+    return False
+
+
+async def fake_stats(base: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return dict((await client.get(f"{base}/_fake/stats")).json())
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def litellm_config(fake_http: str) -> Path:
+    path = ROOT / "bench" / "results" / "litellm.yaml"
+    path.write_text(
+        "model_list:\n"
+        "  - model_name: gpt-bench\n"
+        "    litellm_params:\n"
+        "      model: openai/gpt-bench\n"
+        f"      api_base: {fake_http}/v1\n"
+        "      api_key: sk-bench\n"
+        "litellm_settings:\n"
+        "  drop_params: true\n"
+        "  telemetry: false\n"
+    )
+    return path
+
+
+async def measure(
+    name: str, target: str, sessions: int, turns: int, fake: str, server: Process | None
+) -> dict[str, Any]:
+    before, cpu0 = await fake_stats(fake), server.cpu_seconds() if server else 0.0
+    result = await load.run(name, target, sessions, turns)
+    after, cpu1 = await fake_stats(fake), server.cpu_seconds() if server else 0.0
+    upstream = (after["ws_bytes"] - before["ws_bytes"]) + (
+        after["http_bytes"] - before["http_bytes"]
+    )
+    row = {
+        "contender": name,
+        "sessions": sessions,
+        "turns": result.turns,
+        "errors": result.errors,
+        "first_error": result.first_error,
+        "wall_s": result.wall,
+        "turns_per_s": result.turns / result.wall if result.wall else 0.0,
+        "events_per_s": result.events / result.wall if result.wall else 0.0,
+        "ttfe_p50_ms": percentile(result.ttfe, 0.50) * 1000,
+        "ttfe_p99_ms": percentile(result.ttfe, 0.99) * 1000,
+        "upstream_bytes_per_turn": upstream / result.turns if result.turns else 0.0,
+        "upstream_bytes_per_session": upstream / sessions,
+        "cpu_s_per_1k_events": (cpu1 - cpu0) / (result.events / 1000) if server else None,
+        "peak_rss_mib": server.peak_rss_mib() if server else None,
+        "events": result.events,
+    }
+    status = "ok" if not result.errors else f"{result.errors} errors: {result.first_error}"
+    print(f"  {name:10s} x{sessions:<4d} {row['turns_per_s']:8.1f} turns/s  {status}", flush=True)
+    return row
+
+
+def deflate_sizes(frames: list[bytes]) -> list[int]:
+    """Each frame's size under permessage-deflate with context takeover (what wsproto's
+    PerMessageDeflate does: raw deflate, one stream per direction, sync-flushed per message)."""
+    stream = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+    sizes = []
+    for frame in frames:
+        data = stream.compress(frame) + stream.flush(zlib.Z_SYNC_FLUSH)
+        sizes.append(len(data) - 4)  # the extension strips the 00 00 ff ff tail
+    return sizes
+
+
+def floor_bytes(frames: list[bytes]) -> list[int]:
+    """The protocol's floor for each continuation: its unchanged request parameters plus its
+    new items (previous_response_id carries the conversation but not tools or instructions)."""
+    floors = []
+    for frame in frames[1:]:
+        message = orjson.loads(frame)
+        new_items = message.pop("input")
+        message.pop("previous_response_id", None)
+        message.pop("type", None)
+        floors.append(len(orjson.dumps(message)) + len(orjson.dumps(new_items)))
+    return floors
+
+
+async def long_session(turns: int, fake: str, fake_ws: str, proxy: str) -> dict[str, Any]:
+    """One session of `turns` turns through trioproxy, direct and full-context HTTP: bytes."""
+    out: dict[str, Any] = {"turns": turns}
+    direct = await load.run("direct", fake_ws, 1, turns, keep_frames=True)
+    assert direct.frames is not None
+    out["direct_bytes"] = [len(f) for f in direct.frames]
+    out["floor_bytes"] = floor_bytes(direct.frames)
+    out["deflate_bytes"] = deflate_sizes(direct.frames)
+    for name, target in (("trioproxy", proxy), ("full_http", f"{fake}/v1")):
+        await load.run(name, target, 1, turns)
+        recent = (await fake_stats(fake))["recent_sizes"]
+        out[f"{name}_bytes"] = recent["ws" if name == "trioproxy" else "http"][-turns:]
+    return out
+
+
+def idle_pool(sessions: int) -> dict[str, Any]:
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "idle_pool.py"),
+            "--sessions",
+            str(sessions),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return dict(json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+async def main(profile: str, contenders: list[str]) -> dict[str, Any]:
+    settings = PROFILES[profile]
+    results_dir = ROOT / "bench" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    fake_port, proxy_port, litellm_port = free_port(), free_port(), free_port()
+    fake = f"http://127.0.0.1:{fake_port}"
+    fake_ws = f"ws://127.0.0.1:{fake_port}/v1/responses"
+    delay = str(settings["delay"])
+    servers = [
+        Process(
+            "fake",
+            [
+                str(VENV_BIN / "trioproxy"),
+                "fake-upstream",
+                "--port",
+                str(fake_port),
+                "--event-delay",
+                delay,
+            ],
+        ),
+    ]
+    proxy = Process(
+        "trioproxy",
+        [
+            str(VENV_BIN / "trioproxy"),
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--port",
+            str(proxy_port),
+            "--upstream",
+            fake_ws,
+            "--max-sockets",
+            "100000",
+        ],
+    )
+    servers.append(proxy)
+    litellm_bin = Path(os.environ.get("BENCH_VENV", ROOT / ".bench-venv")) / "bin" / "litellm"
+    litellm: Process | None = None
+    skipped: dict[str, str] = {"codex_lb": CODEX_LB_MISSING}
+    if "litellm" in contenders and litellm_bin.exists():
+        litellm = Process(
+            "litellm",
+            [
+                str(litellm_bin),
+                "--config",
+                str(litellm_config(fake)),
+                "--port",
+                str(litellm_port),
+                "--num_workers",
+                "1",
+            ],
+            env={
+                "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                "LITELLM_LOG": "ERROR",
+                "LITELLM_MASTER_KEY": "sk-bench",  # what the load generator sends
+                "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",  # a local bench
+            },
+        )
+        servers.append(litellm)
+    elif "litellm" in contenders:
+        skipped["litellm"] = f"no LiteLLM at {litellm_bin} (make bench installs it)"
+    try:
+        assert await wait_http(f"{fake}/_fake/stats"), "the fake upstream did not start"
+        assert await wait_http(f"http://127.0.0.1:{proxy_port}/healthz"), "trioproxy did not start"
+        if litellm is not None and not await wait_http(
+            f"http://127.0.0.1:{litellm_port}/health/liveliness", 180
+        ):
+            skipped["litellm"] = "LiteLLM did not start (see bench/results/litellm.log)"
+            litellm = None
+        targets = {
+            "direct": (fake_ws, None),
+            "trioproxy": (f"http://127.0.0.1:{proxy_port}/v1", proxy),
+            "full_http": (f"{fake}/v1", None),
+            "litellm": (f"http://127.0.0.1:{litellm_port}/v1", litellm),
+        }
+        # Warm-up: imports, caches and the first connections out of the measured runs.
+        for name in contenders:
+            if name in targets and name not in skipped:
+                await load.run(name, targets[name][0], 2, 2)
+        rows = []
+        for sessions in settings["sweep"]:
+            print(f"{sessions} concurrent sessions x {settings['turns']} turns", flush=True)
+            for name in contenders:
+                if name in skipped or name not in targets:
+                    continue
+                target, server = targets[name]
+                rows.append(await measure(name, target, sessions, settings["turns"], fake, server))
+        print(f"one session x {settings['long']} turns (bytes)", flush=True)
+        long = await long_session(settings["long"], fake, fake_ws, targets["trioproxy"][0])
+    finally:
+        for server in reversed(servers):
+            server.stop()
+    print(f"idle pool: {settings['idle']} sessions", flush=True)
+    idle = idle_pool(settings["idle"])
+    return {
+        "profile": profile,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "settings": settings,
+        "rows": rows,
+        "long_session": long,
+        "idle_pool": idle,
+        "skipped": skipped,
+    }
+
+
+# -- the report ------------------------------------------------------------------------------------
+def report(data: dict[str, Any]) -> tuple[str, list[tuple[str, bool | None, str]]]:
+    rows = data["rows"]
+    direct = {r["sessions"]: r for r in rows if r["contender"] == "direct"}
+    lines = [
+        "| contender | sessions | turns/s | events/s | TTFE p50 ms | TTFE p99 ms | added p50 ms"
+        " | added p99 ms | upstream B/turn | upstream KB/session | CPU s/1k events | peak RSS MiB"
+        " | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        base = direct.get(r["sessions"])
+        added50 = r["ttfe_p50_ms"] - base["ttfe_p50_ms"] if base else float("nan")
+        added99 = r["ttfe_p99_ms"] - base["ttfe_p99_ms"] if base else float("nan")
+        cpu = "-" if r["cpu_s_per_1k_events"] is None else f"{r['cpu_s_per_1k_events']:.3f}"
+        rss = "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
+        lines.append(
+            f"| {r['contender']} | {r['sessions']} | {r['turns_per_s']:.1f} | "
+            f"{r['events_per_s']:.0f} | {r['ttfe_p50_ms']:.2f} | {r['ttfe_p99_ms']:.2f} | "
+            f"{added50:+.2f} | {added99:+.2f} | {r['upstream_bytes_per_turn']:,.0f} | "
+            f"{r['upstream_bytes_per_session'] / 1000:,.1f} | {cpu} | {rss} | {r['errors']} |"
+        )
+    for name, why in data["skipped"].items():
+        lines.append(f"| {name} | - | left out: {why} | | | | | | | | | | |")
+    return "\n".join(lines), targets(data)
+
+
+def targets(data: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
+    rows = data["rows"]
+    out: list[tuple[str, bool | None, str]] = []
+
+    def row(name: str, sessions: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["contender"] == name and r["sessions"] == sessions), None)
+
+    proxy64, direct64 = row("trioproxy", 64), row("direct", 64)
+    if proxy64 and direct64:
+        a50 = proxy64["ttfe_p50_ms"] - direct64["ttfe_p50_ms"]
+        a99 = proxy64["ttfe_p99_ms"] - direct64["ttfe_p99_ms"]
+        out.append(("P1 added TTFE at 64 sessions: p50 <= 1 ms, p99 <= 5 ms", a50 <= 1 and a99 <= 5,
+                    f"p50 {a50:+.2f} ms, p99 {a99:+.2f} ms"))  # fmt: skip
+    long = data["long_session"]
+    proxy_bytes, floors = long["trioproxy_bytes"], long["floor_bytes"]
+    continuation_ratio = max(p / f for p, f in zip(proxy_bytes[1:], floors, strict=False))
+    full = long["full_http_bytes"]
+    n20 = min(20, len(full))
+    r20 = sum(proxy_bytes[:n20]) / sum(full[:n20])
+    r100 = sum(proxy_bytes) / sum(full)
+    deflated = sum(long["deflate_bytes"][1:]) / sum(long["direct_bytes"][1:])
+    out.append(("P2 continuation bytes <= 1.01 x floor (params + new items)",
+                continuation_ratio <= 1.01,
+                f"worst turn {continuation_ratio:.3f} x floor; vs full-context HTTP "
+                f"{r20:.2f} over 20 turns, {r100:.2f} over {len(full)}; permessage-deflate "
+                f"would carry continuations at {deflated:.2f} of their size"))  # fmt: skip
+    proxies = [r for r in rows if r["contender"] == "trioproxy"]
+    best = max((r["events_per_s"] for r in proxies), default=0.0)
+    lite = {r["sessions"]: r for r in rows if r["contender"] == "litellm"}
+    ratios = [r["turns_per_s"] / lite[r["sessions"]]["turns_per_s"] for r in proxies
+              if r["sessions"] in lite and lite[r["sessions"]]["turns_per_s"]]  # fmt: skip
+    vs = f"{min(ratios):.1f}x-{max(ratios):.1f}x LiteLLM's turns/s" if ratios else "no LiteLLM"
+    out.append(("P3 >= 20,000 events/s and >= 3x LiteLLM's turns/s",
+                best >= 20_000 and bool(ratios) and min(ratios) >= 3,
+                f"best {best:,.0f} events/s; {vs}"))  # fmt: skip
+    per_socket = data["idle_pool"]["kib_per_socket"]
+    out.append(("P4 <= 100 KB RSS per idle pooled socket", per_socket * 1.024 <= 100,
+                f"{per_socket:.1f} KiB per socket over {data['idle_pool']['sessions']:,} "
+                f"sessions; sweep {data['idle_pool']['sweep_us']:.0f} us"))  # fmt: skip
+    return out
+
+
+def render(data: dict[str, Any]) -> str:
+    table, checks = report(data)
+    lines = [f"## trioproxy bench ({data['profile']}, {data['when']}, "
+             f"{data['machine']['cpus']} CPUs)", "", table, "", "| target | pass | measured |",
+             "|---|---|---|"]  # fmt: skip
+    for name, ok, detail in checks:
+        lines.append(f"| {name} | {'PASS' if ok else 'FAIL'} | {detail} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--report-only", action="store_true", help="re-render latest.json")
+    args = parser.parse_args()
+    latest = ROOT / "bench" / "results" / "latest.json"
+    if args.report_only:
+        data = json.loads(latest.read_text())
+    else:
+        data = trio.run(main, args.profile, args.contenders.split(","))
+        latest.write_text(json.dumps(data, indent=2, default=str))
+    text = render(data)
+    (ROOT / "bench" / "results" / "latest.md").write_text(text + "\n")
+    print(text)
