@@ -32,6 +32,8 @@ VENV_BIN = Path(sys.executable).parent
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {"sweep": [1, 16, 64], "turns": 20, "long": 100, "idle": 1_000, "delay": 0.0},
     "full": {"sweep": [1, 16, 64, 256], "turns": 20, "long": 100, "idle": 10_000, "delay": 0.0},
+    # Paced like a model (2 ms between events): latency under load rather than throughput.
+    "latency": {"sweep": [1, 64], "turns": 20, "long": 100, "idle": 1_000, "delay": 0.002},
 }
 CONTENDERS = ["direct", "trioproxy", "full_http", "litellm", "codex_lb"]
 CODEX_LB_MISSING = "not installable here: `pip install codex-lb` finds no distribution"
