@@ -67,21 +67,6 @@ async def test_handshake_rejection_keeps_its_status_and_body(
     assert server.registry.live == 0 and server.fake.creates() == []
 
 
-async def test_handshake_without_a_bearer_upstream_refuses_maps_to_401(
-    server: ProxyServer,
-) -> None:
-    async with server.client() as client:
-        reply = await client.post(
-            "/responses",
-            json=request_body("x"),
-            headers={"authorization": "Basic nope", "session-id": "s"},
-        )
-    assert reply.status_code == 401
-    assert reply.json()["error"]["code"] == "invalid_api_key"
-    await nothing_left(server)
-    assert server.registry.live == 0
-
-
 async def test_handshake_that_never_completes_times_out(
     nursery: trio.Nursery, fake: FakeUpstream
 ) -> None:
