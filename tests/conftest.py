@@ -14,7 +14,7 @@ import trio
 import trio.testing
 from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
-from trio_websocket import WebSocketConnection, wrap_client_stream, wrap_server_stream
+from trio_websocket import wrap_server_stream
 
 from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
@@ -23,6 +23,7 @@ from trioproxy.fake import FakeUpstream
 from trioproxy.proxy import Proxy
 from trioproxy.registry import Registry
 from trioproxy.upstream import Connector
+from trioproxy.wsclient import ClientSocket, WsUrl, open_websocket
 
 AUTH = {"authorization": "Bearer sk-test-key"}
 
@@ -68,31 +69,36 @@ async def server(nursery: trio.Nursery, fake: FakeUpstream) -> ProxyServer:
     return await start_proxy(nursery, fake)
 
 
-def memory_connector(fake: FakeUpstream) -> Connector:
+def memory_connector(fake: FakeUpstream, *, deflate: bool = True) -> Connector:
     """Real WebSocket protocol to the fake upstream over in-memory streams: no real I/O, so
-    tests under an autojumping MockClock stay deterministic."""
+    tests under an autojumping MockClock stay deterministic. The client side is the
+    production one (`wsclient.open_websocket`), deflate offer included."""
 
     @asynccontextmanager
-    async def connect(
-        url: str, headers: list[tuple[bytes, bytes]]
-    ) -> AsyncIterator[WebSocketConnection]:
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-
-        async def serve_one() -> None:
-            request = await wrap_server_stream(nursery, server_stream)
-            await fake.handle(request)
-
+    async def connect(url: str, headers: list[tuple[bytes, bytes]]) -> AsyncIterator[ClientSocket]:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_one)
-            ws = await wrap_client_stream(
-                nursery, client_stream, "fake", "/v1/responses", extra_headers=headers
-            )
-            try:
-                yield ws
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
+
+            async def opener(target: WsUrl) -> trio.abc.Stream:
+                client_stream, server_stream = trio.testing.memory_stream_pair()
+
+                async def serve_one() -> None:
+                    request = await wrap_server_stream(nursery, server_stream)
+                    await fake.handle(request)
+
+                nursery.start_soon(serve_one)
+                return client_stream
+
+            async with open_websocket(
+                url,
+                headers,
+                deflate=deflate,
+                connect_timeout=10,
+                close_timeout=1,
+                max_message_size=64 * 2**20,
+                opener=opener,
+            ) as sock:
+                yield sock
+            nursery.cancel_scope.cancel()
 
     return connect
 

@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-sockets", type=int, help="cap on pooled sockets (10000)")
     serve.add_argument(
+        "--permessage-deflate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="offer permessage-deflate on upstream sockets (default on)",
+    )
+    serve.add_argument(
         "--chatgpt-upstream",
         help="Codex backend WebSocket URL (wss://chatgpt.com/backend-api/codex/responses)",
     )
@@ -157,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             connect_timeout=args.connect_timeout,
             read_timeout=args.read_timeout,
             max_sockets=args.max_sockets,
+            permessage_deflate=args.permessage_deflate,
             chatgpt_upstream=args.chatgpt_upstream,
             codex_auth=args.codex_auth,
             api_key=args.api_key,

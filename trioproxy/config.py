@@ -56,6 +56,9 @@ class Settings:
     # slows its own socket instead of growing memory.
     event_buffer: int = 64
     beta: str = WEBSOCKET_BETA
+    # Offer permessage-deflate upstream (used when the upstream accepts): continuation turns
+    # repeat `tools` and `instructions`, which compress to back-references into the last turn.
+    permessage_deflate: bool = True
     shutdown_grace: float = 5.0
     # HTTP fallback: when the upstream refuses the upgrade, or a session's sockets fail this
     # many times in a row, its turns go over HTTP POST /responses for the cool-down.

@@ -77,6 +77,7 @@ class Telemetry:
         self.outcomes: Counter[str] = Counter()
         self.transports: Counter[str] = Counter()
         self.saved_bytes = 0
+        self.wire_bytes = 0
         self.input_tokens = 0
         self.cached_tokens = 0
         self.refused_upgrades = 0
@@ -105,6 +106,7 @@ class Telemetry:
         outcome = end.kind
         self.outcomes[outcome] += 1
         self.transports[turn.transport] += 1
+        self.wire_bytes += turn.wire_bytes
         if turn.plan.mode == "suffix" and turn.request_bytes > turn.sent_bytes:
             self.saved_bytes += turn.request_bytes - turn.sent_bytes
         total, cached = cached_tokens(end)
@@ -120,6 +122,7 @@ class Telemetry:
             "items": turn.plan.new_items,
             "request_bytes": turn.request_bytes,
             "sent_bytes": turn.sent_bytes,
+            "wire_bytes": turn.wire_bytes,
             "outcome": outcome,
             "code": end.error.code if end.error is not None else None,
             "input_tokens": total,
@@ -190,6 +193,11 @@ class _Collector(Collector):
         )
         yield _counter(
             "trioproxy_upstream_bytes", "Bytes of turns sent upstream.", proxy.upstream_bytes
+        )
+        yield _counter(
+            "trioproxy_upstream_wire_bytes",
+            "Bytes of turns on the upstream wire: frames after permessage-deflate, HTTP bodies.",
+            t.wire_bytes,
         )
         yield _counter(
             "trioproxy_suffix_saved_bytes",

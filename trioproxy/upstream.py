@@ -24,8 +24,6 @@ from trio_websocket import (
     ConnectionRejected,
     ConnectionTimeout,
     HandshakeError,
-    WebSocketConnection,
-    open_websocket_url,
 )
 
 from trioproxy import errors
@@ -40,11 +38,12 @@ from trioproxy.events import (
     parse_frame,
     response_id,
 )
+from trioproxy.wsclient import ClientSocket, open_websocket
 
 log = logging.getLogger("trioproxy.upstream")
 
 Headers = list[tuple[bytes, bytes]]
-Connector = Callable[[str, Headers], AbstractAsyncContextManager[WebSocketConnection]]
+Connector = Callable[[str, Headers], AbstractAsyncContextManager[ClientSocket]]
 
 # How a turn can end: as upstream ended it, or as the proxy had to.
 EndKind = Literal[UpstreamEnd, "socket", "timeout", "abandoned"]
@@ -55,26 +54,28 @@ _ABRUPT = frozenset({"socket", "timeout", "abandoned"})
 
 
 def websocket_connector(settings: Settings) -> Connector:
-    """The production connector: a real (TLS where `wss://`) WebSocket client.
+    """The production connector: a real (TLS where `wss://`) WebSocket client that offers
+    permessage-deflate unless `settings.permessage_deflate` is off.
 
-    trio-websocket's `connect_timeout` stops waiting for the upgrade's answer but then waits for
-    its own reader task, which an upstream that accepted TCP and never answers keeps blocked
-    forever. An outer cancel scope bounds the whole handshake, reader included.
+    Waiting for the upgrade's answer is bounded, but the client's reader task can stay blocked
+    on an upstream that accepted TCP and never answers. An outer cancel scope bounds the whole
+    handshake, reader included.
     """
 
     @asynccontextmanager
-    async def connect(url: str, headers: Headers) -> AsyncIterator[WebSocketConnection]:
+    async def connect(url: str, headers: Headers) -> AsyncIterator[ClientSocket]:
         deadline = trio.current_time() + settings.connect_timeout + _HANDSHAKE_SLACK
         with trio.CancelScope(deadline=deadline) as handshake:
-            async with open_websocket_url(
+            async with open_websocket(
                 url,
-                extra_headers=headers,
+                headers,
+                deflate=settings.permessage_deflate,
                 connect_timeout=settings.connect_timeout,
-                disconnect_timeout=settings.close_timeout,
+                close_timeout=settings.close_timeout,
                 max_message_size=settings.max_message_bytes,
-            ) as ws:
+            ) as sock:
                 handshake.deadline = math.inf
-                yield ws
+                yield sock
         if handshake.cancelled_caught:
             raise ConnectionTimeout
 
@@ -114,6 +115,9 @@ class Turn:
         self.transport = transport
         encoded = orjson.dumps(plan.message) if payload is None else payload
         self.sent_bytes = len(encoded)
+        # What the turn cost on the wire: the frame after permessage-deflate (set once sent),
+        # or the HTTP body.
+        self.wire_bytes = self.sent_bytes if transport == "http" else 0
         self.payload = encoded.decode()  # a text frame (or, over HTTP, the request body)
         self.scope = trio.CancelScope()
         self.tracker = TurnTracker()  # what the client has been told so far
@@ -171,6 +175,7 @@ class UpstreamConnection:
         self.memory: Conversation | None = None
         self.turns = 0
         self.current: Turn | None = None  # the turn in progress
+        self.deflate = False  # whether the upstream accepted permessage-deflate
         self._scope = trio.CancelScope()
         self._turns_send, self._turns_recv = trio.open_memory_channel[Turn](1)
         self.closed = trio.Event()
@@ -202,10 +207,11 @@ class UpstreamConnection:
         started = False
         try:
             with self._scope:
-                async with connector(self.url, self._handshake) as ws:
+                async with connector(self.url, self._handshake) as sock:
                     started = True
+                    self.deflate = sock.deflate
                     task_status.started()
-                    await self._serve(ws)
+                    await self._serve(sock)
         except Exception as exc:
             if not started:
                 raise handshake_error(exc) from exc
@@ -228,11 +234,11 @@ class UpstreamConnection:
                 return
             turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket closed")))
 
-    async def _serve(self, ws: WebSocketConnection) -> None:
+    async def _serve(self, sock: ClientSocket) -> None:
         async for turn in self._turns_recv:
             self.current = turn
             try:
-                end = await self._exchange(ws, turn)
+                end = await self._exchange(sock, turn)
             except BaseException:
                 # Even when this task is cancelled (shutdown, eviction) the client hears an end.
                 closed = errors.upstream_closed("socket closed by the proxy")
@@ -252,14 +258,16 @@ class UpstreamConnection:
                     self._scope.cancel()
                 return
 
-    async def _exchange(self, ws: WebSocketConnection, turn: Turn) -> TurnEnd:
-        tracker = turn.tracker
+    async def _exchange(self, sock: ClientSocket, turn: Turn) -> TurnEnd:
+        ws, tracker = sock.ws, turn.tracker
         with turn.scope:
             with trio.move_on_after(self._settings.turn_timeout):
                 if ws.closed is not None:
                     return TurnEnd("socket", error=errors.upstream_closed("closed while idle"))
                 try:
+                    before = sock.wire.sent
                     await ws.send_message(turn.payload)
+                    turn.wire_bytes = sock.wire.sent - before
                     while True:
                         frame: str | bytes | None = None
                         with trio.move_on_after(self._settings.read_timeout):

@@ -24,6 +24,8 @@ from trio_websocket import (
     WebSocketRequest,
     wrap_server_stream,
 )
+from wsproto.events import AcceptConnection
+from wsproto.extensions import PerMessageDeflate
 
 from trioproxy.fake import backend
 from trioproxy.fake.events import compacted, new_id, response_events
@@ -40,6 +42,9 @@ class Received:
     socket: int  # 1 for the first socket opened, 2 for the next, ...
     message: dict[str, Any]
     size: int  # bytes of the text frame
+    # Bytes that crossed the wire for it (after permessage-deflate, with framing); the same
+    # as `size` where the fake does not see the wire (in-memory test sockets, HTTP bodies).
+    wire: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,9 @@ class _Socket:
     headers: dict[str, str]
     responses: dict[str, list[Any]] = field(default_factory=dict)  # store=false: this socket only
     busy: bool = False
+    deflate: bool = False  # permessage-deflate negotiated
+    wire: _Replay | None = None  # the counted transport, when the fake owns it
+    wire_mark: int = 0  # wire bytes received up to the previous message
 
 
 class FakeUpstream:
@@ -88,6 +96,8 @@ class FakeUpstream:
         self.http_requests: list[HttpRequest] = []
         self.http_posts: list[Received] = []  # turns that came over HTTP (socket 0)
         self.websocket_enabled = True  # False: every upgrade gets 404, as an HTTP-only provider
+        # Accept permessage-deflate when a client offers it (Codex does; so does the proxy).
+        self.deflate = True
         self.port = 0
         self.events_sent = 0
         self._numbers = itertools.count(1)
@@ -128,6 +138,7 @@ class FakeUpstream:
             "open_sockets": self.open_sockets,
             "ws_turns": len(creates),
             "ws_bytes": sum(r.size for r in creates),
+            "ws_wire_bytes": sum(r.wire for r in creates),
             "http_turns": len(self.http_posts),
             "http_bytes": sum(r.size for r in self.http_posts),
             "events_sent": self.events_sent,
@@ -137,6 +148,7 @@ class FakeUpstream:
         """Sizes of the last `count` turns received over sockets and over HTTP, oldest first."""
         return {
             "ws": [r.size for r in self.creates()[-count:]],
+            "ws_wire": [r.wire for r in self.creates()[-count:]],
             "http": [r.size for r in self.http_posts[-count:]],
         }
 
@@ -189,10 +201,9 @@ class FakeUpstream:
                 return
             if b"upgrade: websocket" in head.lower():
                 async with trio.open_nursery() as nursery:
-                    request = await wrap_server_stream(
-                        nursery, _Replay(stream, head), max_message_size=256 * 2**20
-                    )
-                    await self.handle(request)
+                    wire = _Replay(stream, head)
+                    request = await wrap_server_stream(nursery, wire, max_message_size=256 * 2**20)
+                    await self.handle(request, wire)
                     # The reader task finishes the close handshake on its own; give it a
                     # moment (cancelling it at once could strand a close waiting on it).
                     nursery.cancel_scope.deadline = trio.current_time() + 2
@@ -244,7 +255,7 @@ class FakeUpstream:
             await _send_json(stream, conn, 400, json.loads(_error_body("invalid_value", "store")))
             return
         kept = request if self.keep_messages else {"type": "http"}
-        self.http_posts.append(Received(0, kept, len(seen.body)))
+        self.http_posts.append(Received(0, kept, len(seen.body), len(seen.body)))
         previous = request.get("previous_response_id")
         history = self.stored.get(previous) if isinstance(previous, str) else []
         if history is None:  # over HTTP only stored responses resolve
@@ -330,9 +341,12 @@ class FakeUpstream:
         except ValueError:
             return 400, json.loads(_error_body("invalid_json", "body is not JSON"))
 
-    async def handle(self, request: WebSocketRequest) -> None:
-        """Serve one socket from its handshake to its close."""
+    async def handle(self, request: WebSocketRequest, wire: _Replay | None = None) -> None:
+        """Serve one socket from its handshake to its close (`wire`: its counted transport)."""
         headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        offers = [str(e) for e in request._event.extensions]  # wsproto takes them out of headers
+        if offers:
+            headers["sec-websocket-extensions"] = ", ".join(offers)
         self.handshakes.append(headers)
         if request.path.rstrip("/").split("?")[0] not in (
             "/v1/responses",
@@ -355,8 +369,12 @@ class FakeUpstream:
         if refused:
             await request.reject(refused[0], body=_error_body(refused[1], "not authorised"))
             return
-        ws = await request.accept()
-        sock = _Socket(next(self._numbers), ws, chatgpt, headers)
+        deflate = self.deflate and any(
+            offer.split(";", 1)[0].strip() == "permessage-deflate" for offer in offers
+        )
+        ws = await _accept(request, deflate)
+        sock = _Socket(next(self._numbers), ws, chatgpt, headers, deflate=deflate, wire=wire)
+        sock.wire_mark = wire.received if wire is not None else 0
         self._open[sock.number] = sock
         self._notify()
         try:
@@ -379,7 +397,10 @@ class FakeUpstream:
         except ValueError:
             message = {"type": "<unparsable>"}
         kept = message if self.keep_messages else {"type": message.get("type")}
-        self.received.append(Received(sock.number, kept, size))
+        wire = size
+        if sock.wire is not None:
+            wire, sock.wire_mark = sock.wire.received - sock.wire_mark, sock.wire.received
+        self.received.append(Received(sock.number, kept, size, wire))
         if not isinstance(message, dict) or message.get("type") != "response.create":
             nursery.start_soon(
                 self._send_all,
@@ -524,18 +545,37 @@ async def _read_head(stream: trio.abc.Stream, limit: int = 65536) -> bytes | Non
     return data
 
 
+async def _accept(request: WebSocketRequest, deflate: bool) -> WebSocketConnection:
+    """Accept the upgrade, with permessage-deflate if `deflate` (the client offered it).
+
+    `WebSocketRequest.accept` cannot pass extensions to wsproto, so this does what it does
+    (trio-websocket 0.12's `WebSocketConnection._accept`) with an extension list added.
+    """
+    if not deflate:
+        return await request.accept()
+    conn = request._connection
+    conn._subprotocol = None
+    conn._path = request.path
+    await conn._send(AcceptConnection(extensions=[PerMessageDeflate()]))
+    conn._open_handshake.set()
+    return conn
+
+
 class _Replay(trio.abc.Stream):
     """A stream whose first bytes were already read: they are handed out again first."""
 
     def __init__(self, stream: trio.abc.Stream, first: bytes) -> None:
         self._stream = stream
         self._first = first
+        self.received = len(first)  # bytes off the wire, the handshake's included
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._first:
-            data, self._first = self._first, b""
-            return data
-        return await self._stream.receive_some(max_bytes)
+            first, self._first = self._first, b""
+            return first
+        data = await self._stream.receive_some(max_bytes)
+        self.received += len(data)
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)

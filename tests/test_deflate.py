@@ -1,0 +1,102 @@
+"""permessage-deflate on the upstream socket: offered by default, used when accepted, and
+measured on the real wire (the fake counts the TCP bytes each message took)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tests.conftest import post, sse_events, start_proxy, user
+from trioproxy.fake import FakeUpstream
+
+CAPTURED = Path(__file__).parent / "data" / "codex-0.169.0-first-turn.json"
+
+
+def codex_body(history: list[Any]) -> dict[str, Any]:
+    """Codex's real request shape (its tools and instructions) around this conversation."""
+    body = dict(json.loads(CAPTURED.read_text())["body"])
+    body.update(input=history, stream=True)
+    return body
+
+
+async def tool_loop(server: Any, turns: int) -> list[list[tuple[str, dict[str, Any]]]]:
+    """A Codex-shaped loop: every turn echoes the output and adds a tool result."""
+    history: list[Any] = [user("fake: call shell {}")]
+    streams = []
+    async with server.client() as client:
+        for n in range(turns):
+            reply = await post(client, codex_body(history), "deflate-session")
+            assert reply.status_code == 200, reply.text
+            events = sse_events(reply.text)
+            streams.append(events)
+            done = events[-1][1]["response"]
+            history.extend(done["output"])
+            call = next(i for i in done["output"] if i["type"] == "function_call")
+            history.append(
+                {"type": "function_call_output", "call_id": call["call_id"], "output": f"ok {n}"}
+            )
+            history.append(user("fake: call shell {}"))
+    return streams
+
+
+async def test_deflate_is_negotiated_and_continuations_cost_little(nursery: trio.Nursery) -> None:
+    fake = FakeUpstream(record_frames=True)
+    await nursery.start(fake.serve)
+    server = await start_proxy(nursery, fake)
+    streams = await tool_loop(server, 4)
+    assert "permessage-deflate" in fake.handshakes[0]["sec-websocket-extensions"]
+    creates = fake.creates()
+    assert fake.sockets_opened == 1 and [r.socket for r in creates] == [1, 1, 1, 1]
+    print("\nsize -> wire per turn:", [(r.size, r.wire) for r in creates])
+    first, *later = creates
+    # Turn 1 compresses on its own; each continuation repeats tools and instructions that
+    # are still in the window, so it crosses the wire as a small fraction of its size.
+    assert first.wire < first.size * 0.5, (first.wire, first.size)
+    for turn in later:
+        assert turn.size > 5000 and turn.wire < turn.size * 0.1, (turn.wire, turn.size)
+    # The events come back compressed too and reach the client byte for byte.
+    assert fake.transcripts is not None
+    for events in streams:
+        rid = events[0][1]["response"]["id"]
+        assert [json.dumps(data, separators=(",", ":")) for _, data in events] == [
+            json.dumps(json.loads(frame), separators=(",", ":")) for frame in fake.transcripts[rid]
+        ]
+    # The proxy's own count of the wire agrees with what the fake received.
+    async with server.client() as client:
+        metrics = (await client.get(server.base_url.removesuffix("/v1") + "/metrics")).text
+    wire = _metric(metrics, "trioproxy_upstream_wire_bytes_total")
+    sent = _metric(metrics, "trioproxy_upstream_bytes_total")
+    assert sent == sum(r.size for r in creates)
+    framing = 8 * len(creates)  # a masked frame header is 6-14 bytes
+    assert abs(wire - sum(r.wire for r in creates)) <= framing, (wire, [r.wire for r in creates])
+
+
+async def test_an_upstream_that_declines_gets_plain_frames(nursery: trio.Nursery) -> None:
+    fake = FakeUpstream()
+    fake.deflate = False
+    await nursery.start(fake.serve)
+    server = await start_proxy(nursery, fake)
+    streams = await tool_loop(server, 2)
+    assert [events[-1][0] for events in streams] == ["response.completed"] * 2
+    creates = fake.creates()
+    assert "permessage-deflate" in fake.handshakes[0]["sec-websocket-extensions"]  # offered
+    assert all(r.size < r.wire <= r.size + 14 for r in creates)  # sent as it is, plus framing
+
+
+async def test_deflate_can_be_turned_off(nursery: trio.Nursery) -> None:
+    fake = FakeUpstream()
+    await nursery.start(fake.serve)
+    server = await start_proxy(nursery, fake, permessage_deflate=False)
+    await tool_loop(server, 2)
+    assert "sec-websocket-extensions" not in fake.handshakes[0]
+    assert all(r.size < r.wire <= r.size + 14 for r in fake.creates())
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")

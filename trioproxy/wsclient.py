@@ -1,0 +1,174 @@
+"""Open a client WebSocket that offers permessage-deflate, and count its bytes on the wire.
+
+trio-websocket (0.12) builds the client's upgrade request itself and takes only subprotocols
+and extra headers, so it never offers an extension. Codex offers permessage-deflate, and for
+this proxy it pays twice: every continuation turn repeats `tools` and `instructions` (tens of
+KB the previous message already carried), which deflate with context takeover sends as a few
+back-references. So this module does what `trio_websocket.connect_websocket` does, with one
+change: the initial `Request` carries a `PerMessageDeflate` offer. If the upstream does not
+accept it, wsproto carries on uncompressed. Everything after the handshake is trio-websocket's.
+
+It leans on three private names of `WebSocketConnection` (`_initial_request`, `_reader_task`,
+`_open_handshake`); pyproject pins trio-websocket below 0.13, and the tests cover both an
+upstream that accepts and one that declines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import ConnectionTimeout, HandshakeError, WebSocketConnection
+from wsproto import ConnectionType, WSConnection
+from wsproto.extensions import PerMessageDeflate
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class CountingStream(trio.abc.Stream):
+    """A transport stream that counts the bytes it moves: the wire cost after compression."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self.sent = 0
+        self.received = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += len(data)
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self._stream.receive_some(max_bytes)
+        self.received += len(data)
+        return data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WsUrl:
+    """Where a `ws://` or `wss://` URL points."""
+
+    host: str
+    port: int
+    resource: str
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> WsUrl:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"not a WebSocket URL: {url!r}")
+        tls = parts.scheme == "wss"
+        port = parts.port or (443 if tls else 80)
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(parts.hostname, port, resource, tls)
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port in (80, 443) else f"{host}:{self.port}"
+
+
+def deflate_offer() -> PerMessageDeflate:
+    """Deflate both ways, full 32 KiB windows, context takeover kept: the window still holds
+    the previous turn, which is what turns the repeated `tools` into back-references."""
+    return PerMessageDeflate()
+
+
+Opener = Callable[["WsUrl"], Awaitable[trio.abc.Stream]]
+
+
+def tcp_opener(ssl_context: ssl.SSLContext | None = None) -> Opener:
+    """Plain TCP for `ws://`, TLS (default context unless given) for `wss://`."""
+
+    async def open_stream(target: WsUrl) -> trio.abc.Stream:
+        if not target.tls:
+            return await trio.open_tcp_stream(target.host, target.port)
+        context = ssl_context or ssl.create_default_context()
+        return await trio.open_ssl_over_tcp_stream(
+            target.host, target.port, ssl_context=context, https_compatible=True
+        )
+
+    return open_stream
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientSocket:
+    """An open upstream WebSocket and the counter of what crossed the wire under it."""
+
+    ws: WebSocketConnection
+    wire: CountingStream
+    offer: PerMessageDeflate | None = None  # wsproto finalizes it if the upstream accepts
+
+    @property
+    def deflate(self) -> bool:
+        """Whether the upstream accepted permessage-deflate."""
+        return self.offer is not None and self.offer.enabled()
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception that matters in a nursery's group (the reader's, not a Cancelled)."""
+    real = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+    return real[0] if len(real) == 1 else group
+
+
+@asynccontextmanager
+async def open_websocket(
+    url: str,
+    headers: Headers,
+    *,
+    deflate: bool,
+    connect_timeout: float,
+    close_timeout: float,
+    max_message_size: int,
+    opener: Opener | None = None,
+) -> AsyncIterator[ClientSocket]:
+    """An open client WebSocket and its byte counter, closed (close handshake bounded by
+    `close_timeout`) on exit. `opener` makes the transport stream (tests pass in-memory ones).
+
+    Raises what `trio_websocket.open_websocket_url` raises: `ConnectionRejected` for an
+    upgrade answered with a status, `ConnectionTimeout`, `HandshakeError` for network errors.
+    """
+    target = WsUrl.parse(url)
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(connect_timeout):
+                    stream = CountingStream(await (opener or tcp_opener())(target))
+                    ws = WebSocketConnection(
+                        stream,
+                        WSConnection(ConnectionType.CLIENT),
+                        host=target.host_header,
+                        path=target.resource,
+                        client_extra_headers=headers,
+                        max_message_size=max_message_size,
+                    )
+                    offer = deflate_offer() if deflate else None
+                    if offer is not None and ws._initial_request is not None:
+                        ws._initial_request = dataclasses.replace(
+                            ws._initial_request, extensions=[offer]
+                        )
+                    nursery.start_soon(ws._reader_task)
+                    await ws._open_handshake.wait()
+            except trio.TooSlowError:
+                raise ConnectionTimeout from None
+            except OSError as exc:
+                raise HandshakeError from exc
+            try:
+                yield ClientSocket(ws, stream, offer)
+            finally:
+                # Not shielded: a cancelled owner (a killed socket) closes the stream at once.
+                with trio.move_on_after(close_timeout):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
