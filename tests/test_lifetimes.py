@@ -7,6 +7,8 @@ and nothing depends on real timing.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -152,3 +154,23 @@ async def test_shutdown_closes_every_socket(
     await proxy.registry.aclose()
     assert proxy.registry.live == 0
     await fake.wait_open_sockets(0)
+
+
+async def test_an_idle_socket_keeps_nothing_of_its_last_turn(nursery: trio.Nursery) -> None:
+    """The request, its payload and its parsed events go with the turn: an idle pooled socket
+    holds digests and an id, not the hundreds of KB a Codex turn parses."""
+    fake = FakeUpstream()
+    proxy = await make_proxy(nursery, fake)
+    stream = await proxy.open_turn(
+        {"model": "m", "input": [user("a")]}, HEADERS, api_target(proxy.settings)
+    )
+    async for _ in stream:
+        pass
+    assert stream.end.kind == "completed"
+    last = weakref.ref(stream.turn)
+    del stream
+    await trio.testing.wait_all_tasks_blocked()
+    gc.collect()
+    assert proxy.registry.idle == 1
+    assert last() is None, gc.get_referrers(last())
+    await proxy.registry.aclose()

@@ -236,27 +236,34 @@ class UpstreamConnection:
 
     async def _serve(self, sock: ClientSocket) -> None:
         async for turn in self._turns_recv:
-            self.current = turn
-            try:
-                end = await self._exchange(sock, turn)
-            except BaseException:
-                # Even when this task is cancelled (shutdown, eviction) the client hears an end.
-                closed = errors.upstream_closed("socket closed by the proxy")
-                turn.finish(broken_end("socket", closed, turn.tracker))
-                raise
-            keep = end.kind == "completed" and not self.one_turn
-            self.current = None
-            self.turns += 1
-            if keep:
-                self.memory = end.remembered
-            # The pool learns first, then the client: by the time a client sees the end and
-            # sends its next request, this socket is already idle and reusable.
-            self._on_turn_end(self, turn, end)
-            turn.finish(end)
-            if not keep:
-                if end.kind in _ABRUPT:
-                    self._scope.cancel()
+            if not await self._take(sock, turn):
                 return
+            # Let go of the turn before waiting for the next: an idle socket must not keep the
+            # last request, its payload and its parsed events alive (hundreds of KB for Codex).
+            del turn
+
+    async def _take(self, sock: ClientSocket, turn: Turn) -> bool:
+        """Run one turn; False when the socket must not take another."""
+        self.current = turn
+        try:
+            end = await self._exchange(sock, turn)
+        except BaseException:
+            # Even when this task is cancelled (shutdown, eviction) the client hears an end.
+            closed = errors.upstream_closed("socket closed by the proxy")
+            turn.finish(broken_end("socket", closed, turn.tracker))
+            raise
+        keep = end.kind == "completed" and not self.one_turn
+        self.current = None
+        self.turns += 1
+        if keep:
+            self.memory = end.remembered
+        # The pool learns first, then the client: by the time a client sees the end and
+        # sends its next request, this socket is already idle and reusable.
+        self._on_turn_end(self, turn, end)
+        turn.finish(end)
+        if not keep and end.kind in _ABRUPT:
+            self._scope.cancel()
+        return keep
 
     async def _exchange(self, sock: ClientSocket, turn: Turn) -> TurnEnd:
         ws, tracker = sock.ws, turn.tracker
