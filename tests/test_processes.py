@@ -169,6 +169,7 @@ async def test_sigterm_refuses_new_turns_and_lets_running_ones_finish_within_the
             refused = await wait_for_503(client)
             health = await client.get(f"{base}/healthz")
         assert refused.json()["error"]["code"] == "shutting_down"
+        assert refused.headers["connection"] == "close"  # no keep-alive into a closing server
         assert health.status_code == 503
         with trio.fail_after(20):
             await process.wait()

@@ -175,9 +175,12 @@ def create_app(
     @app.before_request
     async def refuse_while_draining() -> Response | None:
         """Shutting down: new work gets a 503 at once (a balancer retries elsewhere) while
-        the turns already running finish; health checks say so too."""
+        the turns already running finish; health checks say so too. `Connection: close`, so a
+        keep-alive client does not send its next request down a connection about to go."""
         if registry.draining and request.path != "/metrics":
-            return error_response(errors.shutting_down())
+            refused = error_response(errors.shutting_down())
+            refused.headers["Connection"] = "close"
+            return refused
         return None
 
     @app.get("/healthz")
