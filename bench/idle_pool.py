@@ -9,6 +9,8 @@ the idle-pool scenario; `make bench` (the bench issue) builds on it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import json
 import socket
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import trio
 
+from bench.scenario import first_request
 from trioproxy.config import Settings
 from trioproxy.proxy import Proxy
 from trioproxy.registry import Registry
@@ -33,13 +36,28 @@ def rss_kib() -> int:
     raise RuntimeError("no VmRSS")
 
 
+def trim() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so RSS shows what
+    idle sockets hold rather than the high-water mark of the turns that filled them."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-async def main(sessions: int, batch: int, as_json: bool) -> None:
+async def main(
+    sessions: int,
+    batch: int,
+    as_json: bool,
+    deflate: bool,
+    codex: bool,
+    hold: float,
+    events_context: bool,
+) -> None:
     port = free_port()
     fake = await trio.lowlevel.open_process(
         [
@@ -56,7 +74,11 @@ async def main(sessions: int, batch: int, as_json: bool) -> None:
     )
     try:
         settings = Settings(
-            upstream=f"ws://127.0.0.1:{port}/v1/responses", max_sockets=sessions + 1
+            upstream=f"ws://127.0.0.1:{port}/v1/responses",
+            max_sockets=sessions + 1,
+            permessage_deflate=deflate,
+            deflate_hold=hold,
+            deflate_events_context=events_context,
         )
         registry = Registry(settings, websocket_connector(settings))
         proxy = Proxy(settings, registry)
@@ -72,9 +94,8 @@ async def main(sessions: int, batch: int, as_json: bool) -> None:
 
             async def one(i: int) -> None:
                 headers = [("authorization", "Bearer sk-bench"), ("session-id", f"s{i}")]
-                stream = await proxy.open_turn(
-                    {"model": "m", "input": f"hello {i}"}, headers, api_target(settings)
-                )
+                body = first_request(2, i) if codex else {"model": "m", "input": f"hello {i}"}
+                stream = await proxy.open_turn(body, headers, api_target(settings))
                 async for _ in stream:
                     pass
                 assert stream.end.kind == "completed", stream.end
@@ -89,6 +110,10 @@ async def main(sessions: int, batch: int, as_json: bool) -> None:
                         group.start_soon(one, i)
             elapsed = time.perf_counter() - started
             gc.collect()
+            busy = rss_kib()  # every socket just used: compression context still held
+            await trio.sleep(hold + 0.5)
+            gc.collect()
+            trim()
             after = rss_kib()
             assert registry.idle == sessions + 1, registry.stats()
             sweep_started = time.perf_counter()
@@ -97,14 +122,20 @@ async def main(sessions: int, batch: int, as_json: bool) -> None:
             print(f"sessions pooled idle: {registry.idle}")
             print(f"opened in {elapsed:.1f} s ({sessions / elapsed:.0f} sessions/s)")
             print(
-                f"RSS {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB: "
-                f"{(after - before) / sessions:.1f} KiB per idle pooled socket"
+                f"RSS {before / 1024:.1f} MiB -> {busy / 1024:.1f} MiB right after the turns "
+                f"({(busy - before) / sessions:.1f} KiB per socket) -> {after / 1024:.1f} MiB "
+                f"{hold + 0.5:g} s later: {(after - before) / sessions:.1f} KiB per idle "
+                "pooled socket"
             )
             print(f"one registry sweep with {registry.idle} idle sockets: {sweep * 1e6:.0f} us")
             if as_json:
                 figures = {
                     "sessions": sessions,
                     "kib_per_socket": (after - before) / sessions,
+                    "kib_per_socket_just_used": (busy - before) / sessions,
+                    "deflate": deflate,
+                    "codex_turn": codex,
+                    "events_context": events_context,
                     "rss_before_mib": before / 1024,
                     "rss_after_mib": after / 1024,
                     "sweep_us": sweep * 1e6,
@@ -123,5 +154,36 @@ if __name__ == "__main__":
     parser.add_argument("--sessions", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--json", action="store_true", help="end with one JSON line of figures")
+    parser.add_argument(
+        "--deflate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="offer permessage-deflate upstream (the proxy's default)",
+    )
+    parser.add_argument(
+        "--codex", action="store_true", help="each session's turn is Codex's 40 KB first request"
+    )
+    parser.add_argument(
+        "--deflate-hold",
+        type=float,
+        default=2.0,
+        help="seconds an idle socket keeps its compressor (the proxy's default is 60); the "
+        "idle figure is taken after it",
+    )
+    parser.add_argument(
+        "--events-context",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let the upstream compress events against earlier ones (the proxy's default)",
+    )
     args = parser.parse_args()
-    trio.run(main, args.sessions, args.batch, args.json)
+    trio.run(
+        main,
+        args.sessions,
+        args.batch,
+        args.json,
+        args.deflate,
+        args.codex,
+        args.deflate_hold,
+        args.events_context,
+    )

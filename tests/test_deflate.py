@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from tests.conftest import post, sse_events, start_proxy, user
 from trioproxy.fake import FakeUpstream
+from trioproxy.wsclient import WsUrl
 
 CAPTURED = Path(__file__).parent / "data" / "codex-0.169.0-first-turn.json"
 
@@ -100,3 +102,26 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_events_context_can_be_given_up_for_memory(nursery: trio.Nursery) -> None:
+    """`deflate_events_context = false` asks the upstream to compress each event on its own,
+    so the proxy keeps no decompressor between messages; requests still compress."""
+    fake = FakeUpstream()
+    await nursery.start(fake.serve)
+    server = await start_proxy(nursery, fake, deflate_events_context=False)
+    streams = await tool_loop(server, 3)
+    assert [events[-1][0] for events in streams] == ["response.completed"] * 3
+    assert "server_no_context_takeover" in fake.handshakes[0]["sec-websocket-extensions"]
+    later = fake.creates()[1:]
+    assert all(r.wire < r.size * 0.1 for r in later), [(r.size, r.wire) for r in later]
+
+
+def test_websocket_urls_parse_as_the_upgrade_needs_them() -> None:
+    url = WsUrl.parse("wss://chatgpt.com/backend-api/codex/responses?x=1")
+    assert url == WsUrl("chatgpt.com", 443, "/backend-api/codex/responses?x=1", True)
+    assert url.host_header == "chatgpt.com"
+    local = WsUrl.parse("ws://[::1]:8765")
+    assert (local.resource, local.host_header, local.tls) == ("/", "[::1]:8765", False)
+    with pytest.raises(ValueError):
+        WsUrl.parse("https://api.openai.com/v1/responses")

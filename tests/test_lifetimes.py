@@ -8,6 +8,7 @@ and nothing depends on real timing.
 from __future__ import annotations
 
 import gc
+import hashlib
 import weakref
 from typing import Any
 
@@ -173,4 +174,36 @@ async def test_an_idle_socket_keeps_nothing_of_its_last_turn(nursery: trio.Nurse
     gc.collect()
     assert proxy.registry.idle == 1
     assert last() is None, gc.get_referrers(last())
+    await proxy.registry.aclose()
+
+
+def describe(n: int) -> str:
+    """Text that does not compress much on its own (hex digests), about 500 bytes."""
+    return " ".join(hashlib.sha256(f"{n}-{k}".encode()).hexdigest() for k in range(8))
+
+
+async def test_an_idle_socket_frees_its_compressor_and_still_talks(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """Within `deflate_hold` a continuation compresses against the last turn; after it the
+    compressor is gone and the next message is a fresh deflate stream the upstream still reads."""
+    fake = FakeUpstream()
+    proxy = await make_proxy(nursery, fake, deflate_hold=60)
+    tools = [{"type": "function", "name": f"t{n}", "description": describe(n)} for n in range(20)]
+    history: list[Any] = [user("a")]
+    wire = []
+    for wait in (0, 10, 61):
+        await trio.sleep(wait)
+        stream = await proxy.open_turn(
+            {"model": "m", "input": history, "tools": tools}, HEADERS, api_target(proxy.settings)
+        )
+        async for _ in stream:
+            pass
+        assert stream.end.kind == "completed" and stream.end.event is not None
+        wire.append((stream.turn.sent_bytes, stream.turn.wire_bytes))
+        history += [*stream.end.event.data["response"]["output"], user(f"after {wait}")]
+    assert [c.socket for c in fake.creates()] == [1, 1, 1]
+    _, (size, kept), (_, fresh) = wire
+    assert kept < size * 0.05, wire  # tools are back-references into the last turn
+    assert kept * 5 < fresh < size, wire  # compressed on its own, and the upstream read it
     await proxy.registry.aclose()

@@ -59,6 +59,11 @@ class Settings:
     # Offer permessage-deflate upstream (used when the upstream accepts): continuation turns
     # repeat `tools` and `instructions`, which compress to back-references into the last turn.
     permessage_deflate: bool = True
+    # An idle socket keeps its compression context (~200 KiB) this long, then frees it.
+    deflate_hold: float = 60.0
+    # Let the upstream compress events against earlier ones. Reading them needs its context
+    # kept for the socket's life (~50 KiB idle); off asks for server_no_context_takeover.
+    deflate_events_context: bool = True
     shutdown_grace: float = 5.0
     # HTTP fallback: when the upstream refuses the upgrade, or a session's sockets fail this
     # many times in a row, its turns go over HTTP POST /responses for the cool-down.
@@ -82,6 +87,8 @@ class Settings:
         for name in ("idle_ttl", "max_lifetime", "turn_timeout", "read_timeout", "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.deflate_hold < 0:
+            raise ValueError("deflate_hold must be >= 0")
         if self.fallback_after < 1 or self.fallback_cooldown < 0:
             raise ValueError("fallback_after must be at least 1 and fallback_cooldown >= 0")
         if self.max_sockets < 1 or self.event_buffer < 1:

@@ -70,6 +70,7 @@ def websocket_connector(settings: Settings) -> Connector:
                 url,
                 headers,
                 deflate=settings.permessage_deflate,
+                events_context=settings.deflate_events_context,
                 connect_timeout=settings.connect_timeout,
                 close_timeout=settings.close_timeout,
                 max_message_size=settings.max_message_bytes,
@@ -235,12 +236,25 @@ class UpstreamConnection:
             turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket closed")))
 
     async def _serve(self, sock: ClientSocket) -> None:
-        async for turn in self._turns_recv:
+        while (turn := await self._next_turn(sock)) is not None:
             if not await self._take(sock, turn):
                 return
             # Let go of the turn before waiting for the next: an idle socket must not keep the
             # last request, its payload and its parsed events alive (hundreds of KB for Codex).
             del turn
+
+    async def _next_turn(self, sock: ClientSocket) -> Turn | None:
+        """The next turn, or None once the pool retires this socket. A socket idle longer than
+        `deflate_hold` gives back its compressor: a tool loop's turns follow each other within
+        seconds and keep the context; a pool of idle sessions does not pay ~200 KiB each."""
+        try:
+            if sock.compressing:
+                with trio.move_on_after(self._settings.deflate_hold):
+                    return await self._turns_recv.receive()
+                sock.release_compression()
+            return await self._turns_recv.receive()
+        except trio.EndOfChannel:
+            return None
 
     async def _take(self, sock: ClientSocket, turn: Turn) -> bool:
         """Run one turn; False when the socket must not take another."""

@@ -78,10 +78,24 @@ class WsUrl:
         return host if self.port in (80, 443) else f"{host}:{self.port}"
 
 
-def deflate_offer() -> PerMessageDeflate:
-    """Deflate both ways, full 32 KiB windows, context takeover kept: the window still holds
-    the previous turn, which is what turns the repeated `tools` into back-references."""
-    return PerMessageDeflate()
+class Deflate(PerMessageDeflate):
+    """wsproto's permessage-deflate, plus a way to give back the compressor's memory.
+
+    Offered with full 32 KiB windows and context takeover: the window still holds the previous
+    turn, which turns the repeated `tools` into back-references. The price is the compressor's
+    state, about 200 KiB per socket. A sender may always start a fresh raw-deflate stream (its
+    output stays a valid continuation for the receiver, it just refers to nothing older), so a
+    socket that stays idle can drop its compressor; its next message compresses on its own.
+    """
+
+    @property
+    def compressing(self) -> bool:
+        """Whether compression state is held (created by the first message sent)."""
+        return self._compressor is not None
+
+    def release(self) -> None:
+        """Drop the compressor; only between messages (its owner is not sending)."""
+        self._compressor = None
 
 
 Opener = Callable[["WsUrl"], Awaitable[trio.abc.Stream]]
@@ -107,12 +121,21 @@ class ClientSocket:
 
     ws: WebSocketConnection
     wire: CountingStream
-    offer: PerMessageDeflate | None = None  # wsproto finalizes it if the upstream accepts
+    offer: Deflate | None = None  # wsproto finalizes it if the upstream accepts
 
     @property
     def deflate(self) -> bool:
         """Whether the upstream accepted permessage-deflate."""
         return self.offer is not None and self.offer.enabled()
+
+    @property
+    def compressing(self) -> bool:
+        return self.offer is not None and self.offer.compressing
+
+    def release_compression(self) -> None:
+        """Free the compressor's memory between messages (see `Deflate`)."""
+        if self.offer is not None:
+            self.offer.release()
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -127,6 +150,7 @@ async def open_websocket(
     headers: Headers,
     *,
     deflate: bool,
+    events_context: bool = True,
     connect_timeout: float,
     close_timeout: float,
     max_message_size: int,
@@ -134,6 +158,8 @@ async def open_websocket(
 ) -> AsyncIterator[ClientSocket]:
     """An open client WebSocket and its byte counter, closed (close handshake bounded by
     `close_timeout`) on exit. `opener` makes the transport stream (tests pass in-memory ones).
+    With `events_context` off the offer asks the upstream not to compress a message against
+    earlier ones (server_no_context_takeover), so no decompressor outlives a message.
 
     Raises what `trio_websocket.open_websocket_url` raises: `ConnectionRejected` for an
     upgrade answered with a status, `ConnectionTimeout`, `HandshakeError` for network errors.
@@ -152,7 +178,9 @@ async def open_websocket(
                         client_extra_headers=headers,
                         max_message_size=max_message_size,
                     )
-                    offer = deflate_offer() if deflate else None
+                    offer = (
+                        Deflate(server_no_context_takeover=not events_context) if deflate else None
+                    )
                     if offer is not None and ws._initial_request is not None:
                         ws._initial_request = dataclasses.replace(
                             ws._initial_request, extensions=[offer]
