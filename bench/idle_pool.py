@@ -21,6 +21,8 @@ from pathlib import Path
 
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench` too
+
 from bench.scenario import first_request
 from trioproxy.config import Settings
 from trioproxy.proxy import Proxy
@@ -173,8 +175,8 @@ if __name__ == "__main__":
     parser.add_argument(
         "--events-context",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="let the upstream compress events against earlier ones (the proxy's default)",
+        default=False,
+        help="let the upstream compress events against earlier ones (off by default)",
     )
     args = parser.parse_args()
     trio.run(

@@ -39,7 +39,7 @@ def main(source: Path, target: Path) -> None:
         ("full_http_bytes", "full-context HTTP"),
         ("trioproxy_bytes", "trioproxy"),
         ("direct_bytes", "direct"),
-        ("deflate_bytes", "trioproxy + permessage-deflate"),
+        ("trioproxy_wire_bytes", "trioproxy on the wire (permessage-deflate)"),
     ]
     for key, label in series:
         values = long.get(key)

@@ -104,17 +104,21 @@ def _metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-async def test_events_context_can_be_given_up_for_memory(nursery: trio.Nursery) -> None:
-    """`deflate_events_context = false` asks the upstream to compress each event on its own,
-    so the proxy keeps no decompressor between messages; requests still compress."""
+async def test_events_context_is_given_up_unless_asked_for(nursery: trio.Nursery) -> None:
+    """By default the offer asks the upstream to compress each event on its own, so the proxy
+    keeps no decompressor between messages; `deflate_events_context` lets it keep one."""
     fake = FakeUpstream()
     await nursery.start(fake.serve)
-    server = await start_proxy(nursery, fake, deflate_events_context=False)
-    streams = await tool_loop(server, 3)
-    assert [events[-1][0] for events in streams] == ["response.completed"] * 3
-    assert "server_no_context_takeover" in fake.handshakes[0]["sec-websocket-extensions"]
-    later = fake.creates()[1:]
-    assert all(r.wire < r.size * 0.1 for r in later), [(r.size, r.wire) for r in later]
+    lean = await start_proxy(nursery, fake)
+    kept = await start_proxy(nursery, fake, deflate_events_context=True)
+    for server in (lean, kept):
+        streams = await tool_loop(server, 3)
+        assert [events[-1][0] for events in streams] == ["response.completed"] * 3
+    offers = [h["sec-websocket-extensions"] for h in fake.handshakes]
+    assert "server_no_context_takeover" in offers[0]
+    assert "server_no_context_takeover" not in offers[1]
+    later = [r for r in fake.creates() if r.message.get("previous_response_id")]
+    assert len(later) == 4 and all(r.wire < r.size * 0.1 for r in later), later
 
 
 def test_websocket_urls_parse_as_the_upgrade_needs_them() -> None:

@@ -61,9 +61,10 @@ class Settings:
     permessage_deflate: bool = True
     # An idle socket keeps its compression context (~200 KiB) this long, then frees it.
     deflate_hold: float = 60.0
-    # Let the upstream compress events against earlier ones. Reading them needs its context
-    # kept for the socket's life (~50 KiB idle); off asks for server_no_context_takeover.
-    deflate_events_context: bool = True
+    # Let the upstream compress events against earlier ones. Reading them then needs its
+    # context kept for the socket's life (~40-50 KiB idle), so by default the offer asks for
+    # server_no_context_takeover: events are small, and requests are what repeat.
+    deflate_events_context: bool = False
     shutdown_grace: float = 5.0
     # HTTP fallback: when the upstream refuses the upgrade, or a session's sockets fail this
     # many times in a row, its turns go over HTTP POST /responses for the cool-down.

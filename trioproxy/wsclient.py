@@ -150,7 +150,7 @@ async def open_websocket(
     headers: Headers,
     *,
     deflate: bool,
-    events_context: bool = True,
+    events_context: bool = False,
     connect_timeout: float,
     close_timeout: float,
     max_message_size: int,
