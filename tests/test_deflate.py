@@ -129,3 +129,18 @@ def test_websocket_urls_parse_as_the_upgrade_needs_them() -> None:
     assert (local.resource, local.host_header, local.tls) == ("/", "[::1]:8765", False)
     with pytest.raises(ValueError):
         WsUrl.parse("https://api.openai.com/v1/responses")
+
+
+def test_deflate_is_a_setting_flag_and_variable() -> None:
+    from trioproxy.cli import build_parser
+    from trioproxy.config import Settings
+
+    args = build_parser().parse_args(["serve", "--no-permessage-deflate"])
+    assert args.permessage_deflate is False
+    assert build_parser().parse_args(["serve"]).permessage_deflate is None  # env decides
+    env = {"TRIOPROXY_PERMESSAGE_DEFLATE": "false", "TRIOPROXY_DEFLATE_HOLD": "5"}
+    settings = Settings.from_env(env)
+    assert settings.permessage_deflate is False and settings.deflate_hold == 5.0
+    assert Settings().permessage_deflate and not Settings().deflate_events_context
+    with pytest.raises(ValueError):
+        Settings(deflate_hold=-1)
