@@ -27,7 +27,7 @@ from trioproxy.managed import Managed
 from trioproxy.proxy import Proxy, TurnStream
 from trioproxy.registry import Registry
 from trioproxy.relay import relay
-from trioproxy.targets import api_target, chatgpt_target, managed_targets
+from trioproxy.targets import Target, api_target, chatgpt_target, managed_targets
 from trioproxy.telemetry import Telemetry, request_id
 from trioproxy.upstream import Connector, websocket_connector
 from trioproxy.validate import check_headers, parse_request, require_unstored
@@ -207,15 +207,21 @@ def create_app(
     async def metrics() -> Response:
         return Response(telemetry.scrape(), content_type=CONTENT_TYPE_LATEST)
 
+    async def admitted(
+        route: access.Route, headers: list[tuple[str, str]]
+    ) -> tuple[Target, str | None, bytes]:
+        """Who sent it and where it goes, then its body; raises the `ApiError` a refusal is."""
+        target, scope = gate.resolve(headers, route)
+        check_headers(headers)
+        raw = await request.get_data(cache=False, as_text=False)
+        return target, scope, raw if isinstance(raw, bytes) else raw.encode()
+
     async def run_turn(route: access.Route) -> Response:
         headers = keys.normalise(request.headers.items())
         rid = request_id(headers)
         g.request_id = rid
         try:
-            target, scope = gate.resolve(headers, route)
-            check_headers(headers)
-            raw = await request.get_data(cache=False, as_text=False)
-            data = raw if isinstance(raw, bytes) else raw.encode()
+            target, scope, data = await admitted(route, headers)
             body = parse_request(data)
             if target.chatgpt:
                 body = require_unstored(body)
@@ -265,10 +271,7 @@ def create_app(
         headers = keys.normalise(request.headers.items())
         query = request.query_string.decode()
         try:
-            target, scope = gate.resolve(headers, route)
-            check_headers(headers)
-            raw = await request.get_data(cache=False, as_text=False)
-            body = raw if isinstance(raw, bytes) else raw.encode()
+            target, scope, body = await admitted(route, headers)
             reply = await relay(
                 target,
                 request.method,

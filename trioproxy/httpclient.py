@@ -12,16 +12,21 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, ClassVar
 
 import h11
 import trio
 
 from trioproxy import __version__
+from trioproxy.endpoint import Endpoint, open_stream
 
 USER_AGENT = f"trioproxy/{__version__}"
 _READ_CHUNK = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class HttpUrl(Endpoint):
+    SCHEMES: ClassVar[tuple[str, ...]] = ("http", "https")
 
 
 class HttpError(Exception):
@@ -39,18 +44,6 @@ class HttpResponse:
             if key == name:
                 return value
         return None
-
-
-def _ssl_context() -> ssl.SSLContext:
-    return ssl.create_default_context()
-
-
-async def _connect(scheme: str, host: str, port: int) -> trio.abc.Stream:
-    if scheme == "https":
-        return await trio.open_ssl_over_tcp_stream(
-            host, port, ssl_context=_ssl_context(), https_compatible=True
-        )
-    return await trio.open_tcp_stream(host, port)
 
 
 class StreamingResponse:
@@ -103,28 +96,26 @@ async def stream(
     Raises `HttpError` on any transport failure. No timeout of its own: callers bound it
     with `trio.fail_after` or a cancel scope, as trio code does.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise HttpError(f"not an http(s) URL: {url}")
+    try:
+        endpoint = HttpUrl.parse(url)
+    except ValueError:
+        raise HttpError(f"not an http(s) URL: {url}") from None
     what = f"{method} {url}"
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
     names = {name.lower() for name, _ in headers or []}
-    out: list[tuple[str, str]] = [("host", host), ("connection", "close")]
+    out: list[tuple[str, str]] = [("host", endpoint.host_header), ("connection", "close")]
     if "user-agent" not in names:
         out.append(("user-agent", USER_AGENT))
     out += [(n, v) for n, v in headers or [] if n.lower() not in ("host", "connection")]
     out.append(("content-length", str(len(body))))
     conn = h11.Connection(h11.CLIENT)
     try:
-        connection = await _connect(parts.scheme, parts.hostname, port)
+        connection = await open_stream(endpoint)
     except _TRANSPORT_ERRORS as exc:
         raise HttpError(f"{what}: {exc or type(exc).__name__}") from exc
     async with connection:
         try:
             await connection.send_all(
-                conn.send(h11.Request(method=method, target=target, headers=out))
+                conn.send(h11.Request(method=method, target=endpoint.resource, headers=out))
                 + conn.send(h11.Data(data=body))
                 + conn.send(h11.EndOfMessage())
             )

@@ -85,9 +85,7 @@ async def _post(
     """The request and its answer; the head must come within the read timeout."""
     silent = errors.upstream_silent(settings.read_timeout)
     with trio.CancelScope(deadline=trio.current_time() + settings.read_timeout) as head:
-        async with httpclient.stream(
-            "POST", url, headers=headers, body=turn.payload.encode()
-        ) as response:
+        async with httpclient.stream("POST", url, headers=headers, body=turn.payload) as response:
             head.deadline = float("inf")
             if response.status != 200:
                 body = await response.read(1 << 16)

@@ -119,7 +119,7 @@ class Turn:
         # What the turn cost on the wire: the frame after permessage-deflate (set once sent),
         # or the HTTP body.
         self.wire_bytes = self.sent_bytes if transport == "http" else 0
-        self.payload = encoded.decode()  # a text frame (or, over HTTP, the request body)
+        self.payload = encoded  # UTF-8 JSON: a text frame's content, or the HTTP body
         self.scope = trio.CancelScope()
         self.tracker = TurnTracker()  # what the client has been told so far
         self._send, self.events = trio.open_memory_channel[UpstreamEvent](buffer)
@@ -287,20 +287,23 @@ class UpstreamConnection:
                     return TurnEnd("socket", error=errors.upstream_closed("closed while idle"))
                 try:
                     before = sock.wire.sent
-                    await ws.send_message(turn.payload)
+                    await ws.send_message(turn.payload.decode())
                     turn.wire_bytes = sock.wire.sent - before
-                    while True:
-                        frame: str | bytes | None = None
-                        with trio.move_on_after(self._settings.read_timeout):
+                    # One scope for the whole turn, armed only while waiting for a frame (a
+                    # slow client's back-pressure is not upstream silence): cheaper per event
+                    # than entering a fresh `move_on_after`.
+                    with trio.CancelScope() as silence:
+                        while True:
+                            silence.deadline = trio.current_time() + self._settings.read_timeout
                             frame = await ws.get_message()
-                        if frame is None:
-                            silent = errors.upstream_silent(self._settings.read_timeout)
-                            return broken_end("timeout", silent, tracker)
-                        event = parse_frame(frame)
-                        kind = tracker.feed(event)
-                        if kind is not None:
-                            return terminal_end(kind, event, tracker, turn.plan)
-                        await turn.deliver(event)
+                            silence.deadline = math.inf
+                            event = parse_frame(frame)
+                            kind = tracker.feed(event)
+                            if kind is not None:
+                                return terminal_end(kind, event, tracker, turn.plan)
+                            await turn.deliver(event)
+                    silent = errors.upstream_silent(self._settings.read_timeout)
+                    return broken_end("timeout", silent, tracker)
                 except ConnectionClosed as exc:
                     return broken_end("socket", errors.upstream_closed(_close_detail(exc)), tracker)
                 except ValueError as exc:

@@ -16,15 +16,16 @@ upstream that accepts and one that declines.
 from __future__ import annotations
 
 import dataclasses
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit
+from typing import ClassVar
 
 import trio
 from trio_websocket import ConnectionTimeout, HandshakeError, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 from wsproto.extensions import PerMessageDeflate
+
+from trioproxy.endpoint import Endpoint, open_stream
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -54,28 +55,10 @@ class CountingStream(trio.abc.Stream):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class WsUrl:
+class WsUrl(Endpoint):
     """Where a `ws://` or `wss://` URL points."""
 
-    host: str
-    port: int
-    resource: str
-    tls: bool
-
-    @classmethod
-    def parse(cls, url: str) -> WsUrl:
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ValueError(f"not a WebSocket URL: {url!r}")
-        tls = parts.scheme == "wss"
-        port = parts.port or (443 if tls else 80)
-        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return cls(parts.hostname, port, resource, tls)
-
-    @property
-    def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port in (80, 443) else f"{host}:{self.port}"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("ws", "wss")
 
 
 class Deflate(PerMessageDeflate):
@@ -98,21 +81,7 @@ class Deflate(PerMessageDeflate):
         self._compressor = None
 
 
-Opener = Callable[["WsUrl"], Awaitable[trio.abc.Stream]]
-
-
-def tcp_opener(ssl_context: ssl.SSLContext | None = None) -> Opener:
-    """Plain TCP for `ws://`, TLS (default context unless given) for `wss://`."""
-
-    async def open_stream(target: WsUrl) -> trio.abc.Stream:
-        if not target.tls:
-            return await trio.open_tcp_stream(target.host, target.port)
-        context = ssl_context or ssl.create_default_context()
-        return await trio.open_ssl_over_tcp_stream(
-            target.host, target.port, ssl_context=context, https_compatible=True
-        )
-
-    return open_stream
+Opener = Callable[[Endpoint], Awaitable[trio.abc.Stream]]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -169,7 +138,7 @@ async def open_websocket(
         async with trio.open_nursery() as nursery:
             try:
                 with trio.fail_after(connect_timeout):
-                    stream = CountingStream(await (opener or tcp_opener())(target))
+                    stream = CountingStream(await (opener or open_stream)(target))
                     ws = WebSocketConnection(
                         stream,
                         WSConnection(ConnectionType.CLIENT),

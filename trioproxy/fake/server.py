@@ -31,6 +31,7 @@ from trioproxy.fake import backend
 from trioproxy.fake.events import compacted, new_id, response_events
 from trioproxy.fake.script import Reply, decide
 from trioproxy.items import input_items
+from trioproxy.wsclient import CountingStream
 
 log = logging.getLogger("trioproxy.fake")
 
@@ -561,11 +562,11 @@ async def _accept(request: WebSocketRequest, deflate: bool) -> WebSocketConnecti
     return conn
 
 
-class _Replay(trio.abc.Stream):
-    """A stream whose first bytes were already read: they are handed out again first."""
+class _Replay(CountingStream):
+    """A counted stream whose first bytes were already read: they are handed out again first."""
 
     def __init__(self, stream: trio.abc.Stream, first: bytes) -> None:
-        self._stream = stream
+        super().__init__(stream)
         self._first = first
         self.received = len(first)  # bytes off the wire, the handshake's included
 
@@ -573,15 +574,4 @@ class _Replay(trio.abc.Stream):
         if self._first:
             first, self._first = self._first, b""
             return first
-        data = await self._stream.receive_some(max_bytes)
-        self.received += len(data)
-        return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
+        return await super().receive_some(max_bytes)
