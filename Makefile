@@ -15,6 +15,12 @@ BENCH_VENV ?= .bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_PROFILE ?= quick
 LITELLM_VERSION ?= 1.106.0
+# codex-lb in a venv of its own: it requires Python >= 3.13 (the machine's python3 is 3.11, so a
+# plain `pip install codex-lb` finds no distribution); pyenv's 3.13 serves where no python3.13 is.
+CODEX_LB_VENV ?= .bench-codex-lb
+CODEX_LB_STAMP := $(CODEX_LB_VENV)/.installed
+CODEX_LB_VERSION ?= 1.24.0
+PYTHON313 ?= $(shell for p in python3.13 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python3.13; do "$$p" -c pass 2>/dev/null && echo "$$p" && break; done)
 
 .PHONY: install codex test lint format demo serve bench clean
 
@@ -57,12 +63,23 @@ $(BENCH_STAMP): Makefile
 		'litellm[proxy]==$(LITELLM_VERSION)' 'matplotlib>=3.8,<4'
 	touch $(BENCH_STAMP)
 
+# Without a Python 3.13 the bench runs without codex-lb and its table says why.
+$(CODEX_LB_STAMP): Makefile
+	@if [ -z "$(PYTHON313)" ]; then \
+		echo "codex-lb needs Python 3.13 and none was found: the bench leaves it out"; \
+	else \
+		{ test -x $(CODEX_LB_VENV)/bin/python || "$(PYTHON313)" -m venv $(CODEX_LB_VENV); } && \
+		$(CODEX_LB_VENV)/bin/pip install -q --disable-pip-version-check \
+			'codex-lb==$(CODEX_LB_VERSION)' && touch $(CODEX_LB_STAMP); \
+	fi
+
 # Every contender against one fake upstream in one run: a Markdown table, the targets,
 # bench/results/latest.json and latest.png. BENCH_PROFILE=full for the long run.
-bench: install $(BENCH_STAMP)
+bench: install $(BENCH_STAMP) $(CODEX_LB_STAMP)
 	mkdir -p bench/results
-	BENCH_VENV=$(BENCH_VENV) $(PY) bench/run.py --profile $(BENCH_PROFILE)
+	BENCH_VENV=$(BENCH_VENV) CODEX_LB_VENV=$(CODEX_LB_VENV) \
+		$(PY) bench/run.py --profile $(BENCH_PROFILE)
 	$(BENCH_VENV)/bin/python bench/plot.py bench/results/latest.json bench/results/latest.png
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .tools .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(CODEX_LB_VENV) .tools .pytest_cache .mypy_cache .ruff_cache

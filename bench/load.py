@@ -4,8 +4,8 @@ Contenders differ only in how a turn travels:
 
 - `direct`: WebSocket straight to the fake upstream, one socket per session, each later turn
   sent as `previous_response_id` + the new items (the floor the proxy can reach);
-- `trioproxy`, `litellm`, `full_http`: HTTP/SSE with the whole conversation every turn, to the
-  proxy, to LiteLLM, or straight to the fake upstream's HTTP endpoint.
+- `trioproxy`, `litellm`, `codex_lb`, `full_http`: HTTP/SSE with the whole conversation every
+  turn, to the proxy, to LiteLLM, to codex-lb, or straight to the fake upstream's HTTP endpoint.
 
 Per turn it records the time to first event and the events received; the run's wall time
 gives turns/s and events/s.
@@ -40,6 +40,7 @@ class Result:
     errors: int = 0
     ttfe: list[float] = field(default_factory=list)  # seconds, one per turn
     wall: float = 0.0
+    cut: bool = False  # the run hit its time budget; turns still running were not counted
     first_error: str = ""
     frames: list[bytes] | None = None  # direct only, when asked: every frame it sent
 
@@ -59,23 +60,30 @@ async def http_turn(
     started = time.perf_counter()
     terminal: bytes | None = None
     buffer = b""
-    async with client.stream("POST", url, content=orjson.dumps(body), headers=headers) as reply:
-        if reply.status_code != 200:
-            r.record_error(f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}")
-            return []
-        async for chunk in reply.aiter_raw():
-            buffer += chunk
-            *blocks, buffer = buffer.split(b"\n\n")
-            for block in blocks:
-                if not block.strip():
-                    continue
-                if started:
-                    r.ttfe.append(time.perf_counter() - started)
-                    started = 0.0
-                r.events += 1
-                # Some servers (LiteLLM) send `data:` lines without `event:` lines.
-                if block.startswith(TERMINAL_LINES) or any(k in block for k in TERMINAL_TYPES):
-                    terminal = block.split(b"data: ", 1)[1]
+    try:
+        async with client.stream("POST", url, content=orjson.dumps(body), headers=headers) as reply:
+            if reply.status_code != 200:
+                r.record_error(f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}")
+                return []
+            async for chunk in reply.aiter_raw():
+                buffer += chunk
+                *blocks, buffer = buffer.split(b"\n\n")
+                for block in blocks:
+                    if not block.strip():
+                        continue
+                    if started:
+                        r.ttfe.append(time.perf_counter() - started)
+                        started = 0.0
+                    r.events += 1
+                    # Some servers (LiteLLM) send `data:` lines without `event:` lines.
+                    if block.startswith(TERMINAL_LINES) or any(k in block for k in TERMINAL_TYPES):
+                        terminal = block.split(b"data: ", 1)[1]
+    except trio.Cancelled:
+        # Cut by the time budget while still waiting: the wait so far is a lower bound of
+        # this turn's time to first event, and leaving it out would flatter the p99.
+        if started:
+            r.ttfe.append(time.perf_counter() - started)
+        raise
     if terminal is None:
         r.record_error("stream ended without a terminal event")
         return []
@@ -146,10 +154,20 @@ async def direct_session(ws_url: str, n: int, turns: int, r: Result) -> None:
 
 
 async def run(
-    contender: str, target: str, sessions: int, turns: int, *, keep_frames: bool = False
+    contender: str,
+    target: str,
+    sessions: int,
+    turns: int,
+    *,
+    keep_frames: bool = False,
+    budget: float = float("inf"),
 ) -> Result:
     """`sessions` sessions of `turns` turns at once; `target` is a base URL or, for direct,
-    the fake upstream's WebSocket URL."""
+    the fake upstream's WebSocket URL.
+
+    A contender too slow to finish within `budget` seconds is cut there: its rates are the
+    turns it completed over the budget, so a slow gateway cannot stretch the whole bench.
+    """
     r = Result(contender, sessions, frames=[] if keep_frames else None)
     started = time.perf_counter()
     limits = httpx.Limits(max_connections=sessions, max_keepalive_connections=sessions)
@@ -165,8 +183,10 @@ async def run(
             except Exception as exc:  # a load run reports failures, it does not stop on them
                 r.record_error(f"{type(exc).__name__}: {exc}")
 
-        async with trio.open_nursery() as nursery:
-            for n in range(sessions):
-                nursery.start_soon(one, n)
+        with trio.move_on_after(budget) as scope:
+            async with trio.open_nursery() as nursery:
+                for n in range(sessions):
+                    nursery.start_soon(one, n)
+        r.cut = scope.cancelled_caught
     r.wall = time.perf_counter() - started
     return r

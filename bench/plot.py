@@ -45,6 +45,13 @@ def main(source: Path, target: Path) -> None:
         values = long.get(key)
         if values:
             sizes.plot(range(1, len(values) + 1), [v / 1000 for v in values], label=label)
+    # The gateways not in the long session: their one-session sweep run (20 turns).
+    for name in ("litellm", "codex_lb"):
+        one = next((r for r in by.get(name, []) if r["sessions"] == 1), None)
+        if one and one.get("turn_bytes"):
+            values = one["turn_bytes"]
+            sizes.plot(range(1, len(values) + 1), [v / 1000 for v in values], linestyle=":",
+                       label=f"{name} (its 1-session run)")  # fmt: skip
     sizes.set_yscale("log")
     sizes.set_xlabel(f"turn of one {long['turns']}-turn codex-shaped session")
     sizes.set_ylabel("upstream bytes per turn, KB")

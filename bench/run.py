@@ -1,9 +1,10 @@
 """`make bench`: every contender against one fake upstream, in one run, side by side.
 
-Starts the fake upstream, trioproxy and (if its bench venv is there) LiteLLM as separate
-processes, runs the codex-shaped sessions at each concurrency through each contender, measures
-the proxies' CPU and RSS from /proc, reads upstream bytes from the fake, and prints a Markdown
-table and the targets. Ratios matter more than absolute times on a shared 2-core machine.
+Starts the fake upstream, trioproxy and (if their bench venvs are there) LiteLLM and codex-lb
+as separate processes, runs the codex-shaped sessions at each concurrency through each
+contender, measures the proxies' CPU and RSS from /proc, reads upstream bytes from the fake,
+and prints a Markdown table and the targets. Ratios matter more than absolute times on a
+shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,20 +24,26 @@ import httpx
 import orjson
 import trio
 
+from trioproxy.fake.backend import Logins
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import load  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
+# `budget`: seconds one contender gets at one concurrency; a slower one is cut there and its
+# rates are what it completed (the table marks it), so the quick profile stays under 5 minutes.
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {"sweep": [1, 16, 64], "turns": 20, "long": 100, "idle": 1_000, "delay": 0.0},
-    "full": {"sweep": [1, 16, 64, 256], "turns": 20, "long": 100, "idle": 10_000, "delay": 0.0},
+    "quick": {"sweep": [1, 16, 64], "turns": 20, "long": 100, "idle": 1_000, "delay": 0.0,
+              "budget": 20.0},
+    "full": {"sweep": [1, 16, 64, 256], "turns": 20, "long": 100, "idle": 10_000, "delay": 0.0,
+             "budget": 120.0},
     # Paced like a model (2 ms between events): latency under load rather than throughput.
-    "latency": {"sweep": [1, 64], "turns": 20, "long": 100, "idle": 1_000, "delay": 0.002},
-}
+    "latency": {"sweep": [1, 64], "turns": 20, "long": 100, "idle": 1_000, "delay": 0.002,
+                "budget": 30.0},
+}  # fmt: skip
 CONTENDERS = ["direct", "trioproxy", "full_http", "litellm", "codex_lb"]
-CODEX_LB_MISSING = "not installable here: `pip install codex-lb` finds no distribution"
 
 
 def free_port() -> int:
@@ -47,11 +55,21 @@ def free_port() -> int:
 class Process:
     """A contender's server process, with what /proc says about it."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.log = open(ROOT / "bench" / "results" / f"{name}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            argv, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            argv,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
 
     def cpu_seconds(self) -> float:
@@ -114,15 +132,71 @@ def litellm_config(fake_http: str) -> Path:
     return path
 
 
+CODEX_LB_VENV = ROOT / os.environ.get("CODEX_LB_VENV", ".bench-codex-lb")
+
+
+def start_codex_lb(fake: str, port: int) -> tuple[Process | None, str]:
+    """codex-lb as its README runs it, pointed at the fake's Codex backend by its own setting
+    (`CODEX_LB_UPSTREAM_BASE_URL`), with a fresh data directory; no code of it is patched."""
+    binary = CODEX_LB_VENV / "bin" / "codex-lb"
+    if not binary.exists():
+        return None, (
+            f"no codex-lb at {binary}: it needs Python 3.13 and `make bench` found none "
+            "(python3.13 on PATH or under ~/.pyenv/versions)"
+        )
+    data = ROOT / "bench" / "results" / "codex-lb-data"
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    env = {
+        "CODEX_LB_DATA_DIR": str(data),
+        "CODEX_LB_UPSTREAM_BASE_URL": f"{fake}/backend-api",
+        # Background calls the fake does not serve (usage polling, credits) and telemetry off;
+        # the request path is codex-lb's default.
+        "CODEX_LB_USAGE_REFRESH_ENABLED": "false",
+        "CODEX_LB_RATE_LIMIT_RESET_CREDITS_REFRESH_ENABLED": "false",
+        "CODEX_LB_TELEMETRY_ENABLED": "false",
+    }
+    argv = [str(binary), "--host", "127.0.0.1", "--port", str(port)]
+    return Process("codex_lb", argv, env=env, cwd=data), ""
+
+
+async def setup_codex_lb(port: int) -> bool:
+    """Wait for codex-lb, then give it one ChatGPT account: an `auth.json` login of the kind
+    the fake's Codex backend accepts, imported through codex-lb's dashboard API."""
+    base = f"http://127.0.0.1:{port}"
+    if not await wait_http(f"{base}/health", 180):
+        return False
+    auth = orjson.dumps(Logins().auth_json("acct-bench", lifetime=7 * 86400))
+    async with httpx.AsyncClient(timeout=30) as client:
+        reply = await client.post(
+            f"{base}/api/accounts/import", files={"auth_json": ("auth.json", auth)}
+        )
+    if reply.status_code != 200:
+        print(f"codex-lb refused the account: {reply.status_code} {reply.text[:200]}")
+        return False
+    return True
+
+
 async def measure(
-    name: str, target: str, sessions: int, turns: int, fake: str, server: Process | None
+    name: str,
+    target: str,
+    sessions: int,
+    turns: int,
+    fake: str,
+    server: Process | None,
+    budget: float,
 ) -> dict[str, Any]:
     before, cpu0 = await fake_stats(fake), server.cpu_seconds() if server else 0.0
-    result = await load.run(name, target, sessions, turns)
-    after, cpu1 = await fake_stats(fake), server.cpu_seconds() if server else 0.0
+    result = await load.run(name, target, sessions, turns, budget=budget)
+    cpu1 = server.cpu_seconds() if server else 0.0
+    if result.cut:  # let the cut turns' requests land upstream before the bytes are read
+        await trio.sleep(1.0)
+    after = await fake_stats(fake)
     http = after["http_bytes"] - before["http_bytes"]
     upstream = after["ws_bytes"] - before["ws_bytes"] + http
     wire = after["ws_wire_bytes"] - before["ws_wire_bytes"] + http
+    # Bytes per turn over the turns the upstream saw: a cut run sent some it did not finish.
+    sent = after["ws_turns"] - before["ws_turns"] + after["http_turns"] - before["http_turns"]
     row = {
         "contender": name,
         "sessions": sessions,
@@ -130,18 +204,25 @@ async def measure(
         "errors": result.errors,
         "first_error": result.first_error,
         "wall_s": result.wall,
+        "cut": result.cut,
         "turns_per_s": result.turns / result.wall if result.wall else 0.0,
         "events_per_s": result.events / result.wall if result.wall else 0.0,
         "ttfe_p50_ms": percentile(result.ttfe, 0.50) * 1000,
         "ttfe_p99_ms": percentile(result.ttfe, 0.99) * 1000,
-        "upstream_bytes_per_turn": upstream / result.turns if result.turns else 0.0,
-        "upstream_bytes_per_session": upstream / sessions,
-        "wire_bytes_per_turn": wire / result.turns if result.turns else 0.0,
+        "upstream_bytes_per_turn": upstream / sent if sent else 0.0,
+        # A cut run's sessions did not finish: no per-session figure for it.
+        "upstream_bytes_per_session": None if result.cut else upstream / sessions,
+        "wire_bytes_per_turn": wire / sent if sent else 0.0,
         "cpu_s_per_1k_events": (cpu1 - cpu0) / (result.events / 1000) if server else None,
         "peak_rss_mib": server.peak_rss_mib() if server else None,
         "events": result.events,
     }
+    if sessions == 1 and sent:  # one session's turns, in order: the plot's bytes per turn
+        kind = "ws" if after["ws_turns"] > before["ws_turns"] else "http"
+        row["turn_bytes"] = after["recent_sizes"][kind][-sent:]
     status = "ok" if not result.errors else f"{result.errors} errors: {result.first_error}"
+    if result.cut:
+        status += f" (cut at {budget:.0f} s)"
     print(f"  {name:10s} x{sessions:<4d} {row['turns_per_s']:8.1f} turns/s  {status}", flush=True)
     return row
 
@@ -208,6 +289,7 @@ async def main(profile: str, contenders: list[str]) -> dict[str, Any]:
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     fake_port, proxy_port, litellm_port = free_port(), free_port(), free_port()
+    codex_lb_port = free_port()
     fake = f"http://127.0.0.1:{fake_port}"
     fake_ws = f"ws://127.0.0.1:{fake_port}/v1/responses"
     delay = str(settings["delay"])
@@ -242,7 +324,14 @@ async def main(profile: str, contenders: list[str]) -> dict[str, Any]:
     servers.append(proxy)
     litellm_bin = Path(os.environ.get("BENCH_VENV", ROOT / ".bench-venv")) / "bin" / "litellm"
     litellm: Process | None = None
-    skipped: dict[str, str] = {"codex_lb": CODEX_LB_MISSING}
+    skipped: dict[str, str] = {}
+    codex_lb: Process | None = None
+    if "codex_lb" in contenders:
+        codex_lb, why = start_codex_lb(fake, codex_lb_port)
+        if codex_lb is None:
+            skipped["codex_lb"] = why
+        else:
+            servers.append(codex_lb)
     if "litellm" in contenders and litellm_bin.exists():
         litellm = Process(
             "litellm",
@@ -273,11 +362,15 @@ async def main(profile: str, contenders: list[str]) -> dict[str, Any]:
         ):
             skipped["litellm"] = "LiteLLM did not start (see bench/results/litellm.log)"
             litellm = None
+        if codex_lb is not None and not await setup_codex_lb(codex_lb_port):
+            skipped["codex_lb"] = "codex-lb did not start (see bench/results/codex_lb.log)"
+            codex_lb = None
         targets = {
             "direct": (fake_ws, None),
             "trioproxy": (f"http://127.0.0.1:{proxy_port}/v1", proxy),
             "full_http": (f"{fake}/v1", None),
             "litellm": (f"http://127.0.0.1:{litellm_port}/v1", litellm),
+            "codex_lb": (f"http://127.0.0.1:{codex_lb_port}/v1", codex_lb),
         }
         # Warm-up: imports, caches and the first connections out of the measured runs.
         for name in contenders:
@@ -290,7 +383,11 @@ async def main(profile: str, contenders: list[str]) -> dict[str, Any]:
                 if name in skipped or name not in targets:
                     continue
                 target, server = targets[name]
-                rows.append(await measure(name, target, sessions, settings["turns"], fake, server))
+                rows.append(
+                    await measure(
+                        name, target, sessions, settings["turns"], fake, server, settings["budget"]
+                    )
+                )
         print(f"one session x {settings['long']} turns (bytes)", flush=True)
         long = await long_session(settings["long"], fake, fake_ws, targets["trioproxy"][0])
     finally:
@@ -329,12 +426,15 @@ def report(data: dict[str, Any]) -> tuple[str, list[tuple[str, bool | None, str]
         added99 = r["ttfe_p99_ms"] - base["ttfe_p99_ms"] if base else float("nan")
         cpu = "-" if r["cpu_s_per_1k_events"] is None else f"{r['cpu_s_per_1k_events']:.3f}"
         rss = "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
+        per_session = r["upstream_bytes_per_session"]
+        session = "-" if per_session is None else f"{per_session / 1000:,.1f}"
+        name = f"{r['contender']} (cut at {r['wall_s']:.0f} s)" if r.get("cut") else r["contender"]
         lines.append(
-            f"| {r['contender']} | {r['sessions']} | {r['turns_per_s']:.1f} | "
+            f"| {name} | {r['sessions']} | {r['turns_per_s']:.1f} | "
             f"{r['events_per_s']:.0f} | {r['ttfe_p50_ms']:.2f} | {r['ttfe_p99_ms']:.2f} | "
             f"{added50:+.2f} | {added99:+.2f} | {r['upstream_bytes_per_turn']:,.0f} | "
             f"{r.get('wire_bytes_per_turn', 0):,.0f} | "
-            f"{r['upstream_bytes_per_session'] / 1000:,.1f} | {cpu} | {rss} | {r['errors']} |"
+            f"{session} | {cpu} | {rss} | {r['errors']} |"
         )
     for name, why in data["skipped"].items():
         lines.append(f"| {name} | - | left out: {why} | | | | | | | | | | | |")
@@ -376,6 +476,11 @@ def targets(data: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     ratios = [r["turns_per_s"] / lite[r["sessions"]]["turns_per_s"] for r in proxies
               if r["sessions"] in lite and lite[r["sessions"]]["turns_per_s"]]  # fmt: skip
     vs = f"{min(ratios):.1f}x-{max(ratios):.1f}x LiteLLM's turns/s" if ratios else "no LiteLLM"
+    peer = {r["sessions"]: r for r in rows if r["contender"] == "codex_lb"}
+    peer_ratios = [r["turns_per_s"] / peer[r["sessions"]]["turns_per_s"] for r in proxies
+                   if r["sessions"] in peer and peer[r["sessions"]]["turns_per_s"]]  # fmt: skip
+    if peer_ratios:
+        vs += f" ({min(peer_ratios):.1f}x-{max(peer_ratios):.1f}x codex-lb's)"
     out.append(("P3 >= 20,000 events/s and >= 3x LiteLLM's turns/s",
                 best >= 20_000 and bool(ratios) and min(ratios) >= 3,
                 f"best {best:,.0f} events/s; {vs}"))  # fmt: skip
