@@ -13,6 +13,8 @@ gives turns/s and events/s.
 
 from __future__ import annotations
 
+import functools
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,6 +155,11 @@ async def direct_session(ws_url: str, n: int, turns: int, r: Result) -> None:
             }
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
 async def run(
     contender: str,
     target: str,
@@ -170,23 +177,27 @@ async def run(
     """
     r = Result(contender, sessions, frames=[] if keep_frames else None)
     started = time.perf_counter()
-    limits = httpx.Limits(max_connections=sessions, max_keepalive_connections=sessions)
-    timeout = httpx.Timeout(300.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
 
-        async def one(n: int) -> None:
-            try:
-                if contender == "direct":
-                    await direct_session(target, n, turns, r)
-                else:
-                    await http_session(contender, target, n, turns, r, client)
-            except Exception as exc:  # a load run reports failures, it does not stop on them
-                r.record_error(f"{type(exc).__name__}: {exc}")
+    async def one(n: int) -> None:
+        try:
+            if contender == "direct":
+                await direct_session(target, n, turns, r)
+                return
+            # A client per session, as a user's own process would have: httpcore's shared
+            # pool scans every connection (a poll each) to place each request, under one
+            # lock. At 64 sessions that took two thirds of the load generator's CPU and
+            # queued turns for seconds, which the contenders' latency then carried. The TLS
+            # context is shared: building one costs ~35 ms of CPU, which 64 clients starting
+            # at once would have charged to the contenders' first turns.
+            async with httpx.AsyncClient(verify=_tls(), timeout=httpx.Timeout(300.0)) as client:
+                await http_session(contender, target, n, turns, r, client)
+        except Exception as exc:  # a load run reports failures, it does not stop on them
+            r.record_error(f"{type(exc).__name__}: {exc}")
 
-        with trio.move_on_after(budget) as scope:
-            async with trio.open_nursery() as nursery:
-                for n in range(sessions):
-                    nursery.start_soon(one, n)
-        r.cut = scope.cancelled_caught
+    with trio.move_on_after(budget) as scope:
+        async with trio.open_nursery() as nursery:
+            for n in range(sessions):
+                nursery.start_soon(one, n)
+    r.cut = scope.cancelled_caught
     r.wall = time.perf_counter() - started
     return r
