@@ -126,7 +126,13 @@ class Turn:
         self.end: TurnEnd | None = None
 
     async def deliver(self, event: UpstreamEvent) -> None:
-        await self._send.send(event)
+        """Hand an event to the client's side; waits only when its buffer is full. Not a
+        checkpoint otherwise: the socket's task checkpoints at every wait for a frame, and
+        a yield per event would hand the client one event per write."""
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            await self._send.send(event)
 
     @property
     def buffered(self) -> int:
@@ -297,11 +303,16 @@ class UpstreamConnection:
                             silence.deadline = trio.current_time() + self._settings.read_timeout
                             frame = await ws.get_message()
                             silence.deadline = math.inf
-                            event = parse_frame(frame)
-                            kind = tracker.feed(event)
-                            if kind is not None:
-                                return terminal_end(kind, event, tracker, turn.plan)
-                            await turn.deliver(event)
+                            while True:  # this frame, then any already queued behind it
+                                event = parse_frame(frame)
+                                kind = tracker.feed(event)
+                                if kind is not None:
+                                    return terminal_end(kind, event, tracker, turn.plan)
+                                await turn.deliver(event)
+                                try:
+                                    frame = sock.message_nowait()
+                                except trio.WouldBlock:
+                                    break
                     silent = errors.upstream_silent(self._settings.read_timeout)
                     return broken_end("timeout", silent, tracker)
                 except ConnectionClosed as exc:

@@ -8,9 +8,10 @@ back-references. So this module does what `trio_websocket.connect_websocket` doe
 change: the initial `Request` carries a `PerMessageDeflate` offer. If the upstream does not
 accept it, wsproto carries on uncompressed. Everything after the handshake is trio-websocket's.
 
-It leans on three private names of `WebSocketConnection` (`_initial_request`, `_reader_task`,
-`_open_handshake`); pyproject pins trio-websocket below 0.13, and the tests cover both an
-upstream that accepts and one that declines.
+It leans on private names of `WebSocketConnection` (`_initial_request`, `_reader_task`,
+`_open_handshake`, and `_recv_channel` for a non-blocking receive); pyproject pins
+trio-websocket below 0.13, and the tests cover both an upstream that accepts and one that
+declines.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from contextlib import asynccontextmanager
 from typing import ClassVar
 
 import trio
-from trio_websocket import ConnectionTimeout, HandshakeError, WebSocketConnection
+from trio_websocket import ConnectionClosed, ConnectionTimeout, HandshakeError, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 from wsproto.extensions import PerMessageDeflate
 
@@ -83,6 +84,11 @@ class Deflate(PerMessageDeflate):
 
 Opener = Callable[[Endpoint], Awaitable[trio.abc.Stream]]
 
+# Messages the reader task may parse ahead of the socket's task (trio-websocket's default is 1,
+# which makes the reader wait for every single event to be taken). A burst of a turn's events
+# is then parsed in one go; the bound keeps back-pressure from a slow client reaching TCP.
+MESSAGE_QUEUE = 32
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClientSocket:
@@ -105,6 +111,18 @@ class ClientSocket:
         """Free the compressor's memory between messages (see `Deflate`)."""
         if self.offer is not None:
             self.offer.release()
+
+    def message_nowait(self) -> str | bytes:
+        """The next message if the reader task has queued it already, else `trio.WouldBlock`.
+
+        `get_message` always yields to the scheduler, even with messages waiting; a turn's
+        events arrive in bursts, and taking the rest of a burst without a round trip through
+        the scheduler per message lets them reach the client as one write.
+        """
+        try:
+            return self.ws._recv_channel.receive_nowait()
+        except (trio.ClosedResourceError, trio.EndOfChannel):
+            raise ConnectionClosed(self.ws._close_reason) from None
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -146,6 +164,7 @@ async def open_websocket(
                         path=target.resource,
                         client_extra_headers=headers,
                         max_message_size=max_message_size,
+                        message_queue_size=MESSAGE_QUEUE,
                     )
                     offer = (
                         Deflate(server_no_context_takeover=not events_context) if deflate else None
