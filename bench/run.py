@@ -104,6 +104,24 @@ async def wait_http(url: str, seconds: float = 120) -> bool:
     return False
 
 
+async def quiet_upstream(fake: str, seconds: float = 60.0) -> dict[str, Any]:
+    """The fake's stats once it has sent no event for a second (at most `seconds`)."""
+    stats = await fake_stats(fake)
+    with trio.move_on_after(seconds):
+        while True:
+            await trio.sleep(1.0)
+            now = await fake_stats(fake)
+            if now["events_sent"] == stats["events_sent"]:
+                break
+            stats = now
+    return stats
+
+
+async def proxy_health(base: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return dict((await client.get(base.removesuffix("/v1") + "/healthz")).json())
+
+
 async def fake_stats(base: str) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=10) as client:
         return dict((await client.get(f"{base}/_fake/stats")).json())
@@ -187,11 +205,13 @@ async def measure(
     budget: float,
 ) -> dict[str, Any]:
     before, cpu0 = await fake_stats(fake), server.cpu_seconds() if server else 0.0
+    health0 = await proxy_health(target) if name == "trioproxy" else {}
     result = await load.run(name, target, sessions, turns, budget=budget)
     cpu1 = server.cpu_seconds() if server else 0.0
-    if result.cut:  # let the cut turns' requests land upstream before the bytes are read
-        await trio.sleep(1.0)
-    after = await fake_stats(fake)
+    # A cut contender keeps working on the turns it had accepted (a gateway does not stop an
+    # upstream turn because its client left): wait until the upstream is quiet, so its bytes
+    # land in its own row and not in the next contender's.
+    after = await quiet_upstream(fake) if result.cut else await fake_stats(fake)
     http = after["http_bytes"] - before["http_bytes"]
     upstream = after["ws_bytes"] - before["ws_bytes"] + http
     wire = after["ws_wire_bytes"] - before["ws_wire_bytes"] + http
@@ -217,10 +237,17 @@ async def measure(
         "peak_rss_mib": server.peak_rss_mib() if server else None,
         "events": result.events,
     }
+    if name == "trioproxy":  # how the proxy sent them: suffix or full, and any retries
+        health1 = await proxy_health(target)
+        for key in ("turns", "retries"):
+            counts = {k: v - health0.get(key, {}).get(k, 0) for k, v in health1[key].items()}
+            row[f"proxy_{key}"] = {k: v for k, v in counts.items() if v}
     if sessions == 1 and sent:  # one session's turns, in order: the plot's bytes per turn
         kind = "ws" if after["ws_turns"] > before["ws_turns"] else "http"
         row["turn_bytes"] = after["recent_sizes"][kind][-sent:]
     status = "ok" if not result.errors else f"{result.errors} errors: {result.first_error}"
+    if name == "trioproxy":
+        status += f" {row['proxy_turns']} retries {row['proxy_retries']}"
     if result.cut:
         status += f" (cut at {budget:.0f} s)"
     print(f"  {name:10s} x{sessions:<4d} {row['turns_per_s']:8.1f} turns/s  {status}", flush=True)
