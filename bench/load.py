@@ -43,6 +43,7 @@ class Result:
     ttfe: list[float] = field(default_factory=list)  # seconds, one per turn
     wall: float = 0.0
     cut: bool = False  # the run hit its time budget; turns still running were not counted
+    chunks: int = 0  # HTTP body reads: about one per write the server made
     first_error: str = ""
     frames: list[bytes] | None = None  # direct only, when asked: every frame it sent
 
@@ -68,6 +69,7 @@ async def http_turn(
                 r.record_error(f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}")
                 return []
             async for chunk in reply.aiter_raw():
+                r.chunks += 1
                 buffer += chunk
                 *blocks, buffer = buffer.split(b"\n\n")
                 for block in blocks:

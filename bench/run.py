@@ -1,4 +1,4 @@
-"""`make bench`: every contender against one fake upstream, in one run, side by side.
+"""`make bench`: every contender against the same fake upstream, in one run, side by side.
 
 Starts the fake upstream, trioproxy and (if their bench venvs are there) LiteLLM and codex-lb
 as separate processes, runs the codex-shaped sessions at each concurrency through each
@@ -320,19 +320,18 @@ async def main(profile: str, contenders: list[str]) -> dict[str, Any]:
     fake = f"http://127.0.0.1:{fake_port}"
     fake_ws = f"ws://127.0.0.1:{fake_port}/v1/responses"
     delay = str(settings["delay"])
-    servers = [
-        Process(
-            "fake",
-            [
-                str(VENV_BIN / "trioproxy"),
-                "fake-upstream",
-                "--port",
-                str(fake_port),
-                "--event-delay",
-                delay,
-            ],
-        ),
-    ]
+    # The gateways get a fake upstream each (same code, same settings): their background calls
+    # and the turns they finish after a cut would otherwise land in other contenders' bytes.
+    # An idle fake costs no CPU.
+    gateway_fakes = {name: free_port() for name in ("litellm", "codex_lb")}
+
+    def fake_process(name: str, port: int) -> Process:
+        argv = [str(VENV_BIN / "trioproxy"), "fake-upstream", "--port", str(port)]
+        return Process(name, [*argv, "--event-delay", delay])
+
+    servers = [fake_process("fake", fake_port)]
+    servers += [fake_process(f"fake-{name}", port) for name, port in gateway_fakes.items()]
+    fakes = {name: f"http://127.0.0.1:{port}" for name, port in gateway_fakes.items()}
     proxy = Process(
         "trioproxy",
         [
@@ -354,7 +353,7 @@ async def main(profile: str, contenders: list[str]) -> dict[str, Any]:
     skipped: dict[str, str] = {}
     codex_lb: Process | None = None
     if "codex_lb" in contenders:
-        codex_lb, why = start_codex_lb(fake, codex_lb_port)
+        codex_lb, why = start_codex_lb(fakes["codex_lb"], codex_lb_port)
         if codex_lb is None:
             skipped["codex_lb"] = why
         else:
@@ -365,7 +364,7 @@ async def main(profile: str, contenders: list[str]) -> dict[str, Any]:
             [
                 str(litellm_bin),
                 "--config",
-                str(litellm_config(fake)),
+                str(litellm_config(fakes["litellm"])),
                 "--port",
                 str(litellm_port),
                 "--num_workers",
@@ -382,7 +381,8 @@ async def main(profile: str, contenders: list[str]) -> dict[str, Any]:
     elif "litellm" in contenders:
         skipped["litellm"] = f"no LiteLLM at {litellm_bin} (make bench installs it)"
     try:
-        assert await wait_http(f"{fake}/_fake/stats"), "the fake upstream did not start"
+        for base in (fake, *fakes.values()):
+            assert await wait_http(f"{base}/_fake/stats"), "a fake upstream did not start"
         assert await wait_http(f"http://127.0.0.1:{proxy_port}/healthz"), "trioproxy did not start"
         if litellm is not None and not await wait_http(
             f"http://127.0.0.1:{litellm_port}/health/liveliness", 180
@@ -410,9 +410,16 @@ async def main(profile: str, contenders: list[str]) -> dict[str, Any]:
                 if name in skipped or name not in targets:
                     continue
                 target, server = targets[name]
+                upstream = fakes.get(name, fake)
                 rows.append(
                     await measure(
-                        name, target, sessions, settings["turns"], fake, server, settings["budget"]
+                        name,
+                        target,
+                        sessions,
+                        settings["turns"],
+                        upstream,
+                        server,
+                        settings["budget"],
                     )
                 )
         print(f"one session x {settings['long']} turns (bytes)", flush=True)

@@ -1,0 +1,111 @@
+"""Profile trioproxy alone: the fake upstream, `trioproxy serve` and the load generator, one run.
+
+    .venv/bin/python bench/profile.py --sessions 16 --turns 60
+    .venv/bin/python bench/profile.py --sessions 32 --turns 40 --py-spy profile.txt
+
+Prints turns/s, events/s, the proxy's CPU per 1,000 events, the writes the proxy made per turn
+(HTTP body reads on the client side: about one per write), and the CPU each of the three
+processes used, which says whether the machine was saturated. With `--py-spy` (not a
+dependency: `.venv/bin/pip install py-spy`) it samples the proxy during the run and prints the
+functions with the largest inclusive share of its samples. This is where the figures in
+bench/README.md's "Profile" section come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import resource
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import load  # noqa: E402
+from bench.run import VENV_BIN, Process, free_port, wait_http  # noqa: E402
+
+
+def top_shares(raw: Path, count: int) -> list[tuple[float, str]]:
+    """Inclusive share of samples per function from py-spy's raw (collapsed stack) output."""
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        total += int(n)
+        for frame in {re.sub(r":\d+\)", ")", f) for f in stack.split(";")}:
+            inclusive[frame] += int(n)
+    return [(100 * v / total, k) for k, v in inclusive.most_common(count)]
+
+
+async def main(sessions: int, turns: int, spy_out: Path | None) -> None:
+    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    fake_port, proxy_port = free_port(), free_port()
+    fake = Process(
+        "profile-fake", [str(VENV_BIN / "trioproxy"), "fake-upstream", "--port", str(fake_port)]
+    )
+    proxy = Process(
+        "profile-trioproxy",
+        [
+            *(str(VENV_BIN / "trioproxy"), "--log-level", "WARNING", "serve"),
+            *("--port", str(proxy_port), "--max-sockets", "100000"),
+            *("--upstream", f"ws://127.0.0.1:{fake_port}/v1/responses"),
+        ],
+    )
+    spy = None
+    try:
+        assert await wait_http(f"http://127.0.0.1:{fake_port}/_fake/stats")
+        assert await wait_http(f"http://127.0.0.1:{proxy_port}/healthz")
+        target = f"http://127.0.0.1:{proxy_port}/v1"
+        await load.run("trioproxy", target, 2, 2)  # warm-up, out of the figures
+        if spy_out is not None:
+            binary = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
+            assert binary, "py-spy is not installed: .venv/bin/pip install py-spy"
+            argv = [binary, "record", "-f", "raw", "-r", "250", "-o", str(spy_out)]
+            spy = Process("profile-py-spy", [*argv, "-p", str(proxy.proc.pid)])
+            await trio.sleep(1.0)
+        cpu = (proxy.cpu_seconds(), fake.cpu_seconds(), _own_cpu())
+        result = await load.run("trioproxy", target, sessions, turns)
+        now = (proxy.cpu_seconds(), fake.cpu_seconds(), _own_cpu())
+        used = [b - a for a, b in zip(cpu, now, strict=True)]
+    finally:
+        if spy is not None:  # py-spy writes its samples on SIGINT
+            spy.proc.send_signal(signal.SIGINT)
+            spy.proc.wait(30)
+            spy.log.close()
+        proxy.stop()
+        fake.stop()
+    wall, events = result.wall, result.events
+    print(
+        f"{sessions} sessions x {turns} turns: {result.turns / wall:.1f} turns/s, "
+        f"{events / wall:,.0f} events/s, errors {result.errors}\n"
+        f"proxy CPU per 1,000 events {used[0] / (events / 1000):.3f} s; "
+        f"writes per turn {result.chunks / result.turns:.1f} for "
+        f"{events / result.turns:.1f} events\n"
+        f"CPU over {wall:.1f} s of wall time: proxy {used[0]:.1f} s, fake {used[1]:.1f} s, "
+        f"load generator {used[2]:.1f} s (2 cores: {2 * wall:.1f} s)"
+    )
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=60)
+    parser.add_argument("--py-spy", type=Path, help="write py-spy's raw samples here")
+    parser.add_argument("--top", type=int, default=40)
+    args = parser.parse_args()
+    trio.run(main, args.sessions, args.turns, args.py_spy)
+    if args.py_spy is not None and args.py_spy.exists():
+        print(f"\nlargest inclusive shares of the proxy's samples ({args.py_spy}):")
+        for share, name in top_shares(args.py_spy, args.top):
+            print(f"{share:5.1f} % {name}")
