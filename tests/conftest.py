@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -62,6 +64,27 @@ async def start_proxy(
     config = hypercorn_config("127.0.0.1", 0)
     binds = await nursery.start(partial(hypercorn_serve, app, config))
     return ProxyServer(binds[0].rstrip("/") + "/v1", app, fake)
+
+
+def write_auth(path: Path, doc: dict[str, Any]) -> Path:
+    """A Codex `auth.json`, private as `codex login` leaves it."""
+    path.write_text(json.dumps(doc))
+    path.chmod(0o600)
+    return path
+
+
+async def held_proxy(
+    nursery: trio.Nursery, fake: FakeUpstream, auth: Path, **overrides: Any
+) -> ProxyServer:
+    """A proxy holding the ChatGPT login in `auth`, against the fake's Codex backend."""
+    return await start_proxy(
+        nursery,
+        fake,
+        chatgpt_upstream=fake.chatgpt_url,
+        codex_auth=str(auth),
+        codex_token_url=fake.token_url,
+        **overrides,
+    )
 
 
 @pytest.fixture
@@ -122,8 +145,6 @@ async def post(
 
 def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
     """Parse an SSE body into (event, data) pairs, checking the framing as clients do."""
-    import json
-
     out = []
     for block in text.split("\n\n"):
         if not block.strip():

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -15,7 +14,15 @@ import trio
 from openai import OpenAI
 from trio_websocket import ConnectionRejected, open_websocket_url
 
-from tests.conftest import ProxyServer, request_body, sse_events, start_proxy, user
+from tests.conftest import (
+    ProxyServer,
+    held_proxy,
+    request_body,
+    sse_events,
+    start_proxy,
+    user,
+    write_auth,
+)
 from trioproxy.cli import main as cli_main
 from trioproxy.codex_auth import CodexLogin
 from trioproxy.config import Settings
@@ -140,25 +147,6 @@ async def test_websocket_upgrade_is_answered_426_at_once(chatgpt: ProxyServer, p
 
 
 # -- a login held by the proxy ------------------------------------------------------------------
-def write_auth(path: Path, doc: dict[str, Any]) -> Path:
-    path.write_text(json.dumps(doc))
-    path.chmod(0o600)
-    return path
-
-
-async def held_proxy(
-    nursery: trio.Nursery, fake: FakeUpstream, auth: Path, **overrides: Any
-) -> ProxyServer:
-    return await start_proxy(
-        nursery,
-        fake,
-        chatgpt_upstream=fake.chatgpt_url,
-        codex_auth=str(auth),
-        codex_token_url=fake.token_url,
-        **overrides,
-    )
-
-
 def sdk(server: ProxyServer, key: str, session: str) -> OpenAI:
     return OpenAI(
         base_url=server.base_url,

@@ -20,7 +20,7 @@ import pytest
 import trio
 from quart import request
 
-from tests.conftest import ProxyServer, start_proxy, wait_until
+from tests.conftest import ProxyServer, held_proxy, start_proxy, wait_until, write_auth
 from trioproxy.fake import FakeUpstream
 from trioproxy.fake.server import Received
 
@@ -221,15 +221,8 @@ async def test_held_login_with_an_expired_token_refreshes_once_and_the_turn_succ
     auth_file = tmp_path / "proxy-codex" / "auth.json"
     auth_file.parent.mkdir()
     expired = {**fake.logins.auth_json("acct-held", lifetime=-60), "kept_by_codex": 1}
-    auth_file.write_text(json.dumps(expired))
-    auth_file.chmod(0o600)
-    server = await start_proxy(
-        nursery,
-        fake,
-        chatgpt_upstream=fake.chatgpt_url,
-        codex_auth=str(auth_file),
-        codex_token_url=fake.token_url,
-        api_key="local-proxy-key",
+    server = await held_proxy(
+        nursery, fake, write_auth(auth_file, expired), api_key="local-proxy-key"
     )
     # Codex in API-key mode, its key being the proxy's local key: the proxy holds the login.
     codex = make_codex(

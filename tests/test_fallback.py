@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import AUTH, ProxyServer, post, request_body, sse_events, start_proxy, user
+from tests.conftest import (
+    AUTH,
+    ProxyServer,
+    held_proxy,
+    post,
+    request_body,
+    sse_events,
+    start_proxy,
+    user,
+    write_auth,
+)
 from trioproxy.fake import FakeUpstream, Reply
 from trioproxy.logs import JsonFormatter
 from trioproxy.sse import Decoder
@@ -130,15 +140,8 @@ async def test_chatgpt_turns_fall_back_with_their_credentials(
     nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
 ) -> None:
     fake.websocket_enabled = False
-    auth = tmp_path / "auth.json"
-    auth.write_text(json.dumps(fake.logins.auth_json("acct-http")))
-    server = await start_proxy(
-        nursery,
-        fake,
-        chatgpt_upstream=fake.chatgpt_url,
-        codex_auth=str(auth),
-        codex_token_url=fake.token_url,
-    )
+    auth = write_auth(tmp_path / "auth.json", fake.logins.auth_json("acct-http"))
+    server = await held_proxy(nursery, fake, auth)
     async with server.client() as client:
         reply = await client.post("/responses", json=request_body("hi"))
     assert reply.status_code == 200, reply.text

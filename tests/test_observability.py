@@ -11,7 +11,16 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import AUTH, ProxyServer, post, request_body, start_proxy, user
+from tests.conftest import (
+    AUTH,
+    ProxyServer,
+    held_proxy,
+    post,
+    request_body,
+    start_proxy,
+    user,
+    write_auth,
+)
 from tests.test_managed import KEY_A, UPSTREAM_SECRET, _env_config, ask, start_managed
 from trioproxy import managed
 from trioproxy.fake import FakeUpstream, Reply
@@ -102,16 +111,8 @@ async def test_no_secret_appears_in_any_log_line(
         await post(client, request_body([user("x")]), "other")
     # A held ChatGPT login with a local key: its tokens, refreshed, and the key.
     doc = fake.logins.auth_json("acct-log", lifetime=-1)
-    auth = tmp_path / "auth.json"
-    auth.write_text(json.dumps(doc))
-    held = await start_proxy(
-        nursery,
-        fake,
-        chatgpt_upstream=fake.chatgpt_url,
-        codex_auth=str(auth),
-        codex_token_url=fake.token_url,
-        api_key="local-proxy-key-123",
-    )
+    auth = write_auth(tmp_path / "auth.json", doc)
+    held = await held_proxy(nursery, fake, auth, api_key="local-proxy-key-123")
     async with held.client() as client:
         ok = await client.post(
             "/responses",

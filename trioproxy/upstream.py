@@ -297,22 +297,22 @@ class UpstreamConnection:
                     turn.wire_bytes = sock.wire.sent - before
                     # One scope for the whole turn, armed only while waiting for a frame (a
                     # slow client's back-pressure is not upstream silence): cheaper per event
-                    # than entering a fresh `move_on_after`.
+                    # than entering a fresh `move_on_after`. Frames already queued by the
+                    # reader are taken without waiting, so a burst touches neither the
+                    # deadline nor the scheduler (at most the reader's queue between waits).
                     with trio.CancelScope() as silence:
                         while True:
-                            silence.deadline = trio.current_time() + self._settings.read_timeout
-                            frame = await ws.get_message()
-                            silence.deadline = math.inf
-                            while True:  # this frame, then any already queued behind it
-                                event = parse_frame(frame)
-                                kind = tracker.feed(event)
-                                if kind is not None:
-                                    return terminal_end(kind, event, tracker, turn.plan)
-                                await turn.deliver(event)
-                                try:
-                                    frame = sock.message_nowait()
-                                except trio.WouldBlock:
-                                    break
+                            try:
+                                frame = sock.message_nowait()
+                            except trio.WouldBlock:
+                                silence.deadline = trio.current_time() + self._settings.read_timeout
+                                frame = await ws.get_message()
+                                silence.deadline = math.inf
+                            event = parse_frame(frame)
+                            kind = tracker.feed(event)
+                            if kind is not None:
+                                return terminal_end(kind, event, tracker, turn.plan)
+                            await turn.deliver(event)
                     silent = errors.upstream_silent(self._settings.read_timeout)
                     return broken_end("timeout", silent, tracker)
                 except ConnectionClosed as exc:
