@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 import trio
 
-from tests.conftest import post, sse_events, start_proxy, user
+from tests.conftest import AUTH, memory_connector, post, sse_events, start_proxy, user
 from trioproxy.fake import FakeUpstream
 from trioproxy.wsclient import WsUrl
 
+# trio-websocket's default read size, which a large event used to need many reads of.
+RECEIVE_BYTES_BEFORE = 4 * 1024
 CAPTURED = Path(__file__).parent / "data" / "codex-0.169.0-first-turn.json"
 
 
@@ -144,3 +146,27 @@ def test_deflate_is_a_setting_flag_and_variable() -> None:
     assert Settings().permessage_deflate and not Settings().deflate_events_context
     with pytest.raises(ValueError):
         Settings(deflate_hold=-1)
+
+
+async def test_a_large_event_is_read_in_one_go(fake: FakeUpstream) -> None:
+    """trio-websocket reads 4 KiB at a time unless told otherwise; the response objects a
+    Codex turn streams back carry its ~20 KB of tools and instructions each, and every read
+    is a syscall and a pass of wsproto's parser. Each message arrives here in one piece, so
+    a turn costs at most a read per message; at 4 KiB a read, each large one took 14."""
+    fake.deflate = False  # the sizes below are the frames' own
+    auth = [(b"authorization", AUTH["authorization"].encode())]
+    async with memory_connector(fake, deflate=False)("ws://fake/v1/responses", auth) as sock:
+        reads_before = sock.wire.reads
+        body = codex_body([user("hello")])
+        body.pop("stream")
+        body["instructions"] = "Be brief. " * 5_000  # 50 KB, echoed by three of the events
+        await sock.ws.send_message(json.dumps({"type": "response.create", **body}))
+        sizes = []
+        while True:
+            frame = await sock.ws.get_message()
+            sizes.append(len(frame))
+            if json.loads(frame)["type"] == "response.completed":
+                break
+    large = [size for size in sizes if size > 12 * RECEIVE_BYTES_BEFORE]
+    assert len(large) == 3, sizes  # created, in_progress, completed
+    assert sock.wire.reads - reads_before <= len(sizes), (sock.wire.reads, sizes)
