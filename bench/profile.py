@@ -19,9 +19,11 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import sys
 from pathlib import Path
 
+import httpx
 import trio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +45,7 @@ def top_shares(raw: Path, count: int) -> list[tuple[float, str]]:
     return [(100 * v / total, k) for k, v in inclusive.most_common(count)]
 
 
-async def main(sessions: int, turns: int, spy_out: Path | None) -> None:
+async def main(sessions: int, turns: int, spy_out: Path | None, deflate: bool) -> None:
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     fake_port, proxy_port = free_port(), free_port()
     fake = Process(
@@ -55,6 +57,7 @@ async def main(sessions: int, turns: int, spy_out: Path | None) -> None:
             *(str(VENV_BIN / "trioproxy"), "--log-level", "WARNING", "serve"),
             *("--port", str(proxy_port), "--max-sockets", "100000"),
             *("--upstream", f"ws://127.0.0.1:{fake_port}/v1/responses"),
+            *(() if deflate else ("--no-permessage-deflate",)),
         ],
     )
     spy = None
@@ -69,9 +72,13 @@ async def main(sessions: int, turns: int, spy_out: Path | None) -> None:
             argv = [binary, "record", "-f", "raw", "-r", "250", "-o", str(spy_out)]
             spy = Process("profile-py-spy", [*argv, "-p", str(proxy.proc.pid)])
             await trio.sleep(1.0)
+        metrics = f"http://127.0.0.1:{proxy_port}/metrics"
+        inside = await _first_event_totals(metrics)
         cpu = (proxy.cpu_seconds(), fake.cpu_seconds(), _own_cpu())
         result = await load.run("trioproxy", target, sessions, turns)
         now = (proxy.cpu_seconds(), fake.cpu_seconds(), _own_cpu())
+        after = await _first_event_totals(metrics)
+        inside = (after[0] - inside[0], after[1] - inside[1])
         used = [b - a for a, b in zip(cpu, now, strict=True)]
     finally:
         if spy is not None:  # py-spy writes its samples on SIGINT
@@ -88,8 +95,23 @@ async def main(sessions: int, turns: int, spy_out: Path | None) -> None:
         f"writes per turn {result.chunks / result.turns:.1f} for "
         f"{events / result.turns:.1f} events\n"
         f"CPU over {wall:.1f} s of wall time: proxy {used[0]:.1f} s, fake {used[1]:.1f} s, "
-        f"load generator {used[2]:.1f} s (2 cores: {2 * wall:.1f} s)"
+        f"load generator {used[2]:.1f} s (2 cores: {2 * wall:.1f} s)\n"
+        f"time to first event, mean: {1000 * statistics.fmean(result.ttfe):.2f} ms at the "
+        f"client, {1000 * inside[0] / max(inside[1], 1):.2f} ms of it from the proxy sending "
+        "the turn upstream to the first event coming back"
     )
+
+
+async def _first_event_totals(url: str) -> tuple[float, float]:
+    """Sum and count of the proxy's `trioproxy_first_event_seconds` histogram."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(url)).text
+    found = dict.fromkeys(("_sum", "_count"), 0.0)
+    for line in text.splitlines():
+        for suffix in found:
+            if line.startswith(f"trioproxy_first_event_seconds{suffix} "):
+                found[suffix] = float(line.split()[1])
+    return found["_sum"], found["_count"]
 
 
 def _own_cpu() -> float:
@@ -103,8 +125,11 @@ if __name__ == "__main__":
     parser.add_argument("--turns", type=int, default=60)
     parser.add_argument("--py-spy", type=Path, help="write py-spy's raw samples here")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument(
+        "--no-deflate", action="store_true", help="run the proxy without permessage-deflate"
+    )
     args = parser.parse_args()
-    trio.run(main, args.sessions, args.turns, args.py_spy)
+    trio.run(main, args.sessions, args.turns, args.py_spy, not args.no_deflate)
     if args.py_spy is not None and args.py_spy.exists():
         print(f"\nlargest inclusive shares of the proxy's samples ({args.py_spy}):")
         for share, name in top_shares(args.py_spy, args.top):
