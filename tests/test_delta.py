@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
+
+import orjson
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from trioproxy.delta import Conversation, plan_turn
 from trioproxy.items import canonical_item, digest_items, item_digest
@@ -233,3 +238,65 @@ def test_canonical_form_rules() -> None:
     assert item_digest({"role": "assistant", "content": [with_annotations]}) != item_digest(
         {"role": "assistant", "content": "t"}
     )
+
+
+# Items built from the keys and values canonicalisation cares about, nested a few levels deep.
+_KEYS = st.sampled_from(
+    ["id", "status", "type", "role", "content", "text", "annotations", "logprobs", "output"]
+)
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-9, 9)
+    | st.sampled_from(
+        ["message", "user", "assistant", "output_text", "null", '"annotations":[]', "x"]
+    )
+)
+_VALUES = st.recursive(
+    _SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=4)
+)
+
+
+_PARTS = st.lists(
+    st.fixed_dictionaries(
+        {
+            "type": st.sampled_from(["output_text", "input_text"]),
+            "text": st.sampled_from(["a", "null"]),
+        },
+        optional={"annotations": st.just([]) | _VALUES, "logprobs": st.just([]) | _VALUES},
+    ),
+    max_size=3,
+)
+_MESSAGES = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant"])},
+    optional={
+        "type": st.sampled_from(["message", "other"]),
+        "content": st.sampled_from(["hi", "null"]) | _PARTS | _VALUES,
+        "id": _SCALARS,
+        "status": _SCALARS,
+    },
+)
+
+
+@settings(max_examples=1_000, derandomize=True)
+@given(_MESSAGES | st.dictionaries(_KEYS, _VALUES, max_size=6) | _VALUES)
+def test_the_quick_digest_is_the_canonical_digest(item: Any) -> None:
+    """`item_digest` skips canonicalising items it can tell are canonical already; whatever it
+    is given, the digest must be that of the canonical form."""
+    _same_as_canonical(item)
+
+
+@settings(max_examples=1_000, derandomize=True)
+@given(_MESSAGES)
+@example({"type": "message", "role": "assistant", "content": [{"text": "a", "logprobs": []}]})
+@example({"type": "message", "role": "user", "content": [{"text": "a", "annotations": []}]})
+@example({"role": "user", "content": [{"type": "input_text", "text": "a"}]})
+def test_the_quick_digest_of_messages_is_the_canonical_digest(item: Any) -> None:
+    """Messages are where canonicalising changes most (string content, empty annotations)."""
+    _same_as_canonical(item)
+
+
+def _same_as_canonical(item: Any) -> None:
+    text = orjson.dumps(canonical_item(item), option=orjson.OPT_SORT_KEYS)
+    assert item_digest(item) == sha256(text).digest()[:16]
+    assert item_digest(item) == item_digest(orjson.loads(orjson.dumps(canonical_item(item))))
