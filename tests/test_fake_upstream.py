@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 from typing import Any
 
+import httpx
 import pytest
+import trio
 from trio_websocket import ConnectionRejected, WebSocketConnection, open_websocket_url
 
 from trioproxy.fake import FakeUpstream, Reply
@@ -75,3 +79,34 @@ async def test_scripted_tool_call_and_records(fake: FakeUpstream) -> None:
     assert "response.function_call_arguments.delta" in [e["type"] for e in events]
     assert fake.received[0].message["input"] == "go" and fake.received[0].size > 0
     assert fake.handshakes[0]["authorization"] == "Bearer sk-test"
+
+
+async def test_a_client_resetting_mid_stream_does_not_take_the_server_down(
+    fake: FakeUpstream,
+) -> None:
+    """A gateway cut short closes its upstream connections with the answer half sent (the
+    bench saw LiteLLM do it); the fake must drop that connection only and keep serving."""
+    body = json.dumps(
+        {"model": "m", "stream": True, "input": "fake: slow 0.05\nfake: deltas 40"}
+    ).encode()
+    request = (
+        b"POST /v1/responses HTTP/1.1\r\nhost: fake\r\nauthorization: Bearer sk-test\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", fake.port)
+    await stream.send_all(request)
+    received = b""
+    while b"event: response.created" not in received:
+        received += await stream.receive_some(65536)
+    # Reset, not a clean close: the fake's next write fails with ECONNRESET.
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+    with trio.fail_after(5):
+        await fake.wait_http_dropped(1)
+    async with httpx.AsyncClient() as client:
+        reply = await client.post(
+            f"http://127.0.0.1:{fake.port}/v1/responses",
+            json={"model": "m", "input": "hi"},
+            headers={"authorization": "Bearer sk-test"},
+        )
+    assert reply.status_code == 200 and "response.completed" in reply.text

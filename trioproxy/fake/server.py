@@ -101,6 +101,7 @@ class FakeUpstream:
         self.deflate = True
         self.port = 0
         self.events_sent = 0
+        self.http_dropped = 0  # HTTP connections the client dropped before the answer ended
         self._numbers = itertools.count(1)
         self._open: dict[int, _Socket] = {}
         self._changed = trio.Event()
@@ -170,6 +171,11 @@ class FakeUpstream:
         while self.open_sockets != count:
             await self._changed.wait()
 
+    async def wait_http_dropped(self, count: int) -> None:
+        """Wait until `count` HTTP connections have been dropped by their clients."""
+        while self.http_dropped < count:
+            await self._changed.wait()
+
     def _notify(self) -> None:
         # Synchronous, so it also runs from a `finally` in a cancelled handler.
         self._changed.set()
@@ -209,7 +215,13 @@ class FakeUpstream:
                     # moment (cancelling it at once could strand a close waiting on it).
                     nursery.cancel_scope.deadline = trio.current_time() + 2
             else:
-                await self._serve_http(stream, head)
+                try:
+                    await self._serve_http(stream, head)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # The client went away mid-answer (a gateway cut short, a reset): its
+                    # connection ends; the server, and every other connection, carries on.
+                    self.http_dropped += 1
+                    self._notify()
 
     async def _serve_http(self, stream: trio.abc.Stream, head: bytes) -> None:
         conn = h11.Connection(h11.SERVER)
