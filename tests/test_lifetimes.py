@@ -207,3 +207,38 @@ async def test_an_idle_socket_frees_its_compressor_and_still_talks(
     assert kept < size * 0.05, wire  # tools are back-references into the last turn
     assert kept * 5 < fresh < size, wire  # compressed on its own, and the upstream read it
     await proxy.registry.aclose()
+
+
+async def test_an_idle_socket_does_not_keep_its_last_read(nursery: trio.Nursery) -> None:
+    """Reads are up to 64 KiB, and a turn's last one carries its `response.completed`, which
+    echoes the instructions; trio-websocket's reader keeps its last read in a local while it
+    waits, and a pool of idle sockets must not keep those alive (P4)."""
+    fake = FakeUpstream()
+    fake.deflate = False
+    proxy = await make_proxy(nursery, fake, permessage_deflate=False)
+    stream = await proxy.open_turn(
+        {"model": "m", "input": [user("a")], "instructions": "Be brief. " * 4_000},
+        HEADERS,
+        api_target(proxy.settings),
+    )
+    async for _ in stream:
+        pass
+    assert stream.end.kind == "completed"
+    await trio.testing.wait_all_tasks_blocked()
+    assert proxy.registry.idle == 1
+    readers = [
+        task.coro.cr_frame.f_locals
+        for task in _all_tasks(trio.lowlevel.current_root_task())
+        if task.name.endswith("_reader_task")
+    ]
+    held = [len(f["data"]) for f in readers if f["self"].is_client]
+    assert held == [0], held  # it held the 40 KB response.completed
+    await proxy.registry.aclose()
+
+
+def _all_tasks(task: trio.lowlevel.Task) -> list[trio.lowlevel.Task]:
+    found = [task]
+    for child in task.child_nurseries:
+        for sub in child.child_tasks:
+            found += _all_tasks(sub)
+    return found
