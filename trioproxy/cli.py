@@ -50,6 +50,9 @@ def hypercorn_config(host: str, port: int) -> Config:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # through our formatter, not its own
     config.graceful_timeout = 10.0
+    # hypercorn's default listen backlog is 100: 256 clients connecting at once overflowed it
+    # and some had their connection reset mid-request (the bench's 256-session row).
+    config.backlog = 4096
     return config
 
 
