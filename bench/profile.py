@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -106,12 +107,11 @@ async def _first_event_totals(url: str) -> tuple[float, float]:
     """Sum and count of the proxy's `trioproxy_first_event_seconds` histogram."""
     async with httpx.AsyncClient() as client:
         text = (await client.get(url)).text
-    found = dict.fromkeys(("_sum", "_count"), 0.0)
-    for line in text.splitlines():
-        for suffix in found:
-            if line.startswith(f"trioproxy_first_event_seconds{suffix} "):
-                found[suffix] = float(line.split()[1])
-    return found["_sum"], found["_count"]
+    for family in text_string_to_metric_families(text):
+        if family.name == "trioproxy_first_event_seconds":
+            found = {s.name: s.value for s in family.samples}
+            return found[f"{family.name}_sum"], found[f"{family.name}_count"]
+    return 0.0, 0.0
 
 
 def _own_cpu() -> float:

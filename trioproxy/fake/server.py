@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -168,12 +169,14 @@ class FakeUpstream:
 
     async def wait_open_sockets(self, count: int) -> None:
         """Wait until exactly `count` sockets are open (used to see closes land)."""
-        while self.open_sockets != count:
-            await self._changed.wait()
+        await self._until(lambda: self.open_sockets == count)
 
     async def wait_http_dropped(self, count: int) -> None:
         """Wait until `count` HTTP connections have been dropped by their clients."""
-        while self.http_dropped < count:
+        await self._until(lambda: self.http_dropped >= count)
+
+    async def _until(self, done: Callable[[], bool]) -> None:
+        while not done():
             await self._changed.wait()
 
     def _notify(self) -> None:
