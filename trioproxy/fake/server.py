@@ -388,9 +388,12 @@ class FakeUpstream:
         deflate = self.deflate and any(
             offer.split(";", 1)[0].strip() == "permessage-deflate" for offer in offers
         )
+        # The client sends nothing before our 101, so what was read by now is its handshake;
+        # once accepted, the reader may take its first message before this task runs again.
+        mark = wire.received if wire is not None else 0
         ws = await _accept(request, deflate)
         sock = _Socket(next(self._numbers), ws, chatgpt, headers, deflate=deflate, wire=wire)
-        sock.wire_mark = wire.received if wire is not None else 0
+        sock.wire_mark = mark
         self._open[sock.number] = sock
         self._notify()
         try:
