@@ -142,6 +142,7 @@ async def main(
                     "rss_after_mib": after / 1024,
                     "sweep_us": sweep * 1e6,
                     "open_s": elapsed,
+                    "deflate_hold_s": hold,
                 }
                 print(json.dumps(figures))
             await registry.aclose()
