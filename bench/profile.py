@@ -2,19 +2,24 @@
 
     .venv/bin/python bench/profile.py --sessions 16 --turns 60
     .venv/bin/python bench/profile.py --sessions 32 --turns 40 --py-spy profile.txt
+    .venv/bin/python bench/profile.py --sessions 1 --turns 200 --stages
 
 Prints turns/s, events/s, the proxy's CPU per 1,000 events, the writes the proxy made per turn
 (HTTP body reads on the client side: about one per write), and the CPU each of the three
 processes used, which says whether the machine was saturated. With `--py-spy` (not a
 dependency: `.venv/bin/pip install py-spy`) it samples the proxy during the run and prints the
-functions with the largest inclusive share of its samples. This is where the figures in
-bench/README.md's "Profile" section come from.
+functions with the largest inclusive share of its samples. With `--stages` (one session) it
+runs the proxy under bench/stages.py and prints the mean time between the stages of a turn's
+way to its first event. This is where the figures in bench/README.md's "Profile" section come
+from.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
+import json
 import re
 import resource
 import shutil
@@ -31,7 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import load  # noqa: E402
+from bench import stages as stages_module  # noqa: E402
 from bench.run import VENV_BIN, Process, free_port, wait_http  # noqa: E402
+
+WARM_UP_TURNS = 4  # two sessions of two turns, before the measured run
 
 
 def top_shares(raw: Path, count: int) -> list[tuple[float, str]]:
@@ -46,27 +54,35 @@ def top_shares(raw: Path, count: int) -> list[tuple[float, str]]:
     return [(100 * v / total, k) for k, v in inclusive.most_common(count)]
 
 
-async def main(sessions: int, turns: int, spy_out: Path | None, deflate: bool) -> None:
+async def main(
+    sessions: int, turns: int, spy_out: Path | None, deflate: bool, stages: bool
+) -> None:
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     fake_port, proxy_port = free_port(), free_port()
+    stamps = ROOT / "bench" / "results" / "profile-stages.json"
+    stamps.unlink(missing_ok=True)
+    serve = [str(VENV_BIN / "trioproxy")]
+    if stages:  # the same server, its turns timed stage by stage (bench/stages.py)
+        serve = [sys.executable, str(ROOT / "bench" / "stages.py")]
     fake = Process(
         "profile-fake", [str(VENV_BIN / "trioproxy"), "fake-upstream", "--port", str(fake_port)]
     )
     proxy = Process(
         "profile-trioproxy",
         [
-            *(str(VENV_BIN / "trioproxy"), "--log-level", "WARNING", "serve"),
+            *(*serve, "--log-level", "WARNING", "serve"),
             *("--port", str(proxy_port), "--max-sockets", "100000"),
             *("--upstream", f"ws://127.0.0.1:{fake_port}/v1/responses"),
             *(() if deflate else ("--no-permessage-deflate",)),
         ],
+        env={"TRIOPROXY_STAGES_OUT": str(stamps)},
     )
     spy = None
     try:
         assert await wait_http(f"http://127.0.0.1:{fake_port}/_fake/stats")
         assert await wait_http(f"http://127.0.0.1:{proxy_port}/healthz")
         target = f"http://127.0.0.1:{proxy_port}/v1"
-        await load.run("trioproxy", target, 2, 2)  # warm-up, out of the figures
+        await load.run("trioproxy", target, 2, WARM_UP_TURNS // 2)  # warm-up, out of the figures
         if spy_out is not None:
             binary = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
             assert binary, "py-spy is not installed: .venv/bin/pip install py-spy"
@@ -101,6 +117,9 @@ async def main(sessions: int, turns: int, spy_out: Path | None, deflate: bool) -
         f"client, {1000 * inside[0] / max(inside[1], 1):.2f} ms of it from the proxy sending "
         "the turn upstream to the first event coming back"
     )
+    if stages:
+        turns = json.loads(stamps.read_text())[WARM_UP_TURNS:]
+        _print_stages(stages_module.whole(turns), result.ttfe)
 
 
 async def _first_event_totals(url: str) -> tuple[float, float]:
@@ -112,6 +131,21 @@ async def _first_event_totals(url: str) -> tuple[float, float]:
             found = {s.name: s.value for s in family.samples}
             return found[f"{family.name}_sum"], found[f"{family.name}_count"]
     return 0.0, 0.0
+
+
+def _print_stages(turns: list[dict[str, float]], ttfe: list[float]) -> None:
+    """Mean time between consecutive stamps, and what lies outside the proxy's handler."""
+    print(f"\nwhere the time to first event goes (means over {len(turns)} turns, ms):")
+    inside = 0.0
+    for (before, _), (stage, what) in itertools.pairwise(stages_module.STAGES):
+        mean = 1000 * statistics.fmean(t[stage] - t[before] for t in turns)
+        inside += mean
+        print(f"{mean:7.3f}  {what}")
+    client = 1000 * statistics.fmean(ttfe)
+    print(
+        f"{client - inside:7.3f}  outside the handler: the client sending, hypercorn reading "
+        f"the head, the client reading the chunk\n{client:7.3f}  at the client"
+    )
 
 
 def _own_cpu() -> float:
@@ -128,8 +162,15 @@ if __name__ == "__main__":
     parser.add_argument(
         "--no-deflate", action="store_true", help="run the proxy without permessage-deflate"
     )
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="time each stage of a turn's way to its first event (one session only)",
+    )
     args = parser.parse_args()
-    trio.run(main, args.sessions, args.turns, args.py_spy, not args.no_deflate)
+    if args.stages and args.sessions != 1:
+        parser.error("--stages times turns one at a time: use --sessions 1")
+    trio.run(main, args.sessions, args.turns, args.py_spy, not args.no_deflate, args.stages)
     if args.py_spy is not None and args.py_spy.exists():
         print(f"\nlargest inclusive shares of the proxy's samples ({args.py_spy}):")
         for share, name in top_shares(args.py_spy, args.top):
