@@ -182,3 +182,63 @@ async def test_sigterm_refuses_new_turns_and_lets_running_ones_finish_within_the
         assert events[-1] == "response.completed"  # the running turn finished in full
     else:
         assert events[-2:] == ["error", "response.failed"]  # cut at the grace, and said so
+
+
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
+BURST = 300  # more than hypercorn's default backlog of 100, as many as the bench's 256 sessions
+
+
+@pytest.mark.skipif(
+    not SOMAXCONN.exists() or int(SOMAXCONN.read_text()) <= BURST,
+    reason="the kernel caps every listen backlog below the burst (net.core.somaxconn)",
+)
+async def test_a_burst_of_clients_waits_in_the_listen_queue(
+    fake: FakeUpstream, nursery: trio.Nursery
+) -> None:
+    """Clients connecting faster than the server accepts wait in the kernel's queue: with
+    hypercorn's default backlog (100) the bench's 256 sessions had connections reset. The
+    server is stopped (SIGSTOP), so nothing is accepted while the burst connects."""
+    process, base = await start_serve(nursery, fake, grace=5.0)
+    port = int(base.rsplit(":", 1)[1])
+    socks = [trio.socket.socket() for _ in range(BURST)]
+    connected = 0
+
+    async def connect(sock: trio.socket.SocketType) -> None:
+        nonlocal connected
+        await sock.connect(("127.0.0.1", port))
+        connected += 1
+
+    process.send_signal(signal.SIGSTOP)
+    try:
+        # Over a full queue a SYN is dropped and its connect waits for a retry a second later.
+        with trio.move_on_after(2):
+            async with trio.open_nursery() as burst:
+                for sock in socks:
+                    burst.start_soon(connect, sock)
+    finally:
+        process.send_signal(signal.SIGCONT)
+    assert connected == BURST
+
+    answers: list[bytes] = []
+
+    async def health(sock: trio.socket.SocketType) -> None:
+        await sock.send(b"GET /healthz HTTP/1.1\r\nhost: proxy\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:  # the head is enough
+            chunk = await sock.recv(4096)
+            assert chunk, answer
+            answer += chunk
+        answers.append(answer)
+        sock.close()
+
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as clients:
+                for sock in socks:
+                    clients.start_soon(health, sock)
+        assert len(answers) == BURST
+        assert all(a.startswith(b"HTTP/1.1 200") for a in answers), {a[:40] for a in answers}
+    finally:
+        process.kill()
+        for sock in socks:
+            sock.close()
