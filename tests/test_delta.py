@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from trioproxy import delta
 from trioproxy.delta import Conversation, plan_turn
 from trioproxy.items import canonical_item, digest_items, item_digest
 
@@ -300,3 +303,71 @@ def _same_as_canonical(item: Any) -> None:
     text = orjson.dumps(canonical_item(item), option=orjson.OPT_SORT_KEYS)
     assert item_digest(item) == sha256(text).digest()[:16]
     assert item_digest(item) == item_digest(orjson.loads(orjson.dumps(canonical_item(item))))
+
+
+def test_a_resent_input_is_not_digested_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long session resends every item each turn; the items of the last request, resent
+    byte for byte, take their digests from memory and only the rest are digested."""
+    history = [user(f"message {n}") for n in range(200)]
+    memory = completed(body(history), [CALL])
+    echoed = {k: v for k, v in CALL.items() if k not in ("id", "status")}
+    result = {"type": "function_call_output", "call_id": "call_1", "output": "ok"}
+    second = body([*history, echoed, result])
+    digested: list[Any] = []
+
+    def counting(items: Any) -> bytes:
+        items = list(items)
+        digested.extend(items)
+        return digest_items(items)
+
+    monkeypatch.setattr(delta, "digest_items", counting)
+    plan = plan_turn(memory, second)
+    assert plan.mode == "suffix" and plan.message["input"] == [result]
+    assert digested == [echoed, result]
+    # Re-serialised differently (keys reordered), the same items are digested one by one.
+    digested.clear()
+    reordered = [dict(reversed(item.items())) for item in history]
+    plan = plan_turn(memory, body([*reordered, echoed, result]))
+    assert plan.mode == "suffix" and len(digested) == 202
+
+
+def test_a_resent_prefix_must_end_where_an_item_ends() -> None:
+    """`[1` begins `[12,...` too: bytes alone would take 12 for the 1 the last turn sent."""
+    memory = completed(body([1]), [])
+    plan = plan_turn(memory, body([12, user("b")]))
+    assert plan.mode == "full" and plan.history == digest_items([12, user("b")])
+
+
+_ITEMS = _MESSAGES | st.dictionaries(_KEYS, _VALUES, max_size=4) | _VALUES
+
+
+@settings(max_examples=500, derandomize=True)
+@given(
+    first=st.lists(_ITEMS, max_size=4),
+    output=st.lists(_ITEMS, max_size=3),
+    resend=st.sampled_from(["as sent", "reordered", "edited", "other"]),
+    other=st.lists(_ITEMS, max_size=4),
+    new=st.lists(_ITEMS, min_size=1, max_size=3),
+)
+@example(first=[1], output=[], resend="other", other=[12], new=[None])
+def test_reusing_the_last_turn_s_digests_changes_no_plan(
+    first: list[Any], output: list[Any], resend: str, other: list[Any], new: list[Any]
+) -> None:
+    """Whatever the client resends, the plan is the one digesting every item would make."""
+    memory = completed(body(first), output)
+    if resend == "reordered":
+        first = [dict(reversed(i.items())) if isinstance(i, dict) else i for i in first]
+    elif resend == "edited" and first:
+        first = [{"edited": True}, *first[1:]]
+    elif resend == "other":
+        first = other
+    request = body([*first, *output, *new])
+    reused = plan_turn(memory, request)
+    each = plan_turn(dataclasses.replace(memory, sent=None), request)
+    assert (reused.mode, reused.message, reused.history, reused.new_items) == (
+        each.mode,
+        each.message,
+        each.history,
+        each.new_items,
+    )
+    assert reused.sent == plan_turn(None, request).sent

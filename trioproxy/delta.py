@@ -10,7 +10,10 @@ Parameters are always sent: `previous_response_id` does not carry `tools` or `in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from hashlib import sha256
 from typing import Any, Literal
+
+import orjson
 
 from trioproxy.items import DIGEST_SIZE, digest_items, digest_value, input_items
 
@@ -26,12 +29,24 @@ Mode = Literal["full", "suffix", "passthrough"]
 
 
 @dataclass(frozen=True, slots=True)
+class Sent:
+    """How a client serialised a turn's input: its JSON's length, item count, and a digest of
+    that JSON without the closing bracket. A client that resends those items as it sent them
+    (Codex does) begins its next input with the same bytes, which one hash pass confirms."""
+
+    length: int
+    count: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Conversation:
     """What a socket remembers after a completed turn: digests and an id, never the items."""
 
     params: bytes
     items: bytes | None  # digests of input + output; None when the client chained by id itself
     response_id: str
+    sent: Sent | None = None  # this turn's input as the client sent it, when `items` begins so
 
     @property
     def item_count(self) -> int:
@@ -47,10 +62,11 @@ class TurnPlan:
     params: bytes
     history: bytes | None  # digests of the whole logical input of this turn, if known
     new_items: int
+    sent: Sent | None = None
 
     def remember(self, output: list[Any], response_id: str) -> Conversation:
         items = None if self.history is None else self.history + digest_items(output)
-        return Conversation(self.params, items, response_id)
+        return Conversation(self.params, items, response_id, self.sent)
 
 
 def params_digest(body: dict[str, Any]) -> bytes:
@@ -90,7 +106,7 @@ def plan_turn(memory: Conversation | None, body: dict[str, Any]) -> TurnPlan:
         return TurnPlan(
             "passthrough", _message(body, body.get("input"), chained), params, known, len(items)
         )
-    history = digest_items(items)
+    history, sent = _history(memory, items)
     if (
         memory is not None
         and memory.items is not None
@@ -99,7 +115,40 @@ def plan_turn(memory: Conversation | None, body: dict[str, Any]) -> TurnPlan:
         and history.startswith(memory.items)
     ):
         suffix = items[memory.item_count :]
-        return TurnPlan(
-            "suffix", _message(body, suffix, memory.response_id), params, history, len(suffix)
-        )
-    return TurnPlan("full", _message(body, body.get("input"), None), params, history, len(items))
+        message = _message(body, suffix, memory.response_id)
+        return TurnPlan("suffix", message, params, history, len(suffix), sent)
+    message = _message(body, body.get("input"), None)
+    return TurnPlan("full", message, params, history, len(items), sent)
+
+
+def _history(memory: Conversation | None, items: list[Any]) -> tuple[bytes, Sent]:
+    """The item digests of `items`, and how they were sent.
+
+    Every request resends the whole conversation, and digesting it item by item costs a
+    Python call per item (1.3 ms a turn 400 turns in). When this input's JSON begins with the
+    bytes of the socket's last input followed by a comma (so its last item ends there too),
+    those items parse as the same values, so their digests are taken from memory and only the
+    items after them are digested: one hash pass over the text instead.
+    """
+    text = orjson.dumps(items)
+    view = memoryview(text)
+    hasher = sha256()
+    known, last = (memory.items, memory.sent) if memory is not None else (None, None)
+    hashed = 0  # bytes of `text` the hasher has taken
+    reused: tuple[bytes, int] | None = None  # digests taken from memory, and of how many items
+    if (
+        known is not None
+        and last is not None
+        and last.length < len(text)
+        and text[last.length - 1] == ord(",")  # the last input's final item ends right there
+    ):
+        hashed = last.length - 1
+        hasher.update(view[:hashed])
+        if hasher.digest()[:DIGEST_SIZE] == last.digest:
+            reused = known[: DIGEST_SIZE * last.count], last.count
+    hasher.update(view[hashed : len(text) - 1])
+    sent = Sent(len(text), len(items), hasher.digest()[:DIGEST_SIZE])
+    if reused is not None:
+        digests, count = reused
+        return digests + digest_items(items[count:]), sent
+    return digest_items(items), sent
