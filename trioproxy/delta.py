@@ -46,7 +46,7 @@ class Conversation:
     params: bytes
     items: bytes | None  # digests of input + output; None when the client chained by id itself
     response_id: str
-    sent: Sent | None = None  # this turn's input as the client sent it, when `items` begins so
+    sent: Sent | None = None  # how the input whose digests begin `items` was sent
 
     @property
     def item_count(self) -> int:
