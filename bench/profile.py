@@ -37,7 +37,14 @@ sys.path.insert(0, str(ROOT))
 
 from bench import load  # noqa: E402
 from bench import stages as stages_module  # noqa: E402
-from bench.run import VENV_BIN, Process, free_port, wait_http  # noqa: E402
+from bench.run import (  # noqa: E402
+    VENV_BIN,
+    Process,
+    fake_process,
+    free_port,
+    proxy_process,
+    wait_http,
+)
 
 WARM_UP_TURNS = 4  # two sessions of two turns, before the measured run
 
@@ -61,20 +68,14 @@ async def main(
     fake_port, proxy_port = free_port(), free_port()
     stamps = ROOT / "bench" / "results" / "profile-stages.json"
     stamps.unlink(missing_ok=True)
-    serve = [str(VENV_BIN / "trioproxy")]
-    if stages:  # the same server, its turns timed stage by stage (bench/stages.py)
-        serve = [sys.executable, str(ROOT / "bench" / "stages.py")]
-    fake = Process(
-        "profile-fake", [str(VENV_BIN / "trioproxy"), "fake-upstream", "--port", str(fake_port)]
-    )
-    proxy = Process(
+    fake = fake_process("profile-fake", fake_port)
+    proxy = proxy_process(
         "profile-trioproxy",
-        [
-            *(*serve, "--log-level", "WARNING", "serve"),
-            *("--port", str(proxy_port), "--max-sockets", "100000"),
-            *("--upstream", f"ws://127.0.0.1:{fake_port}/v1/responses"),
-            *(() if deflate else ("--no-permessage-deflate",)),
-        ],
+        proxy_port,
+        fake_port,
+        *(() if deflate else ("--no-permessage-deflate",)),
+        # The same server, its turns timed stage by stage (bench/stages.py).
+        command=[sys.executable, str(ROOT / "bench" / "stages.py")] if stages else None,
         env={"TRIOPROXY_STAGES_OUT": str(stamps)},
     )
     spy = None

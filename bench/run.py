@@ -91,6 +91,27 @@ class Process:
         self.log.close()
 
 
+def fake_process(name: str, port: int, delay: float = 0.0) -> Process:
+    """The fake upstream in a process of its own, `delay` seconds between events."""
+    argv = [str(VENV_BIN / "trioproxy"), "fake-upstream", "--port", str(port)]
+    return Process(name, [*argv, "--event-delay", str(delay)])
+
+
+def proxy_process(
+    name: str,
+    port: int,
+    fake_port: int,
+    *options: str,
+    command: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Process:
+    """`trioproxy serve` (or `command` standing in for it) against the fake at `fake_port`,
+    pooling every session the bench opens."""
+    argv = [*(command or [str(VENV_BIN / "trioproxy")]), "--log-level", "WARNING", "serve"]
+    argv += ["--port", str(port), "--upstream", f"ws://127.0.0.1:{fake_port}/v1/responses"]
+    return Process(name, [*argv, "--max-sockets", "100000", *options], env=env)
+
+
 async def wait_http(url: str, seconds: float = 120) -> bool:
     async with httpx.AsyncClient(timeout=5) as client:
         with trio.move_on_after(seconds):
@@ -319,34 +340,15 @@ async def main(profile: str, contenders: list[str]) -> dict[str, Any]:
     codex_lb_port = free_port()
     fake = f"http://127.0.0.1:{fake_port}"
     fake_ws = f"ws://127.0.0.1:{fake_port}/v1/responses"
-    delay = str(settings["delay"])
     # The gateways get a fake upstream each (same code, same settings): their background calls
     # and the turns they finish after a cut would otherwise land in other contenders' bytes.
     # An idle fake costs no CPU.
     gateway_fakes = {name: free_port() for name in ("litellm", "codex_lb")}
-
-    def fake_process(name: str, port: int) -> Process:
-        argv = [str(VENV_BIN / "trioproxy"), "fake-upstream", "--port", str(port)]
-        return Process(name, [*argv, "--event-delay", delay])
-
-    servers = [fake_process("fake", fake_port)]
-    servers += [fake_process(f"fake-{name}", port) for name, port in gateway_fakes.items()]
+    delay = settings["delay"]
+    servers = [fake_process("fake", fake_port, delay)]
+    servers += [fake_process(f"fake-{name}", port, delay) for name, port in gateway_fakes.items()]
     fakes = {name: f"http://127.0.0.1:{port}" for name, port in gateway_fakes.items()}
-    proxy = Process(
-        "trioproxy",
-        [
-            str(VENV_BIN / "trioproxy"),
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--port",
-            str(proxy_port),
-            "--upstream",
-            fake_ws,
-            "--max-sockets",
-            "100000",
-        ],
-    )
+    proxy = proxy_process("trioproxy", proxy_port, fake_port)
     servers.append(proxy)
     litellm_bin = Path(os.environ.get("BENCH_VENV", ROOT / ".bench-venv")) / "bin" / "litellm"
     litellm: Process | None = None

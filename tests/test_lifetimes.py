@@ -210,9 +210,10 @@ async def test_an_idle_socket_frees_its_compressor_and_still_talks(
 
 
 async def test_an_idle_socket_does_not_keep_its_last_read(nursery: trio.Nursery) -> None:
-    """Reads are up to 64 KiB, and a turn's last one carries its `response.completed`, which
-    echoes the instructions; trio-websocket's reader keeps its last read in a local while it
-    waits, and a pool of idle sockets must not keep those alive (P4)."""
+    """Reads are up to `RECEIVE_BYTES`, and a turn's last one carries the end of its
+    `response.completed`, which echoes the instructions; trio-websocket's reader keeps its
+    last read in a local while it waits, and a pool of idle sockets must not keep those alive
+    (P4)."""
     fake = FakeUpstream()
     fake.deflate = False
     proxy = await make_proxy(nursery, fake, permessage_deflate=False)
@@ -232,7 +233,7 @@ async def test_an_idle_socket_does_not_keep_its_last_read(nursery: trio.Nursery)
         if task.name.endswith("_reader_task")
     ]
     held = [len(f["data"]) for f in readers if f["self"].is_client]
-    assert held == [0], held  # it held the 40 KB response.completed
+    assert held == [0], held  # it held its last read of the 40 KB response.completed
     await proxy.registry.aclose()
 
 

@@ -133,22 +133,20 @@ def _history(memory: Conversation | None, items: list[Any]) -> tuple[bytes, Sent
     text = orjson.dumps(items)
     view = memoryview(text)
     hasher = sha256()
-    known, last = (memory.items, memory.sent) if memory is not None else (None, None)
+    known = b""  # digests taken from memory, of the first `len(known) // DIGEST_SIZE` items
     hashed = 0  # bytes of `text` the hasher has taken
-    reused: tuple[bytes, int] | None = None  # digests taken from memory, and of how many items
+    last = memory.sent if memory is not None else None
     if (
-        known is not None
-        and last is not None
+        last is not None
+        and memory is not None
+        and memory.items is not None
         and last.length < len(text)
         and text[last.length - 1] == ord(",")  # the last input's final item ends right there
     ):
         hashed = last.length - 1
         hasher.update(view[:hashed])
         if hasher.digest()[:DIGEST_SIZE] == last.digest:
-            reused = known[: DIGEST_SIZE * last.count], last.count
+            known = memory.items[: DIGEST_SIZE * last.count]
     hasher.update(view[hashed : len(text) - 1])
     sent = Sent(len(text), len(items), hasher.digest()[:DIGEST_SIZE])
-    if reused is not None:
-        digests, count = reused
-        return digests + digest_items(items[count:]), sent
-    return digest_items(items), sent
+    return known + digest_items(items[len(known) // DIGEST_SIZE :]), sent
