@@ -160,6 +160,7 @@ async def test_a_large_event_is_read_in_one_go(fake: FakeUpstream) -> None:
         reads_before = sock.wire.reads
         body = codex_body([user("hello")])
         body.pop("stream")
+        body.pop("include", None)  # no reasoning ciphertext: the three sizes stay comparable
         body["instructions"] = "Be brief. " * 800  # three of the events echo them
         await sock.ws.send_message(json.dumps({"type": "response.create", **body}))
         sizes = []
@@ -183,8 +184,8 @@ async def test_a_first_message_read_before_the_fake_resumes_is_still_counted(
 
     accept = fake_server._accept
 
-    async def slow_accept(request: Any, deflate: bool) -> Any:
-        conn = await accept(request, deflate)
+    async def slow_accept(request: Any, deflate: bool, headers: Any) -> Any:
+        conn = await accept(request, deflate, headers)
         await trio.testing.wait_all_tasks_blocked()  # the proxy sent turn 1; the reader took it
         return conn
 

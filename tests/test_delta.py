@@ -34,7 +34,7 @@ def user(text: str, **extra: Any) -> dict[str, Any]:
 def completed(body: dict[str, Any], output: list[Any], rid: str = "resp_1") -> Conversation:
     """The memory a socket holds after `body` completed with `output`."""
     plan = plan_turn(None, body)
-    return plan.remember(output, rid)
+    return plan.remember(output, {}, rid)
 
 
 ASSISTANT = {
@@ -171,12 +171,12 @@ def test_explicit_previous_response_id_is_passed_through() -> None:
     assert same.message["input"] == [user("b")]
     # Continuing this socket's own chain keeps the history, so a later full request still
     # goes as a suffix.
-    after = same.remember([ASSISTANT], "resp_2")
+    after = same.remember([ASSISTANT], {}, "resp_2")
     assert after.items == digest_items([user("a"), ASSISTANT, user("b"), ASSISTANT])
     other = plan_turn(memory, body([user("b")], previous_response_id="resp_other"))
     assert other.mode == "passthrough"
     assert other.message["previous_response_id"] == "resp_other"
-    assert other.remember([ASSISTANT], "resp_3").items is None  # history unknown
+    assert other.remember([ASSISTANT], {}, "resp_3").items is None  # history unknown
 
 
 def test_a_long_conversation_costs_sixteen_bytes_an_item() -> None:
@@ -371,3 +371,78 @@ def test_reusing_the_last_turn_s_digests_changes_no_plan(
         each.new_items,
     )
     assert reused.sent == plan_turn(None, request).sent
+
+
+# -- either form of an output item (DESIGN.md section 2b) ------------------------------------------
+def reasoning_item(ciphertext: str, rid: str = "rs_1") -> dict[str, Any]:
+    return {
+        "id": rid,
+        "type": "reasoning",
+        "summary": [{"type": "summary_text", "text": "Thinking it over."}],
+        "encrypted_content": ciphertext,
+    }
+
+
+def reencrypted(first: list[Any]) -> tuple[Conversation, dict[str, Any], dict[str, Any]]:
+    """A socket after a turn whose reasoning item streamed as `done` and came back as `final`
+    inside `response.completed` (live models re-encrypt it in between)."""
+    done, final = reasoning_item("gAAA-streamed"), reasoning_item("gAAA-final")
+    plan = plan_turn(None, body(first))
+    memory = plan.remember([final, ASSISTANT], {0: done, 1: ASSISTANT}, "resp_1")
+    return memory, done, final
+
+
+def test_either_form_of_a_reencrypted_reasoning_item_continues_the_chain() -> None:
+    memory, done, final = reencrypted([user("a")])
+    for form in (done, final):  # Codex echoes `done`, SDK users echo the final output
+        plan = plan_turn(memory, body([user("a"), form, ASSISTANT, user("b")]))
+        assert plan.mode == "suffix", form["encrypted_content"]
+        assert plan.message["input"] == [user("b")]
+        assert plan.message["previous_response_id"] == "resp_1"
+
+
+def test_a_third_ciphertext_or_an_edited_item_still_goes_in_full() -> None:
+    memory, done, _ = reencrypted([user("a")])
+    other = reasoning_item("gAAA-someone-elses")
+    assert plan_turn(memory, body([user("a"), other, ASSISTANT, user("b")])).mode == "full"
+    edited = {**done, "summary": [{"type": "summary_text", "text": "Edited."}]}
+    assert plan_turn(memory, body([user("a"), edited, ASSISTANT, user("b")])).mode == "full"
+    changed = {**ASSISTANT, "content": [{"type": "output_text", "text": "not what it said"}]}
+    assert plan_turn(memory, body([user("a"), done, changed, user("b")])).mode == "full"
+
+
+def test_only_items_whose_forms_differ_cost_an_extra_digest() -> None:
+    memory, _, _ = reencrypted([user("a")])
+    assert memory.items is not None and len(memory.items) == 16 * 3
+    assert [pos for pos, _ in memory.alternates] == [1]  # the reasoning item, not the message
+    assert all(len(digest) == 16 for _, digest in memory.alternates)
+
+
+def test_the_other_form_stays_accepted_on_later_turns() -> None:
+    """A client that echoed the streamed form once and the final form later (or a proxy
+    restart in between) still continues: both forms are remembered for the whole chain."""
+    memory, done, final = reencrypted([user("a")])
+    turn2 = plan_turn(memory, body([user("a"), done, ASSISTANT, user("b")]))
+    after2 = turn2.remember([ASSISTANT], {0: ASSISTANT}, "resp_2")
+    turn3 = plan_turn(after2, body([user("a"), final, ASSISTANT, user("b"), ASSISTANT, user("c")]))
+    assert turn3.mode == "suffix" and turn3.message["input"] == [user("c")]
+    again = turn3.remember([ASSISTANT], {}, "resp_3")
+    turn4_items = [user("a"), done, ASSISTANT, user("b"), ASSISTANT, user("c"), ASSISTANT]
+    assert plan_turn(again, body([*turn4_items, user("d")])).mode == "suffix"
+
+
+def test_a_chain_by_id_keeps_the_alternates_for_a_later_full_request() -> None:
+    memory, done, _ = reencrypted([user("a")])
+    chained = plan_turn(memory, body([user("b")], previous_response_id="resp_1"))
+    assert chained.mode == "passthrough"
+    after = chained.remember([ASSISTANT], {}, "resp_2")
+    full = [user("a"), done, ASSISTANT, user("b"), ASSISTANT, user("c")]
+    assert plan_turn(after, body(full)).mode == "suffix"
+
+
+def test_the_tail_digests_name_both_forms_of_the_last_item() -> None:
+    done, final = reasoning_item("gAAA-streamed"), reasoning_item("gAAA-final")
+    plan = plan_turn(None, body([user("a")]))
+    memory = plan.remember([final], {0: done}, "resp_1")
+    assert set(memory.tails()) == {digest_items([final]), digest_items([done])}
+    assert plan_turn(None, body([])).remember([], {}, "r").tails() == ()

@@ -70,10 +70,11 @@ async def run_server(settings: Settings, keys: Managed | None = None) -> None:
     await hypercorn_serve(app, config, shutdown_trigger=trigger)
 
 
-async def run_fake(host: str, port: int, event_delay: float) -> None:
+async def run_fake(host: str, port: int, event_delay: float, reencrypt: bool = True) -> None:
     from trioproxy.fake import FakeUpstream
 
     fake = FakeUpstream(event_delay=event_delay, keep_messages=False)
+    fake.reencrypt = reencrypt
     async with trio.open_nursery() as nursery:
         await nursery.start(fake.serve, host, port)
         print(f"fake upstream listening on {fake.url}", flush=True)
@@ -141,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8765)
     fake.add_argument("--event-delay", type=float, default=0.0, help="seconds between events")
+    fake.add_argument(
+        "--no-reencrypt",
+        dest="reencrypt",
+        action="store_false",
+        help="send a reasoning item's ciphertext the same in output_item.done and "
+        "response.completed (the live API re-encrypts it in between; default: as live)",
+    )
     return parser
 
 
@@ -148,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     if args.command == "fake-upstream":
-        trio.run(run_fake, args.host, args.port, args.event_delay)
+        trio.run(run_fake, args.host, args.port, args.event_delay, args.reencrypt)
         return 0
     if args.command == "hash-key":
         key = args.key if args.key is not None else sys.stdin.readline().strip()

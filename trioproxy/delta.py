@@ -5,6 +5,11 @@ The rule is Codex's own (DESIGN.md section 2): a turn goes as its new items plus
 input begins with the previous input followed by the previous response's output items (compared
 as canonical items, see `items.py`) and adds at least one item. Anything else goes in full.
 Parameters are always sent: `previous_response_id` does not carry `tools` or `instructions`.
+
+An output item may reach the client in two forms: live reasoning models re-encrypt a reasoning
+item between its `response.output_item.done` event (which Codex echoes) and the copy inside
+`response.completed` (which SDK users echo), DESIGN.md section 2b. Either form continues the
+chain: where the two differ the conversation keeps the other form's digest as an alternate.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any, Literal
 
 import orjson
 
-from trioproxy.items import DIGEST_SIZE, digest_items, digest_value, input_items
+from trioproxy.items import DIGEST_SIZE, digest_items, digest_value, input_items, item_digest
 
 # Never sent over the socket: the socket is a stream by nature and cannot run in background.
 _NOT_SENT = frozenset({"stream", "background"})
@@ -39,6 +44,10 @@ class Sent:
     digest: bytes
 
 
+# (item position, a digest also accepted there): the other form of an output item.
+Alternates = tuple[tuple[int, bytes], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Conversation:
     """What a socket remembers after a completed turn: digests and an id, never the items."""
@@ -47,10 +56,46 @@ class Conversation:
     items: bytes | None  # digests of input + output; None when the client chained by id itself
     response_id: str
     sent: Sent | None = None  # how the input whose digests begin `items` was sent
+    # Positions of `items` where a second digest is accepted (an output item whose streamed
+    # and final forms differ): 16 bytes more only for such items.
+    alternates: Alternates = ()
 
     @property
     def item_count(self) -> int:
         return 0 if self.items is None else len(self.items) // DIGEST_SIZE
+
+    def tails(self) -> tuple[bytes, ...]:
+        """Digests the conversation's last item may have: what a continuing request holds
+        just before its new items (the index of header-less conversations looks them up)."""
+        if not self.items:
+            return ()
+        last = self.item_count - 1
+        return (self.items[-DIGEST_SIZE:], *(alt for pos, alt in self.alternates if pos == last))
+
+    def extended_by(self, history: bytes) -> Alternates | None:
+        """If `history` (an input's item digests) continues this conversation with at least
+        one new item, the alternates still valid for it, else None.
+
+        Each output item may be in either of its forms; the form the client did not send
+        stays accepted, so a client that switches forms later still continues the chain.
+        """
+        items = self.items
+        if items is None or len(history) <= len(items):
+            return None
+        if history.startswith(items):
+            return self.alternates
+        if not self.alternates:
+            return None
+        patched = bytearray(items)
+        carried = []
+        for pos, alt in self.alternates:
+            span = slice(pos * DIGEST_SIZE, (pos + 1) * DIGEST_SIZE)
+            if history[span] == alt:
+                carried.append((pos, items[span]))
+                patched[span] = alt
+            else:
+                carried.append((pos, alt))
+        return tuple(carried) if history.startswith(patched) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +108,25 @@ class TurnPlan:
     history: bytes | None  # digests of the whole logical input of this turn, if known
     new_items: int
     sent: Sent | None = None
+    alternates: Alternates = ()  # of `history`, carried over from the socket's memory
 
-    def remember(self, output: list[Any], response_id: str) -> Conversation:
-        items = None if self.history is None else self.history + digest_items(output)
-        return Conversation(self.params, items, response_id, self.sent)
+    def remember(
+        self, output: list[Any], streamed: dict[int, Any], response_id: str
+    ) -> Conversation:
+        """The socket's memory once this turn completed with `output` (the final response's
+        items); `streamed` holds the `output_item.done` forms by output index."""
+        if self.history is None:
+            return Conversation(self.params, None, response_id, self.sent)
+        digests = [item_digest(item) for item in output]
+        alternates = list(self.alternates)
+        base = len(self.history) // DIGEST_SIZE
+        for index, item in streamed.items():
+            if 0 <= index < len(digests):
+                other = item_digest(item)
+                if other != digests[index]:
+                    alternates.append((base + index, other))
+        items = self.history + b"".join(digests)
+        return Conversation(self.params, items, response_id, self.sent, tuple(alternates))
 
 
 def params_digest(body: dict[str, Any]) -> bytes:
@@ -90,33 +150,38 @@ def _message(body: dict[str, Any], input_value: Any, previous: str | None) -> di
     return message
 
 
-def plan_turn(memory: Conversation | None, body: dict[str, Any]) -> TurnPlan:
-    """Decide full, suffix or pass-through for `body` on a socket that remembers `memory`."""
+def digest_input(body: dict[str, Any]) -> tuple[bytes, Sent]:
+    """The item digests of a request's input and how it was sent, before a socket is chosen
+    (a request that names no session is placed by them; `plan_turn` then reuses them)."""
+    return _history(None, input_items(body.get("input")))
+
+
+def plan_turn(
+    memory: Conversation | None,
+    body: dict[str, Any],
+    digested: tuple[bytes, Sent] | None = None,
+) -> TurnPlan:
+    """Decide full, suffix or pass-through for `body` on a socket that remembers `memory`
+    (`digested`: what `digest_input` already computed for this body)."""
     params = params_digest(body)
     items = input_items(body.get("input"))
     chained = client_chained(body)
     if chained is not None:
         # The client manages the chain itself: send it untouched. If it continues this socket's
         # own conversation the proxy still knows the whole history for later turns.
-        known = (
-            memory.items + digest_items(items)
-            if memory is not None and memory.items is not None and memory.response_id == chained
-            else None
-        )
-        return TurnPlan(
-            "passthrough", _message(body, body.get("input"), chained), params, known, len(items)
-        )
-    history, sent = _history(memory, items)
-    if (
-        memory is not None
-        and memory.items is not None
-        and memory.params == params
-        and len(history) > len(memory.items)
-        and history.startswith(memory.items)
-    ):
-        suffix = items[memory.item_count :]
-        message = _message(body, suffix, memory.response_id)
-        return TurnPlan("suffix", message, params, history, len(suffix), sent)
+        known: bytes | None = None
+        carried: Alternates = ()
+        if memory is not None and memory.items is not None and memory.response_id == chained:
+            known, carried = memory.items + digest_items(items), memory.alternates
+        message = _message(body, body.get("input"), chained)
+        return TurnPlan("passthrough", message, params, known, len(items), alternates=carried)
+    history, sent = digested if digested is not None else _history(memory, items)
+    if memory is not None and memory.params == params:
+        alternates = memory.extended_by(history)
+        if alternates is not None:
+            suffix = items[memory.item_count :]
+            message = _message(body, suffix, memory.response_id)
+            return TurnPlan("suffix", message, params, history, len(suffix), sent, alternates)
     message = _message(body, body.get("input"), None)
     return TurnPlan("full", message, params, history, len(items), sent)
 

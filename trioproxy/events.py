@@ -69,16 +69,22 @@ class TurnTracker:
         return TERMINAL.get(event.type)
 
     def output_items(self, end: UpstreamEvent) -> list[Any]:
-        """The response's output items: the final response's list, else the streamed ones.
+        """The response's output items: the final response's list, else the streamed ones."""
+        return self.output_forms(end)[0]
+
+    def output_forms(self, end: UpstreamEvent) -> tuple[list[Any], dict[int, Any]]:
+        """(the response's output items, their streamed `output_item.done` forms by index).
 
         Some backends send `response.completed` with an empty `output` and rely on the
-        `output_item.done` events; both are honoured.
+        `output_item.done` events; both are honoured (the streamed items are then the output
+        and there is no second form). Live reasoning models send a reasoning item's
+        ciphertext differently in the two places (DESIGN.md section 2b).
         """
         response = end.data.get("response")
         final = response.get("output") if isinstance(response, dict) else None
         if isinstance(final, list) and final:
-            return final
-        return [self.output[i] for i in sorted(self.output)]
+            return final, self.output
+        return [self.output[i] for i in sorted(self.output)], {}
 
     @property
     def next_sequence(self) -> int:
