@@ -134,6 +134,18 @@ def assert_suffix_loop(creates: list[Received], steps: int) -> None:
         assert turn.size < first.size
 
 
+def rate_limits(codex: Codex) -> list[dict[str, Any]]:
+    """The rate-limit snapshots Codex wrote to its session rollout (`token_count` events)."""
+    found = []
+    for rollout in sorted((codex.home / "sessions").rglob("rollout-*.jsonl")):
+        for line in rollout.read_text().splitlines():
+            record = json.loads(line)
+            payload = record.get("payload") or {}
+            if record.get("type") == "event_msg" and payload.get("type") == "token_count":
+                found.extend([payload["rate_limits"]] if payload.get("rate_limits") else [])
+    return found
+
+
 def assert_answered(stdout: str, steps: int) -> None:
     """Codex printed the model's final answer, which quotes the last tool output."""
     assert "The tool returned:" in stdout and f"step-{steps}-done" in stdout, stdout
@@ -210,6 +222,11 @@ async def test_chatgpt_login_pass_through_runs_the_loop_as_codex_would_upstream(
     assert handshake["session-id"]
     assert_suffix_loop(fake.creates(), steps=4)
     assert not fake.logins.token_requests  # a fresh login needs no refresh
+    # The backend's rate-limit headers (the fake sends them on the upgrade) reached Codex
+    # through the proxy: it recorded them with each turn's token count, as behind no proxy.
+    limits = rate_limits(codex)
+    assert limits and limits[-1]["primary"]["used_percent"] == 42.0
+    assert limits[-1]["secondary"]["window_minutes"] == 10080
     label = f"ChatGPT pass-through, model {fake.creates()[0].message['model']}, 5-step tool loop"
     print("\n" + byte_table(label, posts, fake.creates()))
 

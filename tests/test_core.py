@@ -188,6 +188,7 @@ def test_pool_key_separates_what_changes_upstream_meaning() -> None:
                 x_client_request_id="r1",
                 traceparent="t",
                 x_codex_turn_metadata="{}",
+                x_codex_turn_state="ts_1",
                 x_stainless_retry_count="1",
             ),
             BETA,
@@ -206,7 +207,14 @@ def test_pool_key_separates_what_changes_upstream_meaning() -> None:
     assert keys.pool_key(url, H(authorization="Bearer k2", session_id="s"), BETA) != key
     assert keys.pool_key("wss://other/v1/responses", base, BETA) != key
     assert keys.pool_key(url, H(authorization="Bearer k1", session_id="t"), BETA) != key
-    assert keys.pool_key(url, H(authorization="Bearer k1"), BETA) is None
+    # Without a session the key is the credential group's, which no session's key equals; a
+    # `prompt_cache_key` of the same value as a header's session id is another session.
+    group = keys.pool_key(url, H(authorization="Bearer k1"), BETA)
+    assert group not in (key, None)
+    assert keys.pool_key(url, base, BETA, ("cache_key", "s")) not in (key, group)
+    assert keys.affinity(H(authorization="Bearer k1"), "pck") == ("cache_key", "pck")
+    assert keys.affinity(base, "pck") == ("header", "s")
+    assert keys.affinity(H(authorization="Bearer k1"), "") is None
 
 
 def test_header_values_that_cannot_go_on_the_wire_are_trimmed_or_dropped() -> None:

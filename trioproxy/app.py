@@ -49,6 +49,13 @@ def error_response(error: ApiError) -> Response:
     return json_response(error.body(), error.status)
 
 
+def with_headers(response: Response, headers: list[tuple[str, str]]) -> Response:
+    """The upstream's response metadata (metadata.py) added to the client's answer."""
+    for name, value in headers:
+        response.headers.add(name, value)
+    return response
+
+
 class SseBody:
     """The streaming body: upstream events as SSE blocks, then a flat `error` if it ended badly.
 
@@ -206,6 +213,7 @@ def create_app(
                 "held_login": login is not None,
                 **registry.stats(),
                 "turns": dict(proxy.turns),
+                "placements": dict(proxy.placements),
                 "retries": dict(proxy.retries),
                 "request_bytes": proxy.request_bytes,
                 "upstream_bytes": proxy.upstream_bytes,
@@ -244,12 +252,15 @@ def create_app(
             )
         except ApiError as exc:
             return error_response(exc)
+        metadata = stream.turn.response_headers
         if stream.first is None and stream.end.error is not None:
             stream.abandon()
-            return error_response(stream.end.error)  # nothing streamed yet: a real HTTP error
+            # Nothing streamed yet: a real HTTP error (with the upstream's rate-limit headers).
+            return with_headers(error_response(stream.end.error), metadata)
         if body.get("stream") is True:
-            return Response(SseBody(stream), status=200, headers=SSE_HEADERS)
-        return await collect(stream)
+            sse_response = Response(SseBody(stream), status=200, headers=SSE_HEADERS)
+            return with_headers(sse_response, metadata)
+        return with_headers(await collect(stream), metadata)
 
     async def responses() -> Response:
         return await run_turn("responses")

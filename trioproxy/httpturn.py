@@ -17,6 +17,7 @@ import trio
 from trioproxy import errors, httpclient, sse
 from trioproxy.config import Settings
 from trioproxy.events import parse_frame
+from trioproxy.metadata import client_metadata
 from trioproxy.upstream import Turn, TurnEnd, broken_end, terminal_end
 
 _ids = itertools.count(1)
@@ -87,6 +88,7 @@ async def _post(
     with trio.CancelScope(deadline=trio.current_time() + settings.read_timeout) as head:
         async with httpclient.stream("POST", url, headers=headers, body=turn.payload) as response:
             head.deadline = float("inf")
+            turn.response_headers = client_metadata(response.headers)
             if response.status != 200:
                 body = await response.read(1 << 16)
                 return TurnEnd(

@@ -58,6 +58,8 @@ _PER_REQUEST = frozenset(
         "x-client-request-id",
         "x-codex-turn-metadata",
         "x-codex-window-id",
+        # Echoed by Codex from the previous answer: changes every turn.
+        "x-codex-turn-state",
     }
 )
 _PER_REQUEST_PREFIXES = ("x-stainless-", "x-datadog-", "x-b3-", "x-amzn-trace")
@@ -82,7 +84,7 @@ def session_id(headers: list[tuple[str, str]]) -> str | None:
 _FIELD_VALUE = re.compile(r"[\x21-\x7e\x80-\xff]([\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?")
 
 
-def _sendable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def sendable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Values trimmed; a header whose value cannot go on the wire (empty, control characters)
     is dropped rather than failing the whole upstream request."""
     out = []
@@ -95,7 +97,7 @@ def _sendable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def forwarded(headers: list[tuple[str, str]], beta: str) -> list[tuple[str, str]]:
     """The headers sent on the upstream handshake, with the WebSocket-mode beta flag added."""
-    out = [(name, value) for name, value in _sendable(headers) if name not in _NOT_FORWARDED]
+    out = [(name, value) for name, value in sendable(headers) if name not in _NOT_FORWARDED]
     betas = [value for name, value in out if name == BETA_HEADER]
     out = [(name, value) for name, value in out if name != BETA_HEADER]
     merged = ", ".join(betas)
@@ -114,21 +116,46 @@ _NOT_RELAYED = frozenset(
 
 def relayed(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The headers sent on a relayed HTTP call (model list, compaction): the client's own."""
-    return [(name, value) for name, value in _sendable(headers) if name not in _NOT_RELAYED]
+    return [(name, value) for name, value in sendable(headers) if name not in _NOT_RELAYED]
 
 
 def _meaningful(name: str) -> bool:
-    return name not in _PER_REQUEST and not name.startswith(_PER_REQUEST_PREFIXES)
+    """Part of the socket's identity: not per-request tracing, not the session (hashed on
+    its own, so the group of a session is the group of the same request without it)."""
+    return (
+        name not in _PER_REQUEST
+        and name not in SESSION_HEADERS
+        and not name.startswith(_PER_REQUEST_PREFIXES)
+    )
 
 
-def pool_key(upstream: str, headers: list[tuple[str, str]], beta: str) -> str | None:
-    """The pool key of a request, or None when it names no session (a one-turn socket)."""
+# How a request names its session: a session header, else the body's `prompt_cache_key`.
+# The kind is hashed into the pool key, so a cache key never collides with a header's id.
+Affinity = tuple[str, str]
+
+
+def affinity(headers: list[tuple[str, str]], cache_key: object = None) -> Affinity | None:
+    """("header", id) or ("cache_key", key); None when the request names no session."""
     session = session_id(headers)
-    if session is None:
-        return None
+    if session is not None:
+        return ("header", session)
+    if isinstance(cache_key, str) and cache_key:
+        return ("cache_key", cache_key)
+    return None
+
+
+def pool_key(
+    upstream: str, headers: list[tuple[str, str]], beta: str, session: Affinity | None = None
+) -> str:
+    """The pool key of a session's socket (`session`, default: the request's session header),
+    or with none, of the request's credential group: every request that may share a socket
+    with this one (same upstream, credential and meaningful headers) has the same group."""
+    session = session if session is not None else affinity(headers)
     digest = sha256()
     digest.update(upstream.encode())
-    digest.update(b"\0session\0" + session.encode())
+    if session is not None:
+        kind, value = session
+        digest.update(b"\0" + kind.encode() + b"\0" + value.encode())
     for name, value in sorted(h for h in forwarded(headers, beta) if _meaningful(h[0])):
         # The credential and every other meaningful header enter only through this hash.
         digest.update(b"\0" + name.encode() + b"\0" + value.encode())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -19,7 +20,14 @@ import trio
 from trioproxy import errors
 from trioproxy.codex_auth import CodexAuthError
 from trioproxy.config import Settings
-from trioproxy.delta import Conversation, client_chained, plan_turn
+from trioproxy.delta import (
+    Conversation,
+    Sent,
+    client_chained,
+    digest_input,
+    params_digest,
+    plan_turn,
+)
 from trioproxy.errors import ApiError
 from trioproxy.events import UpstreamEvent, response_id
 from trioproxy.fallback import REFUSALS, FallbackPolicy
@@ -98,6 +106,7 @@ class Proxy:
         )
         registry.on_turn.append(self._turn_ended)
         self.turns: Counter[str] = Counter()  # by mode: full / suffix / passthrough / one_turn
+        self.placements: Counter[str] = Counter()  # how turns found their socket
         self.retries: Counter[str] = Counter()
         self.request_bytes = 0  # what clients sent: what the upstream would get without us
         self.upstream_bytes = 0
@@ -113,19 +122,34 @@ class Proxy:
         scope: str | None = None,
     ) -> TurnStream:
         """Start a turn and wait for its first event (or its end); raises `ApiError`."""
-        about = {"request_id": request_id, "request_bytes": request_bytes, "tenant": scope}
+        about: dict[str, Any] = {
+            "request_id": request_id,
+            "request_bytes": request_bytes,
+            "tenant": scope,
+        }
         chained = client_chained(body)
         if chained is not None and scope is not None and self.ownership.foreign(chained, scope):
             raise errors.previous_response_not_found(chained)  # another scope's: never reveal
-        upstream = target.upstream(headers, await self.token(target), scope)
-        reusable = None
-        if chained is not None:
-
-            def reusable(memory: Conversation | None) -> bool:
-                return memory is not None and memory.response_id == chained
-
+        token = await self.token(target)
+        upstream = target.upstream(headers, token, scope, body.get("prompt_cache_key"))
         if self.fallback.use_http(upstream.url, upstream.key, trio.current_time()):
             return await self._over_http(body, headers, target, upstream, scope, about)
+        reusable = None
+        digested = None
+        if upstream.key is None:
+            # No session named: the request's own content says which socket continues it.
+            digested = digest_input(body)
+            key, placement = self.registry.place(
+                upstream.group, digested[0], params_digest(body), chained
+            )
+            upstream = replace(upstream, key=key)
+        else:
+            placement = "header" if upstream.session == "header" else "cache_key"
+            if chained is not None:
+
+                def reusable(memory: Conversation | None) -> bool:
+                    return memory is not None and memory.response_id == chained
+
         try:
             conn, upstream = await self._lease(target, upstream, headers, reusable, scope)
         except ApiError as exc:
@@ -138,7 +162,8 @@ class Proxy:
             if exc.code == "upstream_unreachable":
                 self.fallback.socket_failed(upstream.key, trio.current_time())
             raise
-        stream = await self._start(conn, body, conn.memory, about)
+        about["placement"] = "new" if conn.turns == 0 else placement
+        stream = await self._start(conn, body, conn.memory, about, digested)
         if stream.first is not None:
             return stream
         end = stream.end
@@ -156,8 +181,11 @@ class Proxy:
         if self.fallback.use_http(upstream.url, upstream.key, trio.current_time()):
             return await self._over_http(body, headers, target, upstream, scope, about)
         retry_key = None if conn.one_turn else upstream.key
-        conn = await self.registry.lease(retry_key, upstream.url, upstream.headers, fresh=True)
-        return await self._start(conn, body, None, about)
+        conn = await self.registry.lease(
+            retry_key, upstream.url, upstream.headers, fresh=True, group=conn.group
+        )
+        about["placement"] = "new"
+        return await self._start(conn, body, None, about, digested)
 
     async def _over_http(
         self,
@@ -171,6 +199,7 @@ class Proxy:
         """The turn as one `POST {base}/responses` streamed back as SSE, full input."""
         plan = plan_turn(None, body)
         payload = orjson.dumps({**body, "stream": True})
+        about = {**about, "placement": "http"}
         turn = Turn(plan, self.settings.event_buffer, transport="http", payload=payload, **about)
         self.turns[plan.mode] += 1
         self.upstream_bytes += turn.sent_bytes
@@ -198,9 +227,10 @@ class Proxy:
         scope: str | None,
     ) -> tuple[UpstreamConnection, Upstream]:
         """A socket for the turn; a held login refused with 401 is refreshed, then retried."""
+        group = upstream.group if upstream.session is None else None
         try:
             conn = await self.registry.lease(
-                upstream.key, upstream.url, upstream.headers, reusable=reusable
+                upstream.key, upstream.url, upstream.headers, reusable=reusable, group=group
             )
             return conn, upstream
         except ApiError as exc:
@@ -209,7 +239,7 @@ class Proxy:
         self.retries["unauthorized"] += 1
         upstream = await self._refreshed(target, upstream, headers, scope)
         conn = await self.registry.lease(
-            upstream.key, upstream.url, upstream.headers, reusable=reusable, fresh=True
+            upstream.key, upstream.url, upstream.headers, reusable=reusable, fresh=True, group=group
         )
         return conn, upstream
 
@@ -227,7 +257,9 @@ class Proxy:
             token = await target.login.unauthorized(upstream.token)
         except CodexAuthError as exc:
             raise errors.login_failed(str(exc)) from None
-        return target.upstream(headers, token, scope)
+        # The pool key names the account, not the token: the session keeps its key.
+        renewed = target.upstream(headers, token, scope)
+        return replace(upstream, headers=renewed.headers, token=token)
 
     def _turn_ended(self, carrier: Carrier, turn: Turn, end: TurnEnd) -> None:
         """Who owns the response (managed scopes), and how this session's sockets fare."""
@@ -259,11 +291,14 @@ class Proxy:
         body: dict[str, Any],
         memory: Conversation | None,
         about: dict[str, Any],
+        digested: tuple[bytes, Sent] | None = None,
     ) -> TurnStream:
-        plan = plan_turn(memory, body)
+        plan = plan_turn(memory, body, digested)
         turn = Turn(plan, self.settings.event_buffer, **about)
+        turn.response_headers = conn.response_headers
         submitted = trio.current_time()
         self.turns["one_turn" if conn.one_turn else plan.mode] += 1
+        self.placements[about["placement"]] += 1
         self.upstream_bytes += turn.sent_bytes
         if not conn.submit(turn):
             turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket task ended")))

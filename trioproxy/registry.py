@@ -5,15 +5,22 @@ lifetime by sleeping until the next deadline. Deadlines are found without scanni
 sit in least-recently-used order (the first is the next to pass its idle TTL, and the first to
 go when the cap is reached) and pooled sockets in creation order (the first is the next to pass
 its usable lifetime). Nothing here blocks; only opening a socket awaits, in the asking task.
+
+A request that names no session (no session header, no `prompt_cache_key`: the `openai` SDK's
+default) is placed by what it carries, among the idle sockets of its credential group: the
+socket whose last response it chains from, else the one whose remembered conversation its input
+extends (found through an index of conversations' last-item digests, never a scan of the pool),
+else a warm idle socket of the group (least recently used first), else a new one.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -21,12 +28,16 @@ from trioproxy import errors, httpturn
 from trioproxy.config import Settings
 from trioproxy.delta import Conversation
 from trioproxy.httpturn import HttpExchange
+from trioproxy.items import DIGEST_SIZE
 from trioproxy.telemetry import Carrier, Telemetry
 from trioproxy.upstream import Connector, Turn, TurnEnd, UpstreamConnection
 
 log = logging.getLogger("trioproxy.registry")
 
 Reusable = Callable[[Conversation | None], bool]
+# How a turn found its socket: a session header's or cache key's own socket, a header-less
+# conversation recognised by its content or chained id, a warm idle socket, a new one.
+Placement = Literal["header", "cache_key", "inferred", "warm", "new"]
 
 
 class Registry:
@@ -50,6 +61,12 @@ class Registry:
         self._changed = trio.Event()  # a turn ended or a socket went: for `wait_quiet`
         self.evictions: Counter[str] = Counter()
         self.opened = 0
+        # Idle sockets of header-less requests, for `place`: by credential group (least
+        # recently used first), by their conversation's last item, by their last response id.
+        self._warm: dict[str, OrderedDict[UpstreamConnection, None]] = {}
+        self._tails: dict[bytes, dict[UpstreamConnection, None]] = {}
+        self._answers: dict[str, UpstreamConnection] = {}
+        self._placed = itertools.count(1)
 
     # -- what tests, metrics and the health check read --------------------------------------
     @property
@@ -132,6 +149,78 @@ class Registry:
             self._retire(conn, "max_lifetime")
         return next_deadline
 
+    # -- placing requests that name no session ------------------------------------------------
+    def place(
+        self, group: str, history: bytes, params: bytes, chained: str | None
+    ) -> tuple[str, Placement]:
+        """The pool key for a request of credential `group` that names no session, and how
+        it was found. `history` is its input's item digests, `params` its parameters' digest,
+        `chained` the `previous_response_id` it sent. Synchronous: the caller leases the key
+        before anything else runs."""
+        if chained is not None:
+            conn = self._answers.get(chained)
+            if conn is not None and conn.group == group:
+                assert conn.key is not None
+                return conn.key, "inferred"
+        else:
+            found = self._continued(group, history, params)
+            if found is not None:
+                return found, "inferred"
+        warm = self._warm.get(group)
+        if warm:
+            conn = next(iter(warm))
+            assert conn.key is not None
+            return conn.key, "warm"
+        return f"{group}/{next(self._placed)}", "new"
+
+    def _continued(self, group: str, history: bytes, params: bytes) -> str | None:
+        """The idle socket whose conversation `history` extends, longest first: a lookup per
+        item of the request, independent of the pool's size."""
+        for count in range(len(history) // DIGEST_SIZE - 1, 0, -1):
+            tail = history[(count - 1) * DIGEST_SIZE : count * DIGEST_SIZE]
+            for conn in self._tails.get(tail, ()):
+                memory = conn.memory
+                if (
+                    conn.group == group
+                    and memory is not None
+                    and memory.item_count == count
+                    and memory.params == params
+                    and memory.extended_by(history) is not None
+                ):
+                    return conn.key
+        return None
+
+    def _index(self, conn: UpstreamConnection) -> None:
+        """An idle header-less socket becomes findable by `place`."""
+        assert conn.group is not None
+        self._warm.setdefault(conn.group, OrderedDict())[conn] = None
+        memory = conn.memory
+        if memory is not None:
+            self._answers[memory.response_id] = conn
+            for tail in memory.tails():
+                self._tails.setdefault(tail, {})[conn] = None
+
+    def _unindex(self, conn: UpstreamConnection) -> None:
+        """Taken for a turn, or gone: no longer findable (idempotent)."""
+        if conn.group is None:
+            return
+        warm = self._warm.get(conn.group)
+        if warm is not None:
+            warm.pop(conn, None)
+            if not warm:
+                del self._warm[conn.group]
+        memory = conn.memory
+        if memory is None:
+            return
+        if self._answers.get(memory.response_id) is conn:
+            del self._answers[memory.response_id]
+        for tail in memory.tails():
+            entries = self._tails.get(tail)
+            if entries is not None:
+                entries.pop(conn, None)
+                if not entries:
+                    del self._tails[tail]
+
     # -- leasing -----------------------------------------------------------------------------
     async def lease(
         self,
@@ -141,12 +230,14 @@ class Registry:
         *,
         reusable: Reusable | None = None,
         fresh: bool = False,
+        group: str | None = None,
     ) -> UpstreamConnection:
         """A socket for one turn, marked busy: the session's idle one, or a new one.
 
         A busy session never makes a request wait: that request gets a one-turn socket of its
         own. `reusable` may refuse the pooled socket (its memory does not fit this request) and
-        `fresh` always does; the refused socket is replaced.
+        `fresh` always does; the refused socket is replaced. `group` marks a socket opened for
+        requests that name no session (see `place`).
         """
         if key is None:
             return await self._open(None, url, headers)
@@ -163,16 +254,17 @@ class Registry:
                 self._retire(conn, "replaced")
             else:
                 del self._idle[key]
+                self._unindex(conn)
                 conn.busy = True
                 return conn
         if len(self._pooled) >= self._settings.max_sockets:
             if not self._idle:
                 return await self._open(None, url, headers)  # all busy: never an error
             self._retire(next(iter(self._idle.values())), "lru")
-        return await self._open(key, url, headers)
+        return await self._open(key, url, headers, group)
 
     async def _open(
-        self, key: str | None, url: str, headers: list[tuple[str, str]]
+        self, key: str | None, url: str, headers: list[tuple[str, str]], group: str | None = None
     ) -> UpstreamConnection:
         if self._nursery is None or self._closing or self.draining:
             raise errors.shutting_down()
@@ -184,6 +276,7 @@ class Registry:
             on_turn_end=self._turn_ended,
             on_exit=self._exited,
         )
+        conn.group = group if key is not None else None
         if key is not None:
             self._pooled[key] = conn
             self._by_age[conn] = None
@@ -248,6 +341,8 @@ class Registry:
         assert conn.key is not None
         self._idle[conn.key] = conn
         self._idle.move_to_end(conn.key)
+        if conn.group is not None:
+            self._index(conn)
         self._wake.set()
 
     def _notify(self) -> None:
@@ -277,6 +372,7 @@ class Registry:
 
     # -- eviction ----------------------------------------------------------------------------
     def _forget(self, conn: UpstreamConnection) -> None:
+        self._unindex(conn)
         if conn.key is not None and self._pooled.get(conn.key) is conn:
             del self._pooled[conn.key]
             self._idle.pop(conn.key, None)

@@ -32,8 +32,10 @@ ACCOUNT_HEADER = "chatgpt-account-id"
 class Upstream:
     url: str
     headers: list[tuple[str, str]]  # the upstream handshake's
-    key: str | None  # pool key; None: a one-turn socket
+    key: str | None  # the session's pool key; None: the request names no session
+    group: str  # who may share a socket: upstream, credential, meaningful headers
     token: str | None = None  # the held login's token used, to refresh after a 401
+    session: str | None = None  # how the request named its session: "header", "cache_key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,21 +60,28 @@ class Target:
         return self.mode in ("chatgpt", "held")
 
     def upstream(
-        self, client_headers: list[tuple[str, str]], token: str | None, scope: str | None = None
+        self,
+        client_headers: list[tuple[str, str]],
+        token: str | None,
+        scope: str | None = None,
+        cache_key: object = None,
     ) -> Upstream:
-        """The upstream for a request with these (lower-cased) headers."""
+        """The upstream for a request with these (lower-cased) headers and, when it sends no
+        session header, this `prompt_cache_key` as its session."""
+        session = keys.affinity(client_headers, cache_key)
+        kind = session[0] if session is not None else None
         if self.mode in ("api", "chatgpt"):
-            return Upstream(
-                self.url,
-                keys.forwarded(client_headers, self.beta),
-                keys.pool_key(self.url, client_headers, self.beta),
-            )
-        own, credentials, identity = self._substitute(client_headers, token, scope)
+            sent, identity = keys.forwarded(client_headers, self.beta), client_headers
+        else:
+            own, credentials, substituted = self._substitute(client_headers, token, scope)
+            sent, identity = keys.forwarded([*own, *credentials], self.beta), [*own, *substituted]
         return Upstream(
             self.url,
-            keys.forwarded([*own, *credentials], self.beta),
-            keys.pool_key(self.url, [*own, *identity], self.beta),
+            sent,
+            keys.pool_key(self.url, identity, self.beta, session) if session else None,
+            keys.pool_key(self.url, identity, self.beta),
             token,
+            kind,
         )
 
     def http_headers(

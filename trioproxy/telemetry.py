@@ -119,6 +119,7 @@ class Telemetry:
             "socket": conn.id,
             "transport": turn.transport,
             "mode": "one_turn" if conn.one_turn else turn.plan.mode,
+            "socket_found": turn.placement,
             "items": turn.plan.new_items,
             "request_bytes": turn.request_bytes,
             "sent_bytes": turn.sent_bytes,
@@ -167,6 +168,13 @@ class _Collector(Collector):
             registry.buffered_events,
         )
         yield _labelled("trioproxy_turns", "Turns by how they went upstream.", "mode", proxy.turns)
+        yield _labelled(
+            "trioproxy_turn_placements",
+            "WebSocket turns by how they found their socket: header, cache_key, inferred, "
+            "warm, new.",
+            "how",
+            proxy.placements,
+        )
         yield _labelled(
             "trioproxy_turn_transport",
             "Turns by the transport that served them.",

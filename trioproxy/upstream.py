@@ -38,6 +38,7 @@ from trioproxy.events import (
     parse_frame,
     response_id,
 )
+from trioproxy.metadata import client_metadata
 from trioproxy.wsclient import ClientSocket, open_websocket
 
 log = logging.getLogger("trioproxy.upstream")
@@ -108,9 +109,14 @@ class Turn:
         transport: str = "websocket",
         tenant: str | None = None,
         payload: bytes | None = None,
+        placement: str = "new",
     ) -> None:
         self.plan = plan
         self.request_id = request_id
+        self.placement = placement  # how the turn found its socket (registry.Placement)
+        # The upstream's response metadata for the client's answer (see metadata.py); set
+        # before the first event is delivered.
+        self.response_headers: list[tuple[str, str]] = []
         self.tenant = tenant  # managed mode: the scope of the key that sent it
         self.request_bytes = request_bytes  # the client's body: what a full send would cost
         self.transport = transport
@@ -169,6 +175,7 @@ class UpstreamConnection:
     ) -> None:
         self.id = next(_ids)
         self.key = key
+        self.group: str | None = None  # set for sockets of requests that name no session
         self.url = url
         self.one_turn = key is None
         # Latin-1 both ways: header values arrive decoded as latin-1 and leave byte-identical.
@@ -183,6 +190,8 @@ class UpstreamConnection:
         self.turns = 0
         self.current: Turn | None = None  # the turn in progress
         self.deflate = False  # whether the upstream accepted permessage-deflate
+        # The upgrade answer's headers a client reads (rate limits, model): every turn's too.
+        self.response_headers: list[tuple[str, str]] = []
         self._scope = trio.CancelScope()
         self._turns_send, self._turns_recv = trio.open_memory_channel[Turn](1)
         self.closed = trio.Event()
@@ -217,6 +226,7 @@ class UpstreamConnection:
                 async with connector(self.url, self._handshake) as sock:
                     started = True
                     self.deflate = sock.deflate
+                    self.response_headers = client_metadata(sock.ws.handshake_headers)
                     task_status.started()
                     await self._serve(sock)
         except Exception as exc:
@@ -341,7 +351,7 @@ def terminal_end(
     remembered = None
     rid = response_id(event)
     if kind == "completed" and rid is not None:
-        remembered = plan.remember(tracker.output_items(event), rid)
+        remembered = plan.remember(*tracker.output_forms(event), rid)
     return TurnEnd(kind, event, None, tracker.next_sequence, remembered)
 
 

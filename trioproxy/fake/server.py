@@ -100,6 +100,29 @@ class FakeUpstream:
         self.websocket_enabled = True  # False: every upgrade gets 404, as an HTTP-only provider
         # Accept permessage-deflate when a client offers it (Codex does; so does the proxy).
         self.deflate = True
+        # A reasoning item's ciphertext differs between `output_item.done` and
+        # `response.completed`, as live responses re-encrypt it (DESIGN.md section 2b).
+        self.reencrypt = True
+        # Response metadata the upgrade's 101 (and an HTTP turn's answer) carries, as the live
+        # services send it: the Codex backend its `x-codex-*` rate limits and turn state, the
+        # API its `x-ratelimit-*`. Tests may replace either list.
+        self.chatgpt_headers: list[tuple[str, str]] = [
+            ("x-codex-primary-used-percent", "42"),
+            ("x-codex-primary-window-minutes", "300"),
+            ("x-codex-primary-reset-at", "1900000000"),
+            ("x-codex-secondary-used-percent", "7.5"),
+            ("x-codex-secondary-window-minutes", "10080"),
+            ("x-codex-secondary-reset-at", "1900500000"),
+            ("x-reasoning-included", "true"),
+        ]
+        self.api_headers: list[tuple[str, str]] = [
+            ("x-ratelimit-limit-requests", "10000"),
+            ("x-ratelimit-remaining-requests", "9999"),
+            ("x-ratelimit-limit-tokens", "30000000"),
+            ("x-ratelimit-remaining-tokens", "29999000"),
+            ("x-ratelimit-reset-requests", "6ms"),
+            ("openai-version", "2020-10-01"),
+        ]
         self.port = 0
         self.events_sent = 0
         self.http_dropped = 0  # HTTP connections the client dropped before the answer ended
@@ -285,10 +308,12 @@ class FakeUpstream:
         if reply.kind in ("text", "call") and request.get("store", True) is not False:
             self.stored[rid] = conversation + output
         limit = reply.after_events if reply.kind in ("drop", "stall") else len(events)
+        metadata = self.chatgpt_headers if path.startswith("/backend-api/") else self.api_headers
         head = [
             ("content-type", "text/event-stream"),
             ("transfer-encoding", "chunked"),
             ("connection", "close"),  # one request per connection: say so, clients reconnect
+            *metadata,
         ]
         await stream.send_all(conn.send(h11.Response(status_code=200, headers=head)))
         delay = reply.delay or self.event_delay
@@ -326,7 +351,12 @@ class FakeUpstream:
         input_bytes = len(json.dumps([conversation, context]))
         cached = len(json.dumps([history, context])) if request.get("previous_response_id") else 0
         events, output = response_events(
-            rid, request, reply, input_bytes=input_bytes, cached_bytes=cached
+            rid,
+            request,
+            reply,
+            input_bytes=input_bytes,
+            cached_bytes=cached,
+            reencrypt=self.reencrypt,
         )
         return reply, rid, events, conversation, output
 
@@ -391,7 +421,10 @@ class FakeUpstream:
         # The client sends nothing before our 101, so what was read by now is its handshake;
         # once accepted, the reader may take its first message before this task runs again.
         mark = wire.received if wire is not None else 0
-        ws = await _accept(request, deflate)
+        metadata = self.chatgpt_headers if chatgpt else self.api_headers
+        if chatgpt:  # the Codex backend hands each socket a turn state to echo back
+            metadata = [*metadata, ("x-codex-turn-state", new_id("ts"))]
+        ws = await _accept(request, deflate, metadata)
         sock = _Socket(next(self._numbers), ws, chatgpt, headers, deflate=deflate, wire=wire)
         sock.wire_mark = mark
         self._open[sock.number] = sock
@@ -564,18 +597,22 @@ async def _read_head(stream: trio.abc.Stream, limit: int = 65536) -> bytes | Non
     return data
 
 
-async def _accept(request: WebSocketRequest, deflate: bool) -> WebSocketConnection:
-    """Accept the upgrade, with permessage-deflate if `deflate` (the client offered it).
+async def _accept(
+    request: WebSocketRequest, deflate: bool, headers: list[tuple[str, str]]
+) -> WebSocketConnection:
+    """Accept the upgrade with these response headers, and permessage-deflate if `deflate`
+    (the client offered it).
 
     `WebSocketRequest.accept` cannot pass extensions to wsproto, so this does what it does
     (trio-websocket 0.12's `WebSocketConnection._accept`) with an extension list added.
     """
+    extra = [(name.encode(), value.encode()) for name, value in headers]
     if not deflate:
-        return await request.accept()
+        return await request.accept(extra_headers=extra)
     conn = request._connection
     conn._subprotocol = None
     conn._path = request.path
-    await conn._send(AcceptConnection(extensions=[PerMessageDeflate()]))
+    await conn._send(AcceptConnection(extensions=[PerMessageDeflate()], extra_headers=extra))
     conn._open_handshake.set()
     return conn
 
