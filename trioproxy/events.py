@@ -7,6 +7,8 @@ what the client receives.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +25,17 @@ TERMINAL: dict[str, EndKind] = {
     "response.cancelled": "cancelled",
     "error": "error",
 }
+
+
+# The protocol's event types (`response.output_text.delta`, `error`, `codex.rate_limits`): the
+# type is written into the SSE `event:` line, so nothing else may pass (a line break there
+# would let an upstream forge events).
+_EVENT_TYPE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+# Events that open a response and name it.
+_OPENERS = frozenset({"response.created", "response.in_progress"})
+# `response.*` events that may come without an opener: a response refused at once. Never
+# `response.completed`: the one a late frame of an earlier turn on a kept socket would be.
+_UNOPENED = frozenset({"response.failed", "response.incomplete", "response.cancelled"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +55,8 @@ def parse_frame(frame: str | bytes) -> UpstreamEvent:
         raise ValueError(f"not JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ValueError("not an event object with a string `type`")
+    if not _EVENT_TYPE.fullmatch(data["type"]):
+        raise ValueError("an event `type` outside the protocol's characters")
     raw = frame if isinstance(frame, str) else frame.decode()
     return UpstreamEvent(data["type"], raw, data)
 
@@ -53,20 +68,53 @@ class TurnTracker:
     output: dict[int, Any] = field(default_factory=dict)
     last_sequence: int = -1
     response: dict[str, Any] | None = None  # as `response.created`/`in_progress` told the client
+    # Ids of responses the socket finished before this turn: one of them opening this turn is
+    # a late frame of an earlier turn, not this turn's response.
+    stale: Collection[str] = ()
+    opened: bool = False
 
     def feed(self, event: UpstreamEvent) -> EndKind | None:
-        """Record `event`; return how the turn ended if this event ends it."""
+        """Record `event`; return how the turn ended if this event ends it.
+
+        Raises ValueError for an event that is not this turn's: a `response.*` event before
+        the response was created, or one naming another response (a late frame of an earlier
+        response must never pass for this one's)."""
         data = event.data
         seq = data.get("sequence_number")
         if isinstance(seq, int):
             self.last_sequence = seq
-        if event.type in ("response.created", "response.in_progress"):
-            response = data.get("response")
-            self.response = response if isinstance(response, dict) else self.response
-        if event.type == "response.output_item.done":
+        kind = event.type
+        if kind in _OPENERS:
+            self._opened(data.get("response"))
+        elif not self.opened and kind.startswith("response."):
+            self._unopened(kind, data.get("response"))
+        elif kind == "response.output_item.done":
             index = data.get("output_index")
             self.output[index if isinstance(index, int) else len(self.output)] = data.get("item")
-        return TERMINAL.get(event.type)
+        end = TERMINAL.get(kind)
+        if end is not None and end != "error":
+            self._same(data.get("response"))
+        return end
+
+    def _opened(self, response: Any) -> None:
+        named = response.get("id") if isinstance(response, dict) else None
+        if not self.opened and named in self.stale:
+            raise ValueError(f"a late event of the earlier response {named!r}")
+        self.opened = True
+        if isinstance(response, dict):
+            self._same(response)
+            self.response = response
+
+    def _unopened(self, kind: str, response: Any) -> None:
+        named = response.get("id") if isinstance(response, dict) else None
+        if kind not in _UNOPENED or named in self.stale:
+            raise ValueError(f"`{kind}` before `response.created`: not this turn's response")
+
+    def _same(self, response: Any) -> None:
+        known = self.response.get("id") if self.response is not None else None
+        named = response.get("id") if isinstance(response, dict) else None
+        if known is not None and named is not None and named != known:
+            raise ValueError(f"an event of response {named!r} inside response {known!r}")
 
     def output_items(self, end: UpstreamEvent) -> list[Any]:
         """The response's output items: the final response's list, else the streamed ones."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -187,6 +188,7 @@ class UpstreamConnection:
         self.last_used = self.born
         self.busy = True
         self.memory: Conversation | None = None
+        self.answered: deque[str] = deque(maxlen=8)  # ids of the last responses completed here
         self.turns = 0
         self.current: Turn | None = None  # the turn in progress
         self.deflate = False  # whether the upstream accepted permessage-deflate
@@ -287,6 +289,8 @@ class UpstreamConnection:
         self.turns += 1
         if keep:
             self.memory = end.remembered
+            if turn.tracker.response is not None:
+                self.answered.append(str(turn.tracker.response.get("id")))
         # The pool learns first, then the client: by the time a client sees the end and
         # sends its next request, this socket is already idle and reusable.
         self._on_turn_end(self, turn, end)
@@ -301,6 +305,12 @@ class UpstreamConnection:
             with trio.move_on_after(self._settings.turn_timeout):
                 if ws.closed is not None:
                     return TurnEnd("socket", error=errors.upstream_closed("closed while idle"))
+                if self._spoke_while_idle(sock):
+                    # Whatever it was (a late event, an error), it is no turn's: the socket's
+                    # state is unknown. The turn goes on a fresh socket, unseen by the client.
+                    stray = errors.upstream_protocol("a frame arrived while the socket was idle")
+                    return TurnEnd("socket", error=stray)
+                tracker.stale = self.answered
                 try:
                     before = sock.wire.sent
                     await ws.send_message(turn.payload.decode())
@@ -333,6 +343,17 @@ class UpstreamConnection:
                     return TurnEnd("abandoned")  # the client closed its end of the channel
             return broken_end("timeout", errors.turn_timeout(self._settings.turn_timeout), tracker)
         return TurnEnd("abandoned")
+
+    @staticmethod
+    def _spoke_while_idle(sock: ClientSocket) -> bool:
+        """Whether the upstream sent anything since the last turn ended."""
+        try:
+            sock.message_nowait()
+        except trio.WouldBlock:
+            return False
+        except ConnectionClosed:
+            return True
+        return True
 
 
 def broken_end(kind: EndKind, error: ApiError, tracker: TurnTracker) -> TurnEnd:

@@ -36,6 +36,9 @@ class Reply:
     after_events: int = 0  # events before: `drop` the close, `error` the error, `stall` silence
     delay: float = 0.0  # seconds before each event (0: the server's default pace)
     deltas: int = 4  # argument deltas a function call streams in
+    # Frames sent before the reply's own, as a misbehaving upstream would (a late event of an
+    # earlier response arriving as this turn begins).
+    prelude: tuple[str, ...] = ()
 
     @classmethod
     def message(cls, text: str) -> Reply:

@@ -185,6 +185,12 @@ class FakeUpstream:
     def creates(self) -> list[Received]:
         return [r for r in self.received if r.message.get("type") == "response.create"]
 
+    async def send_stray(self, frame: str) -> None:
+        """Send a frame on every open socket, between turns: what a broken upstream (a late
+        duplicate event, an error about nothing) does to an idle socket."""
+        for sock in list(self._open.values()):
+            await sock.ws.send_message(frame)
+
     async def close_sockets(self, code: int = 1001, reason: str = "going away") -> None:
         """Close every open socket from the upstream side (an idle cut, a 60-minute limit)."""
         for sock in list(self._open.values()):
@@ -511,6 +517,8 @@ class FakeUpstream:
             if reply.kind == "stall":
                 await self._send_all(sock, events[: reply.after_events], reply.delay)
                 await trio.sleep_forever()  # until the client gives up and closes
+            for frame in reply.prelude:
+                await sock.ws.send_message(frame)
             if reply.kind in ("text", "call"):
                 # Remembered before the last event goes out: a client may chain at once.
                 sock.responses[rid] = conversation + output
