@@ -20,13 +20,14 @@ from werkzeug.exceptions import HTTPException
 
 from trioproxy import access, errors, keys, sse
 from trioproxy.codex_auth import CodexLogin, default_token_url
-from trioproxy.config import Settings
+from trioproxy.config import Settings, redacted_url
 from trioproxy.errors import ApiError
 from trioproxy.events import response_object
 from trioproxy.managed import Managed
 from trioproxy.proxy import Proxy, TurnStream
 from trioproxy.registry import Registry
 from trioproxy.relay import relay
+from trioproxy.serving import WholeAnswers
 from trioproxy.targets import Target, api_target, chatgpt_target, managed_targets
 from trioproxy.telemetry import Telemetry, request_id
 from trioproxy.upstream import Connector, websocket_connector
@@ -47,6 +48,14 @@ def json_response(payload: Any, status: int = 200) -> Response:
 
 def error_response(error: ApiError) -> Response:
     return json_response(error.body(), error.status)
+
+
+def _has_body(headers: Any) -> bool:
+    """Whether a request comes with a body (one the route may not have read)."""
+    length = headers.get("content-length")
+    return (length is not None and length.strip() not in ("", "0")) or (
+        "chunked" in headers.get("transfer-encoding", "").lower()
+    )
 
 
 def with_headers(response: Response, headers: list[tuple[str, str]]) -> Response:
@@ -155,6 +164,7 @@ def create_app(
     """Build the ASGI app. The registry task starts with the server and stops with it."""
     settings = settings or Settings.from_env()
     app = QuartTrio("trioproxy")
+    app.asgi_http_class = WholeAnswers
     app.config.update(
         RESPONSE_TIMEOUT=None,  # a turn may stream for minutes; the turn has its own timeout
         BODY_TIMEOUT=60,
@@ -208,8 +218,8 @@ def create_app(
         return json_response(
             {
                 "status": "ok",
-                "upstream": settings.upstream_ws,
-                "chatgpt_upstream": settings.chatgpt_ws,
+                "upstream": redacted_url(settings.upstream_ws),
+                "chatgpt_upstream": redacted_url(settings.chatgpt_ws),
                 "held_login": login is not None,
                 **registry.stats(),
                 "turns": dict(proxy.turns),
@@ -235,6 +245,7 @@ def create_app(
         target, scope = gate.resolve(headers, route)
         check_headers(headers)
         raw = await request.get_data(cache=False, as_text=False)
+        g.body_read = True
         return target, scope, raw if isinstance(raw, bytes) else raw.encode()
 
     async def run_turn(route: access.Route) -> Response:
@@ -342,11 +353,31 @@ def create_app(
 
     @app.after_request
     async def tag(response: Response) -> Response:
-        """Every answer names its request, so a client's report finds the turn's log line."""
+        """Every answer names its request, so a client's report finds the turn's log line.
+
+        An answer given before the request's body was read (a refusal from the headers alone:
+        401, 400, 415, 404, 405) first reads the rest of a body within the size limit, so the
+        client gets the answer rather than a reset while still sending, and the connection
+        stays usable; a body over the limit, of unknown length or too slow closes the
+        connection (`Connection: close`, and serving.py makes sure it closes)."""
         rid = g.get("request_id")
         if rid:
             response.headers["x-request-id"] = rid
+        if _has_body(request.headers) and not g.get("body_read") and not await _drained():
+            response.headers["Connection"] = "close"
         return response
+
+    async def _drained() -> bool:
+        """Read and drop the rest of the request's body, if it is within the limit."""
+        length = request.content_length
+        if length is None or length > settings.max_body_bytes:
+            return False
+        try:
+            await request.get_data(cache=False)
+        except Exception:  # too large after all, too slow, or the client left
+            return False
+        g.body_read = True
+        return True
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
