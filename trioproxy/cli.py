@@ -17,7 +17,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from trioproxy import logs, managed
 from trioproxy.codex_auth import CodexAuthError, CodexLogin, default_path
-from trioproxy.config import Settings
+from trioproxy.config import Settings, redacted_url
 from trioproxy.managed import Managed
 from trioproxy.proxy import Proxy
 from trioproxy.registry import Registry
@@ -63,7 +63,8 @@ async def run_server(settings: Settings, keys: Managed | None = None) -> None:
     proxy: Proxy = app.extensions["trioproxy"]
     config = hypercorn_config(settings.host, settings.port)
     target = settings.chatgpt_ws if settings.codex_auth else settings.upstream_ws
-    log.info("trioproxy on http://%s:%d/v1 -> %s", settings.host, settings.port, target)
+    shown = redacted_url(target)  # an `?api-key=` in the URL must not reach the logs
+    log.info("trioproxy on http://%s:%d/v1 -> %s", settings.host, settings.port, shown)
     if settings.codex_auth:
         log.info("using the ChatGPT login in %s for /v1/responses", settings.codex_auth)
     trigger = partial(_drained, proxy.registry, settings.shutdown_grace)

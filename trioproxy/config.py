@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 DEFAULT_UPSTREAM = "wss://api.openai.com/v1/responses"
 CHATGPT_UPSTREAM = "wss://chatgpt.com/backend-api/codex/responses"
@@ -28,6 +29,35 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+# Query parameters whose value is a credential (`api-key`, `sig`, `access_token`, ...), matched
+# in the lower-cased name; `code` (an OAuth grant) by name alone.
+_SECRET_PARTS = ("key", "token", "secret", "sig", "pass", "auth")
+
+
+def redacted_url(url: str) -> str:
+    """`url` safe to print (start-up line, /healthz): credentials in its userinfo and in
+    secret-named query parameters become `***`; everything else, `api-version` included,
+    stays as written so the operator still recognises the upstream."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(_redacted_param(param) for param in parts.query.split("&"))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _redacted_param(param: str) -> str:
+    """One raw `name=value` of a query, its value hidden when the name says it is a secret."""
+    name, eq, _ = param.partition("=")
+    lowered = unquote_plus(name).lower()
+    if eq and (lowered == "code" or any(part in lowered for part in _SECRET_PARTS)):
+        return f"{name}=***"
+    return param
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +127,10 @@ class Settings:
         for name in ("upstream", "chatgpt_upstream"):
             url = getattr(self, name)
             if url.split("://", 1)[0] not in ("ws", "wss", "http", "https"):
-                raise ValueError(f"{name} must be a ws://, wss://, http:// or https:// URL: {url}")
+                shown = redacted_url(url)
+                raise ValueError(
+                    f"{name} must be a ws://, wss://, http:// or https:// URL: {shown}"
+                )
         if self.codex_auth and not self.api_key and not is_loopback(self.host):
             raise ValueError(
                 f"--codex-auth on {self.host} would lend your ChatGPT login to anyone who can "

@@ -7,6 +7,7 @@ SSE `error` event once the stream has begun (the two shapes clients parse, DESIG
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -31,6 +32,19 @@ _STATUS_BY_TYPE = {
     "rate_limit_error": 429,
     "server_error": 500,
 }
+
+
+# Credentials an upstream may quote back: API keys (`sk-`, `sk-proj-`, restricted `rk-`, even
+# masked as OpenAI masks them, `sk-proj-abc***wxyz`), session keys (`sess-`), bearer tokens. A
+# trailing full stop ends the sentence, not the key.
+_KEY_LIKE = re.compile(r"(?<![A-Za-z0-9])(sk|rk|sess)-[A-Za-z0-9_\-*.]{3,}[A-Za-z0-9_\-*]")
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9_\-.~+/=*]{8,}")
+
+
+def redact(text: str) -> str:
+    """`text` with key-like tokens replaced (`sk-***`): an upstream's 401 quotes the key it got,
+    and for a managed client that is the channel's key, not one the client knows."""
+    return _BEARER.sub(r"\1 ***", _KEY_LIKE.sub(r"\1-***", text))
 
 
 class ApiError(Exception):
@@ -102,7 +116,7 @@ def from_error_event(data: dict[str, Any]) -> ApiError:
     status = data.get("status")
     if not isinstance(status, int) or not 400 <= status <= 599:
         status = _STATUS_BY_CODE.get(code or "", _STATUS_BY_TYPE.get(type_, 500))
-    message = _str_or_none(fields.get("message")) or "upstream reported an error"
+    message = redact(_str_or_none(fields.get("message")) or "upstream reported an error")
     return ApiError(status, message, type=type_, param=_str_or_none(fields.get("param")), code=code)
 
 
@@ -126,7 +140,8 @@ def from_handshake_rejection(status: int, body: bytes | None) -> ApiError:
 
 
 def _upstream(status: int, code: str, message: str) -> ApiError:
-    return ApiError(status, message, type="upstream_error", code=code)
+    """An error of the proxy's own about the upstream; its detail may quote upstream text."""
+    return ApiError(status, redact(message), type="upstream_error", code=code)
 
 
 def upstream_unreachable(detail: str) -> ApiError:

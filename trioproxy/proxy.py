@@ -33,7 +33,7 @@ from trioproxy.events import UpstreamEvent, response_id
 from trioproxy.fallback import REFUSALS, FallbackPolicy
 from trioproxy.managed import Ownership
 from trioproxy.registry import Registry, Reusable
-from trioproxy.targets import Target, Upstream, http_base
+from trioproxy.targets import Target, Upstream, http_url
 from trioproxy.telemetry import Carrier, Telemetry
 from trioproxy.upstream import Turn, TurnEnd, UpstreamConnection
 
@@ -203,7 +203,7 @@ class Proxy:
         turn = Turn(plan, self.settings.event_buffer, transport="http", payload=payload, **about)
         self.turns[plan.mode] += 1
         self.upstream_bytes += turn.sent_bytes
-        url = http_base(upstream.url) + "/responses"
+        url = http_url(upstream.url, "/responses")
         http_headers = target.http_headers(headers, upstream.token, scope)
         submitted = trio.current_time()
         await self.registry.run_http(turn, url, http_headers, upstream.key)

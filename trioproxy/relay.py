@@ -12,7 +12,7 @@ import trio
 
 from trioproxy import errors, httpclient
 from trioproxy.httpclient import HttpResponse
-from trioproxy.targets import Target, http_base
+from trioproxy.targets import Target, http_url
 
 # Response headers passed back to the client.
 RELAYED_BACK = frozenset({"content-type", "etag", "cache-control", "x-request-id"})
@@ -31,7 +31,8 @@ async def relay(
     max_bytes: int,
 ) -> HttpResponse:
     """The upstream's answer; raises `ApiError` (502) when there is none."""
-    url = http_base(target.url) + path_and_query
+    path, _, query = path_and_query.partition("?")
+    url = http_url(target.url, path, query)
     try:
         with trio.fail_after(seconds):
             reply = await httpclient.request(
@@ -46,4 +47,16 @@ async def relay(
     except trio.TooSlowError:
         raise errors.upstream_unreachable(f"no answer within {seconds:g} s") from None
     kept = [(name, value) for name, value in reply.headers if name in RELAYED_BACK]
-    return HttpResponse(reply.status, kept, reply.body)
+    return HttpResponse(reply.status, kept, _redacted(reply))
+
+
+def _redacted(reply: HttpResponse) -> bytes:
+    """The body, with key-like tokens masked in an error's: an upstream 401 quotes the key it
+    was sent, and for a managed client that is the channel's (`errors.redact`)."""
+    if reply.status < 400:
+        return reply.body
+    try:
+        text = reply.body.decode()
+    except UnicodeDecodeError:
+        return reply.body
+    return errors.redact(text).encode()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from trioproxy import keys
 from trioproxy.codex_auth import CodexLogin
@@ -113,15 +114,29 @@ class Target:
         return own, [*fixed, bearer], identity
 
 
+_HTTP_SCHEMES = {"wss": "https", "ws": "http"}
+
+
 def http_base(ws_url: str) -> str:
-    """The HTTP base of a Responses WebSocket URL: `wss://h/p/responses` -> `https://h/p`."""
-    url = ws_url.rstrip("/")
-    if url.endswith("/responses"):
-        url = url[: -len("/responses")]
-    for ws, http in (("wss://", "https://"), ("ws://", "http://")):
-        if url.startswith(ws):
-            return http + url[len(ws) :]
-    return url
+    """The HTTP base of a Responses WebSocket URL: `wss://h/p/responses` -> `https://h/p`.
+
+    The upstream's query (Azure's `?api-version=`) is kept, so never append a path to this:
+    build a URL under the base with `http_url`.
+    """
+    return http_url(ws_url, "")
+
+
+def http_url(ws_url: str, path: str, query: str = "") -> str:
+    """The HTTP URL of `path` under a Responses WebSocket URL's base, parsed rather than
+    concatenated so the upstream's own query (Azure's `?api-version=`) stays a query; a
+    request's `query` is merged after it."""
+    parts = urlsplit(ws_url)
+    base = parts.path.rstrip("/")
+    if base.endswith("/responses"):
+        base = base[: -len("/responses")]
+    merged = "&".join(q for q in (parts.query, query.lstrip("?")) if q)
+    scheme = _HTTP_SCHEMES.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, base + path, merged, ""))
 
 
 def api_target(settings: Settings) -> Target:
