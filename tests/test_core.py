@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import trio
+import trio.testing
 
 from trioproxy import keys, sse
 from trioproxy.errors import ApiError, from_error_event, from_handshake_rejection
@@ -281,3 +283,80 @@ def test_tracker_collects_output_and_spots_the_end() -> None:
 def test_unreadable_frames_are_refused(frame: str) -> None:
     with pytest.raises(ValueError):
         parse_frame(frame)
+
+
+def test_hop_headers_never_go_upstream_and_the_first_session_header_wins() -> None:
+    client = H(
+        authorization="Bearer k",
+        forwarded="for=10.0.0.1",
+        x_forwarded_for="10.0.0.1",
+        x_forwarded_proto="https",
+        x_real_ip="10.0.0.1",
+        origin="https://app.example",
+        via="1.1 lb",
+        x_trioproxy_scope="admin",
+        user_agent="sdk",
+    )
+    for out in (keys.forwarded(client, BETA), keys.relayed(client)):
+        names = {name for name, _ in out}
+        assert "authorization" in names and "user-agent" in names
+        assert not names & {"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-real-ip"}
+        assert not names & {"origin", "via", "x-trioproxy-scope"}
+    twice = [("session-id", "first"), ("session-id", "second")]
+    assert keys.session_id(twice) == "first"
+
+
+def test_a_managed_channel_lets_only_allowed_client_headers_through_and_never_doubles() -> None:
+    client = H(
+        session_id="s",
+        user_agent="ua",
+        openai_project="p-client",
+        openai_organization="o-client",
+        x_codex_window_id="w",
+        x_anything="v",
+        originator="codex_exec",
+    )
+    own = keys.managed_own(client, ["OpenAI-Project", "originator"])
+    assert own == [("session-id", "s"), ("user-agent", "ua"), ("x-codex-window-id", "w")]
+
+
+def test_every_timeout_takes_fractions_from_the_environment() -> None:
+    from dataclasses import fields
+
+    from trioproxy.config import Settings
+
+    floats = [f.name for f in fields(Settings) if isinstance(getattr(Settings(), f.name), float)]
+    assert {"idle_ttl", "max_lifetime", "turn_timeout", "body_timeout"} <= set(floats)
+    env = {f"TRIOPROXY_{name.upper()}": "1.5" for name in floats}
+    env["TRIOPROXY_MAX_LIFETIME"] = "2.5"  # a turn must fit in a socket's lifetime
+    settings = Settings.from_env(env)
+    assert all(getattr(settings, name) == 1.5 for name in floats if name != "max_lifetime")
+
+
+async def test_a_turns_buffer_is_bounded_in_bytes_as_well_as_events() -> None:
+    """A client that stops reading holds at most `buffer_bytes` of events (one event of any
+    size always passes): megabyte events no longer pile up 64 deep."""
+    from trioproxy.delta import plan_turn
+    from trioproxy.upstream import Turn
+
+    turn = Turn(plan_turn(None, {"model": "m", "input": "x"}), 64, buffer_bytes=1000)
+    big = parse_frame(json.dumps({"type": "response.output_text.delta", "delta": "x" * 1200}))
+    small = parse_frame(json.dumps({"type": "response.output_text.delta", "delta": "y" * 400}))
+    delivered: list[str] = []
+
+    async def produce() -> None:
+        for event in (big, small, small, small):
+            await turn.deliver(event)
+            delivered.append(event.raw)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(delivered) == 1 and turn.buffered_bytes == len(big.raw)  # one always passes
+        assert (await turn.receive()) is big
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(delivered) == 3  # two events of ~450 bytes fit in 1000; the third waits
+        assert turn.buffered_bytes <= 1000
+        for _ in range(3):
+            await turn.receive()
+    assert len(delivered) == 4 and turn.buffered_bytes == 0

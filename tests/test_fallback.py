@@ -157,3 +157,19 @@ async def test_health_and_metrics_name_the_transport(server: ProxyServer) -> Non
         await post(client, request_body([user("a")]))
         metrics = (await client.get(server.base_url.removesuffix("/v1") + "/metrics")).text
     assert 'trioproxy_turn_transport_total{transport="http"} 1.0' in metrics
+
+
+async def test_one_credentials_refused_upgrade_never_moves_another_to_http(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    """The cool-down is keyed by credential group: one key's 400 on the upgrade (its own bad
+    header, a key without WebSocket access) leaves every other tenant on WebSocket."""
+    server = await start_proxy(nursery, fake)
+    fake.refuse_handshakes(400, "websocket_not_allowed")
+    async with server.client() as client:
+        refused = await post(client, request_body([user("a")]), authorization="Bearer sk-one")
+        other = await post(client, request_body([user("b")]), authorization="Bearer sk-two")
+        again = await post(client, request_body([user("c")]), authorization="Bearer sk-one")
+    assert refused.status_code == other.status_code == again.status_code == 200
+    assert [p.message["input"][0]["content"][0]["text"] for p in fake.http_posts] == ["a", "c"]
+    assert len(fake.creates()) == 1 and fake.handshakes[-1]["authorization"] == "Bearer sk-two"

@@ -151,3 +151,12 @@ async def test_a_fast_keep_alive_loop_of_refusals_never_wedges(server: ProxyServ
                 )
                 answered.append(reply.status_code)
     assert answered.count(401) == 150 and answered.count(200) == 150
+
+
+async def test_a_body_that_stops_coming_gets_408_and_the_connection_closes(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    server = await start_proxy(nursery, fake, body_timeout=0.5)
+    partial_body = head("content-length: 1000", authorization="Bearer k") + b'{"model": "m"'
+    data, closed = await trio.to_thread.run_sync(exchange, port_of(server), partial_body)
+    assert statuses(data) == [408] and closed

@@ -266,3 +266,59 @@ def test_serve_refuses_a_bad_config_and_hash_key_prints_the_digest(
     assert "64 hex digits" in capsys.readouterr().err
     assert cli_main(["hash-key", "my-key"]) == 0
     assert capsys.readouterr().out.strip() == managed.hash_key("my-key")
+
+
+# -- hardening: every route, every header ----------------------------------------------------------
+async def test_compaction_refuses_another_scopes_response_id(gateway: ProxyServer) -> None:
+    """Compaction carries a response id too: with `store: true` relaying it with the channel's
+    key would read another team's conversation. Refused like a turn, nothing sent upstream."""
+    async with gateway.client() as client:
+        a1 = await ask(client, KEY_A, request_body([user("team a secret")]))
+        before = len(gateway.fake.http_requests)
+        stolen = await client.post(
+            "/responses/compact",
+            json=request_body([user("x")], previous_response_id=a1.json()["id"]),
+            headers={"authorization": f"Bearer {KEY_B}"},
+        )
+        own = await client.post(
+            "/responses/compact",
+            json=request_body([user("x")], previous_response_id=a1.json()["id"]),
+            headers={"authorization": f"Bearer {KEY_A}"},
+        )
+    assert stolen.status_code == 400
+    assert stolen.json()["error"]["code"] == "previous_response_not_found"
+    assert own.status_code == 200
+    assert len(gateway.fake.http_requests) == before + 1  # only team A's went upstream
+
+
+async def test_the_channel_decides_billing_headers_and_pins_are_never_doubled(
+    gateway: ProxyServer,
+) -> None:
+    headers = {
+        "authorization": f"Bearer {KEY_A}",
+        "session-id": "hdr",
+        "openai-project": "proj_attacker",
+        "openai-organization": "org_attacker",
+        "chatgpt-account-id": "acct_attacker",
+        "x-forwarded-for": "10.0.0.1",
+        "origin": "https://evil.example",
+        "x-trioproxy-scope": "team-b",
+        "x-custom-billing": "someone-else",
+        "x-codex-turn-metadata": "{}",
+        "user-agent": "codex_exec/0.169.0",
+    }
+    async with gateway.client() as client:
+        turn = await client.post("/responses", json=request_body([user("x")]), headers=headers)
+        compact = await client.post(
+            "/responses/compact", json=request_body([user("x")]), headers=headers
+        )
+    assert turn.status_code == compact.status_code == 200
+    handshake = gateway.fake.handshakes[0]
+    relayed = gateway.fake.http_requests[-1].headers
+    for seen in (handshake, relayed):
+        assert seen["openai-project"] == "proj_test"  # the channel's, once
+        for name in ("openai-organization", "chatgpt-account-id", "x-forwarded-for", "origin"):
+            assert name not in seen, name
+        assert "x-trioproxy-scope" not in seen and "x-custom-billing" not in seen
+        assert seen["user-agent"] == "codex_exec/0.169.0"
+    assert handshake["x-codex-turn-metadata"] == "{}"

@@ -18,13 +18,14 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioproxy import access, errors, keys, sse
+from trioproxy import access, bigjson, errors, keys, sse
 from trioproxy.codex_auth import CodexLogin, default_token_url
 from trioproxy.config import Settings, redacted_url
+from trioproxy.delta import client_chained
 from trioproxy.errors import ApiError
 from trioproxy.events import response_object
 from trioproxy.managed import Managed
-from trioproxy.proxy import Proxy, TurnStream
+from trioproxy.proxy import OFF_LOOP_BYTES, Proxy, TurnStream, off_loop
 from trioproxy.registry import Registry
 from trioproxy.relay import relay
 from trioproxy.serving import WholeAnswers
@@ -48,6 +49,15 @@ def json_response(payload: Any, status: int = 200) -> Response:
 
 def error_response(error: ApiError) -> Response:
     return json_response(error.body(), error.status)
+
+
+def chained_id(body: bytes) -> str | None:
+    """The `previous_response_id` a relayed body names (compaction carries one), if any."""
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None  # not ours to judge: the upstream refuses it
+    return client_chained(parsed) if isinstance(parsed, dict) else None
 
 
 def _has_body(headers: Any) -> bool:
@@ -167,7 +177,7 @@ def create_app(
     app.asgi_http_class = WholeAnswers
     app.config.update(
         RESPONSE_TIMEOUT=None,  # a turn may stream for minutes; the turn has its own timeout
-        BODY_TIMEOUT=60,
+        BODY_TIMEOUT=settings.body_timeout,
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
     )
     telemetry = Telemetry()
@@ -254,13 +264,17 @@ def create_app(
         g.request_id = rid
         try:
             target, scope, data = await admitted(route, headers)
-            body = parse_request(data)
+            body = await off_loop(len(data), parse_request, data)
             if target.chatgpt:
                 body = require_unstored(body)
             proxy.request_bytes += len(data)
-            stream = await proxy.open_turn(
-                body, headers, target, request_id=rid, request_bytes=len(data), scope=scope
-            )
+            try:
+                stream = await proxy.open_turn(
+                    body, headers, target, request_id=rid, request_bytes=len(data), scope=scope
+                )
+            finally:
+                if len(data) > OFF_LOOP_BYTES:  # sent (or refused): its items are not needed
+                    app.nursery.start_soon(trio.to_thread.run_sync, bigjson.release, body)
         except ApiError as exc:
             return error_response(exc)
         metadata = stream.turn.response_headers
@@ -307,6 +321,8 @@ def create_app(
         query = request.query_string.decode()
         try:
             target, scope, body = await admitted(route, headers)
+            if scope is not None:
+                proxy.check_chain(chained_id(body), scope)
             reply = await relay(
                 target,
                 request.method,
@@ -363,7 +379,8 @@ def create_app(
         rid = g.get("request_id")
         if rid:
             response.headers["x-request-id"] = rid
-        if _has_body(request.headers) and not g.get("body_read") and not await _drained():
+        unread = _has_body(request.headers) and not g.get("body_read")
+        if unread and (response.status_code in (408, 413) or not await _drained()):
             response.headers["Connection"] = "close"
         return response
 

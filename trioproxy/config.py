@@ -68,11 +68,11 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8787
     # A socket idle this long is closed (upstream drops sockets at 60 min; stay well inside).
-    idle_ttl: float = 50 * 60
+    idle_ttl: float = 50 * 60.0
     # A socket is never handed a turn it could not finish within this age.
-    max_lifetime: float = 50 * 60
+    max_lifetime: float = 50 * 60.0
     # The longest a single turn may take; it also bounds how late a socket may start one.
-    turn_timeout: float = 10 * 60
+    turn_timeout: float = 10 * 60.0
     # The longest the upstream may stay silent within a turn (Codex gives up at 300 s).
     read_timeout: float = 240.0
     connect_timeout: float = 15.0
@@ -81,10 +81,15 @@ class Settings:
     # Cap on pooled sockets (idle + busy); past it the least recently used idle one goes.
     max_sockets: int = 10_000
     max_body_bytes: int = 32 * 1024 * 1024
+    # A request's body must arrive within this; past it the client gets 408 and the connection
+    # is closed.
+    body_timeout: float = 60.0
     max_message_bytes: int = 64 * 1024 * 1024
     # Events buffered between the upstream socket and a client: bounded, so a slow client
     # slows its own socket instead of growing memory.
     event_buffer: int = 64
+    # ... and bounded in bytes too: events of a megabyte each would otherwise be 64 MB.
+    event_buffer_bytes: int = 4 * 1024 * 1024
     beta: str = WEBSOCKET_BETA
     # Offer permessage-deflate upstream (used when the upstream accepts): continuation turns
     # repeat `tools` and `instructions`, which compress to back-references into the last turn.

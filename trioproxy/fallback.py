@@ -2,8 +2,11 @@
 
 Two reasons, each for a cool-down, after which WebSocket is tried again:
 
-- the upstream refused the upgrade itself (400, 404 or 426 on the handshake): every turn to
-  that URL goes over HTTP, the first one at once, transparently;
+- the upstream refused the upgrade itself (400, 404 or 426 on the handshake): every turn of
+  that credential group (upstream, credential, scope, meaningful headers: see `keys.pool_key`)
+  goes over HTTP, the first one at once, transparently. Keyed by group, not by URL, so one
+  client's refusal (its own bad header, a key without WebSocket access) never changes another
+  tenant's transport;
 - one session's sockets failed `after` times in a row (dropped, silent, unreachable): that
   session's turns go over HTTP, whose one request per turn has no socket to lose.
 
@@ -23,20 +26,22 @@ class FallbackPolicy:
         self.after = after
         self.cooldown = cooldown
         self.enabled = enabled
-        self._refused: dict[str, float] = {}  # upstream URL -> until when
+        self._refused: OrderedDict[str, float] = OrderedDict()  # credential group -> until when
         self._failures: OrderedDict[str, int] = OrderedDict()  # pool key -> failures in a row
         self._sessions: OrderedDict[str, float] = OrderedDict()  # pool key -> until when
         self._size = size
 
-    def use_http(self, url: str, key: str | None, now: float) -> bool:
+    def use_http(self, group: str, key: str | None, now: float) -> bool:
         if not self.enabled:
             return False
-        if self._refused.get(url, -1.0) > now:
+        if self._refused.get(group, -1.0) > now:
             return True
         return key is not None and self._sessions.get(key, -1.0) > now
 
-    def websocket_refused(self, url: str, now: float) -> None:
-        self._refused[url] = now + self.cooldown
+    def websocket_refused(self, group: str, now: float) -> None:
+        self._refused[group] = now + self.cooldown
+        self._refused.move_to_end(group)
+        self._trim(self._refused)
 
     def socket_failed(self, key: str | None, now: float) -> None:
         if key is None:

@@ -45,8 +45,15 @@ _NOT_FORWARDED = frozenset(
         "sec-websocket-extensions",
         "sec-websocket-protocol",
         "sec-websocket-accept",
+        # The hop between the client and this proxy: not the upstream's business.
+        "forwarded",
+        "via",
+        "x-real-ip",
+        "origin",
+        "referer",
     }
 )
+_NOT_FORWARDED_PREFIXES = ("x-forwarded-", "x-trioproxy-")
 
 # Forwarded but per request: tracing and client telemetry that must not split the pool.
 _PER_REQUEST = frozenset(
@@ -66,14 +73,50 @@ _PER_REQUEST_PREFIXES = ("x-stainless-", "x-datadog-", "x-b3-", "x-amzn-trace")
 
 BETA_HEADER = "openai-beta"
 
+# Managed mode: the channel decides everything that changes billing or data access
+# (`openai-organization`, `openai-project`, `chatgpt-account-id`, ...); of the client's own
+# headers only these go upstream: session, client identity, tracing, Codex's turn metadata.
+_MANAGED_ALLOWED = frozenset(
+    {
+        *SESSION_HEADERS,
+        "user-agent",
+        "originator",
+        "version",
+        "openai-beta",
+        "x-client-request-id",
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "accept-language",
+    }
+)
+_MANAGED_ALLOWED_PREFIXES = ("x-codex-", "x-stainless-", "x-openai-internal-codex-")
+
+
+def managed_own(headers: list[tuple[str, str]], pinned: Iterable[str]) -> list[tuple[str, str]]:
+    """The client headers a managed channel lets through: the allow-list, less every header
+    the channel pins itself (never sent twice)."""
+    fixed = {name.lower() for name in pinned}
+    return [
+        (name, value)
+        for name, value in headers
+        if (name in _MANAGED_ALLOWED or name.startswith(_MANAGED_ALLOWED_PREFIXES))
+        and name not in fixed
+    ]
+
 
 def normalise(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(name.lower(), value) for name, value in headers]
 
 
 def session_id(headers: list[tuple[str, str]]) -> str | None:
-    """The first session header present, in the documented order (Codex sends `session-id`)."""
-    found = {name: value for name, value in headers if name in SESSION_HEADERS and value}
+    """The first session header present, in the documented order (Codex sends `session-id`);
+    of two headers of the same name, the first."""
+    found: dict[str, str] = {}
+    for name, value in headers:
+        if name in SESSION_HEADERS and value:
+            found.setdefault(name, value)
     for name in SESSION_HEADERS:
         if name in found:
             return found[name]
@@ -95,9 +138,13 @@ def sendable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
+def _forwardable(name: str) -> bool:
+    return name not in _NOT_FORWARDED and not name.startswith(_NOT_FORWARDED_PREFIXES)
+
+
 def forwarded(headers: list[tuple[str, str]], beta: str) -> list[tuple[str, str]]:
     """The headers sent on the upstream handshake, with the WebSocket-mode beta flag added."""
-    out = [(name, value) for name, value in sendable(headers) if name not in _NOT_FORWARDED]
+    out = [(name, value) for name, value in sendable(headers) if _forwardable(name)]
     betas = [value for name, value in out if name == BETA_HEADER]
     out = [(name, value) for name, value in out if name != BETA_HEADER]
     merged = ", ".join(betas)
@@ -108,6 +155,7 @@ def forwarded(headers: list[tuple[str, str]], beta: str) -> list[tuple[str, str]
     return out
 
 
+_HOP = frozenset({"forwarded", "via", "x-real-ip", "origin", "referer"})
 # Never relayed on a plain HTTP call: the hop's own framing and what would change its encoding.
 _NOT_RELAYED = frozenset(
     {"host", "connection", "content-length", "transfer-encoding", "accept-encoding", "cookie"}
@@ -116,7 +164,13 @@ _NOT_RELAYED = frozenset(
 
 def relayed(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The headers sent on a relayed HTTP call (model list, compaction): the client's own."""
-    return [(name, value) for name, value in sendable(headers) if name not in _NOT_RELAYED]
+    return [
+        (name, value)
+        for name, value in sendable(headers)
+        if name not in _NOT_RELAYED
+        and not name.startswith(_NOT_FORWARDED_PREFIXES)
+        and name not in _HOP
+    ]
 
 
 def _meaningful(name: str) -> bool:
@@ -156,7 +210,11 @@ def pool_key(
     if session is not None:
         kind, value = session
         digest.update(b"\0" + kind.encode() + b"\0" + value.encode())
-    for name, value in sorted(h for h in forwarded(headers, beta) if _meaningful(h[0])):
+    # What replaced a credential (scope, channel, login: `x-trioproxy-*`, never forwarded)
+    # counts as much as the headers that go upstream.
+    marks = [(name, value) for name, value in headers if name.startswith("x-trioproxy-")]
+    meaningful = [h for h in forwarded(headers, beta) if _meaningful(h[0])]
+    for name, value in sorted([*meaningful, *marks]):
         # The credential and every other meaningful header enter only through this hash.
         digest.update(b"\0" + name.encode() + b"\0" + value.encode())
     return digest.hexdigest()[:32]

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import trio
 
-from trioproxy import errors
+from trioproxy import bigjson, errors
 from trioproxy.codex_auth import CodexAuthError
 from trioproxy.config import Settings
 from trioproxy.delta import (
     Conversation,
     Sent,
+    TurnPlan,
     client_chained,
     digest_input,
     params_digest,
@@ -38,6 +40,11 @@ from trioproxy.telemetry import Carrier, Telemetry
 from trioproxy.upstream import Turn, TurnEnd, UpstreamConnection
 
 log = logging.getLogger("trioproxy.proxy")
+T = TypeVar("T")
+
+# Above this request size, parsing and planning run in a worker thread: a 30 MB input of half a
+# million items takes seconds to digest, and on the event loop every other client would wait.
+OFF_LOOP_BYTES = 1 << 20
 
 # Upstream error codes that a fresh socket with the full input cures.
 _RETRY_CODES = frozenset({"previous_response_not_found", "websocket_connection_limit_reached"})
@@ -63,7 +70,7 @@ class TurnStream:
             event, self._pending = self._pending, None
             return event
         try:
-            return await self.turn.events.receive()
+            return await self.turn.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
@@ -74,7 +81,7 @@ class TurnStream:
             event, self._pending = self._pending, None
             return event
         try:
-            return self.turn.events.receive_nowait()
+            return self.turn.receive_nowait()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
@@ -128,17 +135,17 @@ class Proxy:
             "tenant": scope,
         }
         chained = client_chained(body)
-        if chained is not None and scope is not None and self.ownership.foreign(chained, scope):
-            raise errors.previous_response_not_found(chained)  # another scope's: never reveal
+        if scope is not None:
+            self.check_chain(chained, scope)
         token = await self.token(target)
         upstream = target.upstream(headers, token, scope, body.get("prompt_cache_key"))
-        if self.fallback.use_http(upstream.url, upstream.key, trio.current_time()):
+        if self.fallback.use_http(upstream.group, upstream.key, trio.current_time()):
             return await self._over_http(body, headers, target, upstream, scope, about)
         reusable = None
         digested = None
         if upstream.key is None:
             # No session named: the request's own content says which socket continues it.
-            digested = digest_input(body)
+            digested = await off_loop(request_bytes, digest_input, body)
             key, placement = self.registry.place(
                 upstream.group, digested[0], params_digest(body), chained
             )
@@ -155,7 +162,7 @@ class Proxy:
         except ApiError as exc:
             if self.fallback.enabled and exc.status in REFUSALS:
                 # The upstream does not take WebSocket here: HTTP for a while, starting now.
-                self.fallback.websocket_refused(upstream.url, trio.current_time())
+                self.fallback.websocket_refused(upstream.group, trio.current_time())
                 self.retries["websocket_refused"] += 1
                 log.info("upstream refused the WebSocket upgrade (%d): HTTP for now", exc.status)
                 return await self._over_http(body, headers, target, upstream, scope, about)
@@ -178,7 +185,7 @@ class Proxy:
         # Once, on a new socket (pooled again if the failed one was), with the full input.
         self.retries[cause or end.kind] += 1
         log.info("turn refused before its first event (%s); retrying on a fresh socket", cause)
-        if self.fallback.use_http(upstream.url, upstream.key, trio.current_time()):
+        if self.fallback.use_http(upstream.group, upstream.key, trio.current_time()):
             return await self._over_http(body, headers, target, upstream, scope, about)
         retry_key = None if conn.one_turn else upstream.key
         conn = await self.registry.lease(
@@ -186,6 +193,12 @@ class Proxy:
         )
         about["placement"] = "new"
         return await self._start(conn, body, None, about, digested)
+
+    def check_chain(self, chained: str | None, scope: str) -> None:
+        """Refuse a `previous_response_id` another scope made, on every route that carries
+        one (turns, compaction): as not found, so its existence is not revealed either."""
+        if chained is not None and self.ownership.foreign(chained, scope):
+            raise errors.previous_response_not_found(chained)
 
     async def _over_http(
         self,
@@ -200,7 +213,14 @@ class Proxy:
         plan = plan_turn(None, body)
         payload = orjson.dumps({**body, "stream": True})
         about = {**about, "placement": "http"}
-        turn = Turn(plan, self.settings.event_buffer, transport="http", payload=payload, **about)
+        turn = Turn(
+            plan,
+            self.settings.event_buffer,
+            transport="http",
+            payload=payload,
+            buffer_bytes=self.settings.event_buffer_bytes,
+            **about,
+        )
         self.turns[plan.mode] += 1
         self.upstream_bytes += turn.sent_bytes
         url = http_url(upstream.url, "/responses")
@@ -293,8 +313,14 @@ class Proxy:
         about: dict[str, Any],
         digested: tuple[bytes, Sent] | None = None,
     ) -> TurnStream:
-        plan = plan_turn(memory, body, digested)
-        turn = Turn(plan, self.settings.event_buffer, **about)
+        plan, payload = await off_loop(about["request_bytes"], _planned, memory, body, digested)
+        turn = Turn(
+            plan,
+            self.settings.event_buffer,
+            payload=payload,
+            buffer_bytes=self.settings.event_buffer_bytes,
+            **about,
+        )
         turn.response_headers = conn.response_headers
         submitted = trio.current_time()
         self.turns["one_turn" if conn.one_turn else plan.mode] += 1
@@ -308,7 +334,7 @@ class Proxy:
     async def _first(self, turn: Turn, submitted: float) -> TurnStream:
         """Wait for the turn's first event (or its end) before answering the client."""
         try:
-            first: UpstreamEvent | None = await turn.events.receive()
+            first: UpstreamEvent | None = await turn.receive()
             self.telemetry.first_event.observe(trio.current_time() - submitted)
         except trio.EndOfChannel:
             first = None
@@ -316,6 +342,22 @@ class Proxy:
             turn.abandon()  # cancelled while waiting: the upstream's state is unknown
             raise
         return TurnStream(turn, first)
+
+
+def _planned(
+    memory: Conversation | None, body: dict[str, Any], digested: tuple[bytes, Sent] | None
+) -> tuple[TurnPlan, bytes]:
+    """The turn's plan and the frame it sends (both proportional to the input's size)."""
+    plan = plan_turn(memory, body, digested)
+    return plan, bigjson.dumps_message(plan.message)
+
+
+async def off_loop(size: int, work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)`, in a worker thread when the request is large (`OFF_LOOP_BYTES`): the
+    event loop keeps serving other clients (Python switches threads every few ms)."""
+    if size <= OFF_LOOP_BYTES:
+        return work(*args)
+    return await trio.to_thread.run_sync(work, *args)
 
 
 def _unauthorized(end: TurnEnd) -> bool:

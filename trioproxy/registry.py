@@ -35,6 +35,8 @@ from trioproxy.upstream import Connector, Turn, TurnEnd, UpstreamConnection
 log = logging.getLogger("trioproxy.registry")
 
 Reusable = Callable[[Conversation | None], bool]
+# How many new items a header-less continuation may add and still be recognised.
+_NEW_ITEMS_SEARCHED = 4096
 # How a turn found its socket: a session header's or cache key's own socket, a header-less
 # conversation recognised by its content or chained id, a warm idle socket, a new one.
 Placement = Literal["header", "cache_key", "inferred", "warm", "new"]
@@ -95,7 +97,13 @@ class Registry:
             "opened": self.opened,
             "evictions": dict(self.evictions),
             "buffered_events": self.buffered_events,
+            "buffered_bytes": self.buffered_bytes,
         }
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of those events (each turn's is bounded by `event_buffer_bytes`)."""
+        return sum(conn.current.buffered_bytes for conn in self._live if conn.current is not None)
 
     @property
     def buffered_events(self) -> int:
@@ -175,8 +183,10 @@ class Registry:
 
     def _continued(self, group: str, history: bytes, params: bytes) -> str | None:
         """The idle socket whose conversation `history` extends, longest first: a lookup per
-        item of the request, independent of the pool's size."""
-        for count in range(len(history) // DIGEST_SIZE - 1, 0, -1):
+        item of the request (at most `_NEW_ITEMS_SEARCHED`: a continuation adds a few items,
+        and a huge input must not hold the event loop), independent of the pool's size."""
+        items = len(history) // DIGEST_SIZE
+        for count in range(items - 1, max(0, items - 1 - _NEW_ITEMS_SEARCHED), -1):
             tail = history[(count - 1) * DIGEST_SIZE : count * DIGEST_SIZE]
             for conn in self._tails.get(tail, ()):
                 memory = conn.memory

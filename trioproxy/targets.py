@@ -107,8 +107,8 @@ class Target:
             login = ("x-trioproxy-login", str(self.login.path))
             return own, [("authorization", f"Bearer {token}"), account], [account, login]
         assert self.channel is not None and scope is not None
-        own = [(n, v) for n, v in client_headers if n not in ("authorization", CHANNEL_HEADER)]
         fixed = list(self.channel.headers)
+        own = keys.managed_own(client_headers, (name for name, _ in fixed))
         bearer = ("authorization", f"Bearer {self.channel.secret}")
         identity = [*fixed, ("x-trioproxy-scope", scope), (CHANNEL_HEADER, self.channel.name)]
         return own, [*fixed, bearer], identity

@@ -111,6 +111,7 @@ class Turn:
         tenant: str | None = None,
         payload: bytes | None = None,
         placement: str = "new",
+        buffer_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.plan = plan
         self.request_id = request_id
@@ -130,16 +131,39 @@ class Turn:
         self.scope = trio.CancelScope()
         self.tracker = TurnTracker()  # what the client has been told so far
         self._send, self.events = trio.open_memory_channel[UpstreamEvent](buffer)
+        # The buffer is bounded in bytes as well as events: the socket's task waits while the
+        # client holds more than `buffer_bytes` unread (one event of any size always passes).
+        self._limit = buffer_bytes
+        self.buffered_bytes = 0
+        self._taken = trio.Event()
         self.end: TurnEnd | None = None
 
     async def deliver(self, event: UpstreamEvent) -> None:
-        """Hand an event to the client's side; waits only when its buffer is full. Not a
-        checkpoint otherwise: the socket's task checkpoints at every wait for a frame, and
-        a yield per event would hand the client one event per write."""
+        """Hand an event to the client's side; waits only when its buffer is full (in events
+        or bytes). Not a checkpoint otherwise: the socket's task checkpoints at every wait for
+        a frame, and a yield per event would hand the client one event per write."""
+        size = len(event.raw)
+        while self.buffered_bytes and self.buffered_bytes + size > self._limit:
+            self._taken = trio.Event()
+            await self._taken.wait()
+        self.buffered_bytes += size
         try:
             self._send.send_nowait(event)
         except trio.WouldBlock:
             await self._send.send(event)
+
+    async def receive(self) -> UpstreamEvent:
+        """The client's side: the next event (`trio.EndOfChannel` after the last)."""
+        return self._took(await self.events.receive())
+
+    def receive_nowait(self) -> UpstreamEvent:
+        """The next event if one is buffered, else `trio.WouldBlock`."""
+        return self._took(self.events.receive_nowait())
+
+    def _took(self, event: UpstreamEvent) -> UpstreamEvent:
+        self.buffered_bytes -= len(event.raw)
+        self._taken.set()
+        return event
 
     @property
     def buffered(self) -> int:
@@ -313,7 +337,7 @@ class UpstreamConnection:
                 tracker.stale = self.answered
                 try:
                     before = sock.wire.sent
-                    await ws.send_message(turn.payload.decode())
+                    await sock.send_text(turn.payload)
                     turn.wire_bytes = sock.wire.sent - before
                     # One scope for the whole turn, armed only while waiting for a frame (a
                     # slow client's back-pressure is not upstream silence): cheaper per event
