@@ -61,7 +61,7 @@ async def start_proxy(
 ) -> ProxyServer:
     settings = Settings(**{"upstream": fake.url, **overrides})
     app = create_app(settings, connector=connector)
-    config = hypercorn_config("127.0.0.1", 0)
+    config = hypercorn_config("127.0.0.1", 0, settings.write_timeout)
     binds = await nursery.start(partial(hypercorn_serve, app, config))
     return ProxyServer(binds[0].rstrip("/") + "/v1", app, fake)
 

@@ -423,3 +423,24 @@ async def test_a_dead_refresh_token_is_not_asked_about_again_until_the_file_chan
         reply = await client.post("/responses", json=request_body("hi"))
     assert reply.status_code == 200, reply.text
     assert len(fake.logins.token_requests) == 1
+
+
+async def test_the_chatgpt_routes_can_be_turned_off(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    """An operator who serves only API keys closes the pass-through to the Codex backend."""
+    server = await start_proxy(
+        nursery, fake, chatgpt_upstream=fake.chatgpt_url, chatgpt_routes=False
+    )
+    root = server.base_url.removesuffix("/v1")
+    auth = fake.logins.auth_json("acct-1")["tokens"]["access_token"]
+    async with httpx.AsyncClient(base_url=root, timeout=30) as client:
+        turn = await client.post(
+            "/backend-api/codex/responses",
+            json={"model": "m", "input": "x", "store": False},
+            headers=chatgpt_headers(auth, "acct-1"),
+        )
+        models = await client.get("/backend-api/codex/models", headers=chatgpt_headers(auth, "a"))
+    assert turn.status_code == models.status_code == 404
+    assert turn.json()["error"]["code"] == "not_found"
+    assert fake.received == [] and fake.http_requests == []

@@ -17,7 +17,7 @@ from functools import partial
 import openai
 import trio
 
-from tests.conftest import ProxyServer, start_proxy
+from tests.conftest import ProxyServer, start_proxy, wait_until
 from trioproxy.fake import FakeUpstream
 
 
@@ -160,3 +160,40 @@ async def test_a_body_that_stops_coming_gets_408_and_the_connection_closes(
     partial_body = head("content-length: 1000", authorization="Bearer k") + b'{"model": "m"'
     data, closed = await trio.to_thread.run_sync(exchange, port_of(server), partial_body)
     assert statuses(data) == [408] and closed
+
+
+async def test_a_client_that_stops_reading_is_disconnected_after_the_write_timeout(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    """Its window stays shut: after `write_timeout` the kernel aborts the connection (hypercorn
+    has no write timeout of its own and shields its writes), the turn is cut and its socket
+    evicted; before, the connection stayed ESTABLISHED for good."""
+    server = await start_proxy(nursery, fake, write_timeout=1.0, event_buffer=4)
+    port = port_of(server)
+
+    def stop_reading() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        body = json.dumps({"model": "m", "input": "fake: long 400000", "stream": True}).encode()
+        sock.sendall(head(f"content-length: {len(body)}", authorization="Bearer k") + body)
+        sock.recv(1024)  # the answer has begun; not another byte is read
+        return sock
+
+    sock = await trio.to_thread.run_sync(stop_reading)
+    try:
+        await wait_until(lambda: server.registry.evictions["abandoned"] == 1, 30)
+        await fake.wait_open_sockets(0)
+
+        def reset() -> bool:
+            sock.settimeout(5)
+            try:
+                while sock.recv(1 << 20):
+                    pass
+            except ConnectionResetError:
+                return True
+            return True  # an orderly end is a close too
+
+        assert await trio.to_thread.run_sync(reset)
+    finally:
+        sock.close()

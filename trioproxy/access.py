@@ -54,6 +54,7 @@ class Gate:
     managed: Managed | None = None
     channels: dict[str, Target] = field(default_factory=dict)
     local_key: str = ""
+    chatgpt_routes: bool = True  # serve /backend-api/codex/* in pass-through mode
 
     def resolve(self, headers: list[tuple[str, str]], route: Route) -> tuple[Target, str | None]:
         """(target, scope); raises the `ApiError` a refused request gets."""
@@ -68,6 +69,14 @@ class Gate:
                 )
             key, channel = self.managed.authenticate(headers)
             return self.channels[channel.name], key.scope
+        if route == "chatgpt" and not self.chatgpt_routes:
+            raise ApiError(
+                404,
+                "This proxy does not serve the ChatGPT-login routes (TRIOPROXY_CHATGPT_ROUTES "
+                "is off); use /v1/responses.",
+                type="invalid_request_error",
+                code="not_found",
+            )
         target = self.chatgpt if route == "chatgpt" else (self.held or self.api)
         refused = refusal(headers, target, self.local_key)
         if refused is not None:

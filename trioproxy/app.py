@@ -201,6 +201,7 @@ def create_app(
         managed=managed,
         channels=managed_targets(settings, managed) if managed is not None else {},
         local_key=settings.api_key,
+        chatgpt_routes=settings.chatgpt_routes,
     )
     telemetry.watch(proxy, registry, lambda: login.refreshes if login is not None else 0)
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -44,8 +45,32 @@ async def _drained(registry: Registry, grace: float) -> None:
     await registry.aclose(grace=registry.close_timeout)
 
 
-def hypercorn_config(host: str, port: int) -> Config:
-    config = Config()
+class ServerConfig(Config):
+    """hypercorn's config, with a write timeout on the listening sockets.
+
+    hypercorn has none: a client that stops reading (its window closed, the process stopped)
+    keeps a connection and its hypercorn task forever, the write shielded. The kernel's
+    TCP_USER_TIMEOUT, inherited by every accepted socket, aborts a connection whose data
+    stays unacknowledged (zero-window probes included) for that long.
+    """
+
+    write_timeout: float = 0.0  # seconds; 0: the kernel's default (about 15 minutes)
+
+    def _create_sockets(
+        self, binds: list[str], type_: int = socket.SOCK_STREAM
+    ) -> list[socket.socket]:
+        sockets: list[socket.socket] = super()._create_sockets(binds, type_)
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if type_ == socket.SOCK_STREAM and self.write_timeout > 0 and option is not None:
+            for sock in sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, option, int(self.write_timeout * 1000))
+        return sockets
+
+
+def hypercorn_config(host: str, port: int, write_timeout: float = 0.0) -> ServerConfig:
+    config = ServerConfig()
+    config.write_timeout = write_timeout
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # through our formatter, not its own
@@ -61,7 +86,7 @@ async def run_server(settings: Settings, keys: Managed | None = None) -> None:
 
     app = create_app(settings, managed=keys)
     proxy: Proxy = app.extensions["trioproxy"]
-    config = hypercorn_config(settings.host, settings.port)
+    config = hypercorn_config(settings.host, settings.port, settings.write_timeout)
     target = settings.chatgpt_ws if settings.codex_auth else settings.upstream_ws
     shown = redacted_url(target)  # an `?api-key=` in the URL must not reach the logs
     log.info("trioproxy on http://%s:%d/v1 -> %s", settings.host, settings.port, shown)

@@ -84,6 +84,9 @@ class Settings:
     # A request's body must arrive within this; past it the client gets 408 and the connection
     # is closed.
     body_timeout: float = 60.0
+    # A client that has not accepted any of the answer's bytes for this long is disconnected
+    # (`serve` only: it sets TCP_USER_TIMEOUT on its listening sockets).
+    write_timeout: float = 120.0
     max_message_bytes: int = 64 * 1024 * 1024
     # Events buffered between the upstream socket and a client: bounded, so a slow client
     # slows its own socket instead of growing memory.
@@ -108,6 +111,9 @@ class Settings:
     fallback_cooldown: float = 300.0
     # The Codex backend, for ChatGPT logins (its HTTP base serves `/models`).
     chatgpt_upstream: str = CHATGPT_UPSTREAM
+    # Serve the ChatGPT-login routes (/backend-api/codex/*) in pass-through mode: any client
+    # with a ChatGPT bearer may then use this proxy to reach the Codex backend.
+    chatgpt_routes: bool = True
     # Proxy-held ChatGPT login: path of a Codex `auth.json` ("" = off).
     codex_auth: str = ""
     # Token endpoint for refreshing it ("" = Codex's, or $CODEX_REFRESH_TOKEN_URL_OVERRIDE).
