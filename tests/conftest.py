@@ -162,3 +162,12 @@ async def wait_until(predicate: Callable[[], bool], seconds: float = 5.0) -> Non
     with trio.fail_after(seconds):
         while not predicate():  # noqa: ASYNC110 (the state belongs to the code under test)
             await trio.sleep(0.01)
+
+
+async def nothing_left(server: ProxyServer) -> None:
+    """Only idle pooled sockets remain: no busy one, no stray task, no unowned upstream socket
+    (the fault suite's leak check, run after every hostile case too)."""
+    registry, fake = server.registry, server.fake
+    await wait_until(lambda: registry.tasks == registry.live == registry.idle)
+    with trio.fail_after(5):
+        await fake.wait_open_sockets(registry.live)

@@ -13,7 +13,7 @@ from typing import Any
 import trio
 from openai import OpenAI
 
-from tests.conftest import AUTH, ProxyServer, start_proxy, wait_until
+from tests.conftest import AUTH, ProxyServer, nothing_left, start_proxy, wait_until
 from trioproxy.fake import FakeUpstream
 
 REASONING = {"model": "gpt-5", "store": False, "include": ["reasoning.encrypted_content"]}
@@ -164,6 +164,7 @@ async def test_concurrent_one_offs_never_wait_for_each_other(server: ProxyServer
             assert (await client.post("/responses", json=body, headers=AUTH)).status_code == 200
     assert fake.sockets_opened == 4
     assert server.proxy.placements == {"new": 4, "warm": 1}
+    await nothing_left(server)
 
 
 async def test_two_api_keys_never_share_a_socket(server: ProxyServer) -> None:

@@ -12,6 +12,7 @@ import trio
 
 from tests.conftest import (
     ProxyServer,
+    nothing_left,
     post,
     request_body,
     sse_events,
@@ -20,14 +21,6 @@ from tests.conftest import (
     wait_until,
 )
 from trioproxy.fake import FakeUpstream, Reply
-
-
-async def nothing_left(server: ProxyServer) -> None:
-    """Only idle pooled sockets remain: no busy one, no stray task, no unowned upstream socket."""
-    registry, fake = server.registry, server.fake
-    await wait_until(lambda: registry.tasks == registry.live == registry.idle)
-    with trio.fail_after(5):
-        await fake.wait_open_sockets(registry.live)
 
 
 # -- handshake -----------------------------------------------------------------------------------

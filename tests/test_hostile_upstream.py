@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.conftest import ProxyServer, post, request_body, sse_events, user, wait_until
+from tests.conftest import ProxyServer, nothing_left, post, request_body, sse_events, user
 from trioproxy.events import TurnTracker, UpstreamEvent, parse_frame
 from trioproxy.fake import Reply
 
@@ -74,7 +74,8 @@ async def test_a_frame_on_an_idle_socket_makes_it_dirty(server: ProxyServer, kin
     first, second = await two_turns(server, stray)
     assert_second_turn_is_its_own(server, first, second)
     assert server.fake.sockets_opened == 2
-    await wait_until(lambda: server.registry.live == 1)
+    await nothing_left(server)
+    assert server.registry.live == 1
 
 
 @pytest.mark.parametrize("kind", ["completed", "created", "delta"])
@@ -90,6 +91,7 @@ async def test_a_late_frame_arriving_as_a_turn_begins_is_not_its_first_event(
 
     first, second = await two_turns(server, arm)
     assert_second_turn_is_its_own(server, first, second)
+    await nothing_left(server)
 
 
 def test_an_event_naming_another_response_mid_turn_is_refused() -> None:

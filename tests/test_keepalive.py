@@ -17,7 +17,7 @@ from functools import partial
 import openai
 import trio
 
-from tests.conftest import ProxyServer, start_proxy, wait_until
+from tests.conftest import ProxyServer, nothing_left, start_proxy, wait_until
 from trioproxy.fake import FakeUpstream
 
 
@@ -94,6 +94,7 @@ async def test_a_refusal_before_the_body_is_read_keeps_the_connection_usable(
         partial(exchange, port_of(server), bad, body, then=follow, seconds=3)
     )
     assert statuses(data) == [400, 200]
+    await nothing_left(server)
 
 
 async def test_the_sdk_gets_the_400_for_a_large_bad_request_and_its_next_call_works(
@@ -151,6 +152,7 @@ async def test_a_fast_keep_alive_loop_of_refusals_never_wedges(server: ProxyServ
                 )
                 answered.append(reply.status_code)
     assert answered.count(401) == 150 and answered.count(200) == 150
+    await nothing_left(server)
 
 
 async def test_a_body_that_stops_coming_gets_408_and_the_connection_closes(
@@ -197,3 +199,4 @@ async def test_a_client_that_stops_reading_is_disconnected_after_the_write_timeo
         assert await trio.to_thread.run_sync(reset)
     finally:
         sock.close()
+    await nothing_left(server)

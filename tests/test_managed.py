@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import ProxyServer, request_body, user
+from tests.conftest import ProxyServer, nothing_left, request_body, user
 from trioproxy import managed
 from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
@@ -289,6 +289,7 @@ async def test_compaction_refuses_another_scopes_response_id(gateway: ProxyServe
     assert stolen.json()["error"]["code"] == "previous_response_not_found"
     assert own.status_code == 200
     assert len(gateway.fake.http_requests) == before + 1  # only team A's went upstream
+    await nothing_left(gateway)
 
 
 async def test_the_channel_decides_billing_headers_and_pins_are_never_doubled(
