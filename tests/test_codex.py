@@ -325,10 +325,13 @@ async def test_two_codex_sessions_side_by_side_get_a_socket_each(
     assert order.index(2) < len(order) - 1 - order[::-1].index(1)
 
 
-# -- (f) Codex asks for a WebSocket itself ------------------------------------------------------
-async def test_codex_with_websockets_enabled_falls_back_to_http_and_completes(
+# -- (f) Codex speaks WebSocket itself ------------------------------------------------------------
+async def test_codex_with_websockets_runs_the_loop_over_a_websocket_to_the_proxy(
     server: ProxyServer, tmp_path: Path
 ) -> None:
+    """`supports_websockets = true`: Codex opens ws://.../responses on the proxy, prewarms with
+    `generate: false` and chains every later turn with `previous_response_id` + its new items;
+    the proxy runs them all on one upstream socket and answers no 426."""
     codex = make_codex(
         tmp_path,
         config(server, "api-key", "supports_websockets = true"),
@@ -336,9 +339,32 @@ async def test_codex_with_websockets_enabled_falls_back_to_http_and_completes(
     )
     stdout = (await codex.run(LOOP)).succeeded()
     assert_answered(stdout, 4)
-    async with server.client() as client:
-        health = (await client.get(f"{root_of(server)}/healthz")).json()
-    assert health["websocket_upgrades_refused"] >= 1
+    fake, proxy = server.fake, server.proxy
+    assert proxy.telemetry.refused_upgrades == 0
+    assert fake.sockets_opened == 1
+    creates = fake.creates()
+    assert creates[0].message.get("generate") is False
+    for turn in creates[2:]:
+        assert turn.message["previous_response_id"]
+        assert [item["type"] for item in turn.message["input"]] == ["function_call_output"]
+    assert proxy.telemetry.clients["websocket-in"] == len(creates)
+    # Codex's own rule: its first turn differs from the warm-up's parameters, so it goes in
+    # full; each later turn chains with only its new item (measured: 1,969 B vs 55,578 B).
+    assert proxy.turns == {"full": 2, "passthrough": 4}
+
+
+async def test_codex_falls_back_to_http_when_the_proxy_takes_no_websocket_clients(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    server = await start_proxy(nursery, fake, websocket_clients=False)
+    codex = make_codex(
+        tmp_path,
+        config(server, "api-key", "supports_websockets = true"),
+        OPENAI_API_KEY="sk-codex-test",
+    )
+    stdout = (await codex.run(LOOP)).succeeded()
+    assert_answered(stdout, 4)
+    assert server.proxy.telemetry.refused_upgrades >= 1
     assert server.fake.sockets_opened == 1
     assert_suffix_loop(server.fake.creates(), steps=4)
 

@@ -211,8 +211,9 @@ def test_pool_key_separates_what_changes_upstream_meaning() -> None:
     assert keys.pool_key(url, H(authorization="Bearer k1", session_id="t"), BETA) != key
     # Without a session the key is the credential group's, which no session's key equals; a
     # `prompt_cache_key` of the same value as a header's session id is another session.
-    group = keys.pool_key(url, H(authorization="Bearer k1"), BETA)
-    assert group not in (key, None)
+    assert keys.pool_key(url, H(authorization="Bearer k1"), BETA) is None
+    group = keys.group_key(url, H(authorization="Bearer k1"), BETA)
+    assert group not in (key, None) and keys.group_key(url, base, BETA) == group
     assert keys.pool_key(url, base, BETA, ("cache_key", "s")) not in (key, group)
     assert keys.affinity(H(authorization="Bearer k1"), "pck") == ("cache_key", "pck")
     assert keys.affinity(base, "pck") == ("header", "s")
@@ -360,3 +361,24 @@ async def test_a_turns_buffer_is_bounded_in_bytes_as_well_as_events() -> None:
         for _ in range(3):
             await turn.receive()
     assert len(delivered) == 4 and turn.buffered_bytes == 0
+
+
+def test_a_clients_own_marks_never_key_the_pool_and_the_mode_does() -> None:
+    """A pass-through request that sends `x-trioproxy-login` or `-scope` headers must not land
+    in the group of a held login's or a scope's sockets; nor may an unsendable credential pass
+    as one."""
+    from trioproxy.errors import ApiError
+    from trioproxy.targets import Target
+    from trioproxy.validate import check_headers
+
+    url = "wss://chatgpt.example/backend-api/codex/responses"
+    plain = H(authorization="Bearer t", chatgpt_account_id="acct")
+    dressed = plain + H(x_trioproxy_login="/root/.codex/auth.json", x_trioproxy_scope="a")
+    chatgpt = Target("chatgpt", url, BETA)
+    assert chatgpt.upstream(dressed, None).group == chatgpt.upstream(plain, None).group
+    assert (
+        Target("api", url, BETA).upstream(plain, None).group != chatgpt.upstream(plain, None).group
+    )
+    with pytest.raises(ApiError) as refused:
+        check_headers([("authorization", "Bearer x\x7f")])
+    assert refused.value.status == 401

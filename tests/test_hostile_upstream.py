@@ -125,3 +125,40 @@ def event(data: dict[str, Any]) -> UpstreamEvent:
 def test_event_types_outside_the_protocol_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_frame(json.dumps({"type": bad}))
+
+
+async def test_a_notice_between_turns_that_concerns_no_response_keeps_the_socket(
+    server: ProxyServer,
+) -> None:
+    """The Codex backend's `codex.rate_limits` (or any non-response notice) between turns is
+    dropped: it must not turn every reuse into a full resend on a fresh socket."""
+
+    async def notice(_: str) -> None:
+        await server.fake.send_stray(json.dumps({"type": "codex.rate_limits", "plan_type": "pro"}))
+        await trio.sleep(0.05)
+
+    first, second = await two_turns(server, notice)
+    assert second.status_code == 200 and server.fake.sockets_opened == 1
+    assert server.fake.creates()[1].message["previous_response_id"] == first.json()["id"]
+    await nothing_left(server)
+
+
+async def test_a_leased_socket_goes_back_when_the_client_leaves_before_its_turn_is_sent(
+    server: ProxyServer,
+) -> None:
+    """A large request is planned in a worker thread after its socket is leased; a client gone
+    meanwhile must leave the socket idle as it was, not busy for good."""
+    from trioproxy.targets import api_target
+
+    proxy, registry = server.proxy, server.registry
+    target = api_target(proxy.settings)
+    headers = [("authorization", "Bearer sk-test-key"), ("session-id", "s1")]
+    stream = await proxy.open_turn(request_body([user("hi")]), headers, target, request_bytes=9)
+    async for _ in stream:
+        pass
+    big = request_body([user("x" * 1000) for _ in range(2000)])
+    with trio.CancelScope() as cancelled:
+        cancelled.cancel()
+        await proxy.open_turn(big, headers, target, request_bytes=2_200_000)
+    assert registry.busy == 0 and registry.idle == 1
+    await nothing_left(server)

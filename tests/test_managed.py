@@ -323,3 +323,19 @@ async def test_the_channel_decides_billing_headers_and_pins_are_never_doubled(
         assert "x-trioproxy-scope" not in seen and "x-custom-billing" not in seen
         assert seen["user-agent"] == "codex_exec/0.169.0"
     assert handshake["x-codex-turn-metadata"] == "{}"
+
+
+async def test_a_managed_client_sees_the_model_not_the_channels_account_or_limits(
+    gateway: ProxyServer,
+) -> None:
+    gateway.fake.api_headers = [
+        ("openai-model", "gpt-5-served"),
+        ("openai-organization", "org-operator"),
+        ("x-ratelimit-remaining-tokens", "123"),
+    ]
+    async with gateway.client() as client:
+        reply = await ask(client, KEY_A, request_body([user("x")]))
+    assert reply.status_code == 200
+    assert reply.headers["openai-model"] == "gpt-5-served"
+    assert "openai-organization" not in reply.headers
+    assert "x-ratelimit-remaining-tokens" not in reply.headers

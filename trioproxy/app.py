@@ -18,13 +18,14 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioproxy import access, bigjson, errors, keys, sse
+from trioproxy import access, bigjson, errors, keys, sse, wsturns
 from trioproxy.codex_auth import CodexLogin, default_token_url
 from trioproxy.config import Settings, redacted_url
 from trioproxy.delta import client_chained
 from trioproxy.errors import ApiError
 from trioproxy.events import response_object
 from trioproxy.managed import Managed
+from trioproxy.metadata import for_tenant
 from trioproxy.proxy import OFF_LOOP_BYTES, Proxy, TurnStream, off_loop
 from trioproxy.registry import Registry
 from trioproxy.relay import relay
@@ -279,6 +280,8 @@ def create_app(
         except ApiError as exc:
             return error_response(exc)
         metadata = stream.turn.response_headers
+        if scope is not None:
+            metadata = for_tenant(metadata)
         if stream.first is None and stream.end.error is not None:
             stream.abandon()
             # Nothing streamed yet: a real HTTP error (with the upstream's rate-limit headers).
@@ -301,8 +304,8 @@ def create_app(
     )
 
     async def refuse_upgrade() -> Response:
-        """No WebSocket downstream: 426 at once, so a client that tries one (Codex with
-        `supports_websockets = true`) falls back to HTTP without waiting or retrying."""
+        """`websocket_clients` off: 426 at once, so a client that tries a WebSocket (Codex
+        with `supports_websockets = true`) falls back to HTTP without waiting or retrying."""
         telemetry.refused_upgrades += 1
         error = ApiError(
             426,
@@ -313,8 +316,24 @@ def create_app(
         )
         return error_response(error)
 
-    for path in ("/v1/responses", "/responses", "/backend-api/codex/responses"):
-        app.add_websocket(path, f"refuse_upgrade{path}", refuse_upgrade)
+    async def websocket_responses() -> Response | None:
+        await wsturns.serve(proxy, gate, "responses")
+        return None
+
+    async def websocket_codex() -> Response | None:
+        await wsturns.serve(proxy, gate, "chatgpt")
+        return None
+
+    for path, route in (
+        ("/v1/responses", websocket_responses),
+        ("/responses", websocket_responses),
+        ("/backend-api/codex/responses", websocket_codex),
+    ):
+        app.add_websocket(
+            path,
+            f"websocket{path}",
+            route if settings.websocket_clients else refuse_upgrade,
+        )
 
     async def relayed(route: access.Route, path: str, seconds: float) -> Response:
         """A request that is not a turn, relayed over HTTP (see trioproxy/relay.py)."""
@@ -386,16 +405,21 @@ def create_app(
         return response
 
     async def _drained() -> bool:
-        """Read and drop the rest of the request's body, if it is within the limit."""
+        """Read and drop the rest of the request's body, if it is within the limit: chunk by
+        chunk (Quart's body iterator keeps no copy), so a refused request costs bandwidth,
+        not memory, and no longer than `body_timeout`."""
         length = request.content_length
         if length is None or length > settings.max_body_bytes:
             return False
-        try:
-            await request.get_data(cache=False)
-        except Exception:  # too large after all, too slow, or the client left
-            return False
-        g.body_read = True
-        return True
+        with trio.move_on_after(settings.body_timeout):
+            try:
+                async for _ in request.body:
+                    pass
+            except Exception:  # too large after all, or the client left
+                return False
+            g.body_read = True
+            return True
+        return False
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

@@ -71,6 +71,8 @@ class ServerConfig(Config):
 def hypercorn_config(host: str, port: int, write_timeout: float = 0.0) -> ServerConfig:
     config = ServerConfig()
     config.write_timeout = write_timeout
+    # Client WebSockets: pinged so a dead peer is noticed between turns.
+    config.websocket_ping_interval = 20.0
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # through our formatter, not its own

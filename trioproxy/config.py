@@ -114,6 +114,9 @@ class Settings:
     # Serve the ChatGPT-login routes (/backend-api/codex/*) in pass-through mode: any client
     # with a ChatGPT bearer may then use this proxy to reach the Codex backend.
     chatgpt_routes: bool = True
+    # Serve clients that open a WebSocket themselves (Codex with supports_websockets, the SDK's
+    # responses.connect()); off, their upgrade gets 426 and Codex falls back to HTTP.
+    websocket_clients: bool = True
     # Proxy-held ChatGPT login: path of a Codex `auth.json` ("" = off).
     codex_auth: str = ""
     # Token endpoint for refreshing it ("" = Codex's, or $CODEX_REFRESH_TOKEN_URL_OVERRIDE).

@@ -200,11 +200,22 @@ def affinity(headers: list[tuple[str, str]], cache_key: object = None) -> Affini
 
 def pool_key(
     upstream: str, headers: list[tuple[str, str]], beta: str, session: Affinity | None = None
-) -> str:
+) -> str | None:
     """The pool key of a session's socket (`session`, default: the request's session header),
-    or with none, of the request's credential group: every request that may share a socket
-    with this one (same upstream, credential and meaningful headers) has the same group."""
+    or None when the request names no session."""
     session = session if session is not None else affinity(headers)
+    return _identity_key(upstream, headers, beta, session) if session is not None else None
+
+
+def group_key(upstream: str, headers: list[tuple[str, str]], beta: str) -> str:
+    """The request's credential group: every request that may share a socket with it (same
+    upstream, credential and meaningful headers), whatever session it names."""
+    return _identity_key(upstream, headers, beta, None)
+
+
+def _identity_key(
+    upstream: str, headers: list[tuple[str, str]], beta: str, session: Affinity | None
+) -> str:
     digest = sha256()
     digest.update(upstream.encode())
     if session is not None:

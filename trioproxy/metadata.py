@@ -8,6 +8,11 @@ written to the session's rollout); OpenAI's API answers with `x-ratelimit-*`, `o
 the upgrade of the socket that carries the turn (or the HTTP fallback's own answer) and are added
 to every HTTP response of the turns it serves.
 
+In managed mode a client gets only the model headers (`for_tenant`): the organization, project
+and rate limits are the operator's channel's, and its remaining budget would show every tenant
+the others' use. Values taken from an upgrade answer are that moment's: on a socket kept for an
+hour, rate limits are as old as the socket.
+
 An allow-list, not a deny-list: hop-by-hop headers, cookies, framing, the upstream's own
 `x-request-id` (the proxy names each request itself) and anything unknown stay behind. Values
 must be sendable as they are, and the list is bounded, so an upstream cannot bloat or break
@@ -48,3 +53,13 @@ def client_metadata(headers: Iterable[tuple[bytes | str, bytes | str]]) -> Heade
         if len(value) <= MAX_VALUE:
             kept.append((name, value))
     return sendable(kept)[:MAX_HEADERS]
+
+
+# What a managed client may see of its channel's metadata: the model, not the operator's
+# organization, project or the shared key's remaining budget.
+_FOR_TENANTS = frozenset({"openai-model", "x-reasoning-included", "x-models-etag"})
+
+
+def for_tenant(headers: Headers) -> Headers:
+    """The metadata a managed client gets: nothing about the channel's account or limits."""
+    return [(name, value) for name, value in headers if name in _FOR_TENANTS]

@@ -127,12 +127,15 @@ class Proxy:
         request_id: str = "",
         request_bytes: int = 0,
         scope: str | None = None,
+        client: str = "http-in",
     ) -> TurnStream:
-        """Start a turn and wait for its first event (or its end); raises `ApiError`."""
+        """Start a turn and wait for its first event (or its end); raises `ApiError`.
+        `client`: how the request came in, `http-in` or `websocket-in`."""
         about: dict[str, Any] = {
             "request_id": request_id,
             "request_bytes": request_bytes,
             "tenant": scope,
+            "client": client,
         }
         chained = client_chained(body)
         if scope is not None:
@@ -313,7 +316,13 @@ class Proxy:
         about: dict[str, Any],
         digested: tuple[bytes, Sent] | None = None,
     ) -> TurnStream:
-        plan, payload = await off_loop(about["request_bytes"], _planned, memory, body, digested)
+        try:
+            plan, payload = await off_loop(about["request_bytes"], _planned, memory, body, digested)
+        except BaseException:
+            # Leased for a turn that never reached it (the client left while a large request
+            # was planned): the socket is unchanged, so it goes back to the pool.
+            self.registry.give_back(conn)
+            raise
         turn = Turn(
             plan,
             self.settings.event_buffer,

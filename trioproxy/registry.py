@@ -37,6 +37,7 @@ log = logging.getLogger("trioproxy.registry")
 Reusable = Callable[[Conversation | None], bool]
 # How many new items a header-less continuation may add and still be recognised.
 _NEW_ITEMS_SEARCHED = 4096
+_SAME_ENDINGS_TRIED = 8
 # How a turn found its socket: a session header's or cache key's own socket, a header-less
 # conversation recognised by its content or chained id, a warm idle socket, a new one.
 Placement = Literal["header", "cache_key", "inferred", "warm", "new"]
@@ -66,7 +67,9 @@ class Registry:
         # Idle sockets of header-less requests, for `place`: by credential group (least
         # recently used first), by their conversation's last item, by their last response id.
         self._warm: dict[str, OrderedDict[UpstreamConnection, None]] = {}
-        self._tails: dict[bytes, dict[UpstreamConnection, None]] = {}
+        # (group, item count, last item digest) -> idle sockets whose conversation ends so:
+        # keyed by all three, a lookup never meets another group's or another length's.
+        self._tails: dict[tuple[str, int, bytes], dict[UpstreamConnection, None]] = {}
         self._answers: dict[str, UpstreamConnection] = {}
         self._placed = itertools.count(1)
 
@@ -188,12 +191,13 @@ class Registry:
         items = len(history) // DIGEST_SIZE
         for count in range(items - 1, max(0, items - 1 - _NEW_ITEMS_SEARCHED), -1):
             tail = history[(count - 1) * DIGEST_SIZE : count * DIGEST_SIZE]
-            for conn in self._tails.get(tail, ()):
+            entries = self._tails.get((group, count, tail), {})
+            # Most recently idle first, a few at most: sockets that end the same way at the
+            # same length hold the same conversation, one is as good as another.
+            for conn in itertools.islice(reversed(entries), _SAME_ENDINGS_TRIED):
                 memory = conn.memory
                 if (
-                    conn.group == group
-                    and memory is not None
-                    and memory.item_count == count
+                    memory is not None
                     and memory.params == params
                     and memory.extended_by(history) is not None
                 ):
@@ -208,7 +212,7 @@ class Registry:
         if memory is not None:
             self._answers[memory.response_id] = conn
             for tail in memory.tails():
-                self._tails.setdefault(tail, {})[conn] = None
+                self._tails.setdefault((conn.group, memory.item_count, tail), {})[conn] = None
 
     def _unindex(self, conn: UpstreamConnection) -> None:
         """Taken for a turn, or gone: no longer findable (idempotent)."""
@@ -225,11 +229,12 @@ class Registry:
         if self._answers.get(memory.response_id) is conn:
             del self._answers[memory.response_id]
         for tail in memory.tails():
-            entries = self._tails.get(tail)
+            key = (conn.group, memory.item_count, tail)
+            entries = self._tails.get(key)
             if entries is not None:
                 entries.pop(conn, None)
                 if not entries:
-                    del self._tails[tail]
+                    del self._tails[key]
 
     # -- leasing -----------------------------------------------------------------------------
     async def lease(
@@ -354,6 +359,21 @@ class Registry:
         if conn.group is not None:
             self._index(conn)
         self._wake.set()
+
+    def give_back(self, conn: UpstreamConnection) -> None:
+        """A leased socket whose turn was never submitted: idle again as it was (a one-turn
+        socket, which no session can reuse, is closed)."""
+        if conn.one_turn or self._pooled.get(conn.key or "") is not conn:
+            self._retire(conn, "unused")
+            return
+        conn.busy = False
+        assert conn.key is not None
+        self._idle[conn.key] = conn
+        self._idle.move_to_end(conn.key)
+        if conn.group is not None:
+            self._index(conn)
+        self._wake.set()
+        self._notify()
 
     def _notify(self) -> None:
         self._changed.set()

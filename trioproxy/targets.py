@@ -71,16 +71,21 @@ class Target:
         session header, this `prompt_cache_key` as its session."""
         session = keys.affinity(client_headers, cache_key)
         kind = session[0] if session is not None else None
+        # The proxy's own marks (scope, channel, login, mode) key the pool; a client's
+        # `x-trioproxy-*` never do, so no request can dress as another mode's socket.
+        marks: list[tuple[str, str]] = [("x-trioproxy-mode", self.mode)]
         if self.mode in ("api", "chatgpt"):
             sent, identity = keys.forwarded(client_headers, self.beta), client_headers
         else:
             own, credentials, substituted = self._substitute(client_headers, token, scope)
             sent, identity = keys.forwarded([*own, *credentials], self.beta), [*own, *substituted]
+            marks += [(n, v) for n, v in substituted if n.startswith("x-trioproxy-")]
+        identity = [(n, v) for n, v in identity if not n.startswith("x-trioproxy-")] + marks
         return Upstream(
             self.url,
             sent,
             keys.pool_key(self.url, identity, self.beta, session) if session else None,
-            keys.pool_key(self.url, identity, self.beta),
+            keys.group_key(self.url, identity, self.beta),
             token,
             kind,
         )

@@ -81,6 +81,8 @@ class Telemetry:
         self.input_tokens = 0
         self.cached_tokens = 0
         self.refused_upgrades = 0
+        self.websocket_clients = 0  # client WebSockets open now
+        self.clients: Counter[str] = Counter()  # turns by how they came in
         self.handshake = Histogram(
             "trioproxy_upstream_handshake_seconds",
             "Time to open an upstream WebSocket (TCP, TLS and upgrade).",
@@ -106,6 +108,7 @@ class Telemetry:
         outcome = end.kind
         self.outcomes[outcome] += 1
         self.transports[turn.transport] += 1
+        self.clients[turn.client] += 1
         self.wire_bytes += turn.wire_bytes
         if turn.plan.mode == "suffix" and turn.request_bytes > turn.sent_bytes:
             self.saved_bytes += turn.request_bytes - turn.sent_bytes
@@ -118,6 +121,7 @@ class Telemetry:
             "scope": turn.tenant,
             "socket": conn.id,
             "transport": turn.transport,
+            "client": turn.client,
             "mode": "one_turn" if conn.one_turn else turn.plan.mode,
             "socket_found": turn.placement,
             "items": turn.plan.new_items,
@@ -180,6 +184,15 @@ class _Collector(Collector):
             "Turns by the transport that served them.",
             "transport",
             t.transports,
+        )
+        yield _labelled(
+            "trioproxy_turn_clients",
+            "Turns by how the client sent them: http-in (POST) or websocket-in.",
+            "client",
+            t.clients,
+        )
+        yield _gauge(
+            "trioproxy_websocket_clients", "Client WebSockets open now.", t.websocket_clients
         )
         yield _labelled(
             "trioproxy_turn_outcomes", "Finished turns by how they ended.", "outcome", t.outcomes

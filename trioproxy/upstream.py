@@ -112,8 +112,10 @@ class Turn:
         payload: bytes | None = None,
         placement: str = "new",
         buffer_bytes: int = 4 * 1024 * 1024,
+        client: str = "http-in",
     ) -> None:
         self.plan = plan
+        self.client = client  # how the request came in: `http-in` or `websocket-in`
         self.request_id = request_id
         self.placement = placement  # how the turn found its socket (registry.Placement)
         # The upstream's response metadata for the client's answer (see metadata.py); set
@@ -370,14 +372,23 @@ class UpstreamConnection:
 
     @staticmethod
     def _spoke_while_idle(sock: ClientSocket) -> bool:
-        """Whether the upstream sent anything since the last turn ended."""
-        try:
-            sock.message_nowait()
-        except trio.WouldBlock:
-            return False
-        except ConnectionClosed:
-            return True
-        return True
+        """Whether the upstream sent anything about a response since the last turn ended:
+        a `response.*` event, an `error`, anything unreadable. A notice that concerns no
+        response (`codex.rate_limits`, say) is dropped: it would otherwise turn every reuse
+        into a full resend on a fresh socket."""
+        while True:
+            try:
+                frame = sock.message_nowait()
+            except trio.WouldBlock:
+                return False
+            except ConnectionClosed:
+                return True
+            try:
+                kind = parse_frame(frame).type
+            except ValueError:
+                return True
+            if kind == "error" or kind.startswith("response."):
+                return True
 
 
 def broken_end(kind: EndKind, error: ApiError, tracker: TurnTracker) -> TurnEnd:

@@ -10,8 +10,11 @@ from typing import Any
 
 import orjson
 
+from trioproxy import keys
 from trioproxy.errors import ApiError
 from trioproxy.keys import SESSION_HEADERS
+
+_CREDENTIALS = frozenset({"authorization", "chatgpt-account-id"})
 
 
 def _invalid(param: str | None, message: str, code: str = "invalid_value") -> ApiError:
@@ -106,6 +109,15 @@ def check_headers(headers: list[tuple[str, str]]) -> None:
                     type="invalid_request_error",
                     code="unsupported_media_type",
                 )
+        elif name in _CREDENTIALS and not keys.sendable([(name, value)]):
+            # Dropped on the way upstream, it would leave the request without a credential
+            # that still passed as one here: refuse it instead.
+            raise ApiError(
+                401,
+                f"The '{name}' header holds characters that cannot be sent upstream.",
+                type="invalid_request_error",
+                code="invalid_api_key",
+            )
         elif name in SESSION_HEADERS and not _SESSION_ID.fullmatch(value):
             raise _invalid(
                 None,

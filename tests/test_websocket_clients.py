@@ -1,0 +1,147 @@
+"""Clients that speak the Responses WebSocket protocol themselves, through the proxy.
+
+The `openai` SDK's `client.responses.connect()` opens `ws://{base_url}/responses`; each
+`response.create` it sends is a turn on the session's pooled upstream socket, and the events
+come back as frames, byte for byte. The client's socket is not the upstream's: reconnecting
+with the same session continues the chain on the same upstream socket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from openai import OpenAI
+
+from tests.conftest import ProxyServer, nothing_left, wait_until
+
+REASONING = {"model": "gpt-5", "store": False, "include": ["reasoning.encrypted_content"]}
+
+
+def sdk(server: ProxyServer, key: str = "sk-test-key") -> OpenAI:
+    return OpenAI(base_url=server.base_url, api_key=key, max_retries=0, timeout=30)
+
+
+def turn(connection: Any, **create: Any) -> tuple[list[str], Any]:
+    """Send one `response.create`; the event types until its terminal event, and that event."""
+    connection.response.create(**create)
+    types = []
+    for event in connection:
+        types.append(event.type)
+        if event.type in ("response.completed", "response.failed", "error"):
+            return types, event
+    raise AssertionError("the connection ended before the response did")
+
+
+async def test_sdk_connect_warm_up_and_three_chained_turns_on_one_upstream_socket(
+    server: ProxyServer,
+) -> None:
+    def run() -> list[Any]:
+        ends = []
+        headers = {"session-id": "ws-session"}
+        with sdk(server).responses.connect(extra_headers=headers) as connection:
+            _, warm = turn(connection, input=[], generate=False, **REASONING)
+            ends.append(warm)
+            previous = warm.response.id
+            for word in ("one", "two", "three"):
+                types, end = turn(
+                    connection, input=word, previous_response_id=previous, **REASONING
+                )
+                assert types[0] == "response.created" and "response.output_text.delta" in types
+                ends.append(end)
+                previous = end.response.id
+        return ends
+
+    ends = await trio.to_thread.run_sync(run)
+    assert all(end.type == "response.completed" for end in ends)
+    fake = server.fake
+    creates = fake.creates()
+    assert fake.sockets_opened == 1 and len(creates) == 4
+    assert creates[0].message.get("generate") is False
+    assert [c.message.get("previous_response_id") for c in creates[1:]] == [
+        e.response.id for e in ends[:3]
+    ]
+    assert ends[-1].response.output[-1].content[0].text == "You said: three"
+    assert server.proxy.telemetry.clients == {"websocket-in": 4}
+    await nothing_left(server)
+
+
+async def test_a_client_that_reconnects_continues_its_chain_on_the_same_upstream_socket(
+    server: ProxyServer,
+) -> None:
+    def run() -> tuple[str, Any]:
+        headers = {"session-id": "reconnecting"}
+        with sdk(server).responses.connect(extra_headers=headers) as connection:
+            _, first = turn(connection, input="before", **REASONING)
+        with sdk(server).responses.connect(extra_headers=headers) as connection:
+            _, second = turn(
+                connection, input="after", previous_response_id=first.response.id, **REASONING
+            )
+        return first.response.id, second
+
+    first_id, second = await trio.to_thread.run_sync(run)
+    assert second.type == "response.completed"
+    fake = server.fake
+    assert fake.sockets_opened == 1
+    assert fake.creates()[1].message["previous_response_id"] == first_id
+    assert server.registry.pooled == 1  # the upstream socket outlived both client sockets
+
+
+async def test_a_full_resend_over_a_client_websocket_goes_as_a_suffix(server: ProxyServer) -> None:
+    def run() -> None:
+        headers = {"session-id": "resend"}
+        with sdk(server).responses.connect(extra_headers=headers) as connection:
+            history: list[Any] = [{"role": "user", "content": "one"}]
+            _, first = turn(connection, input=history, **REASONING)
+            history += [i.model_dump(exclude_none=True) for i in first.response.output]
+            history.append({"role": "user", "content": "two"})
+            turn(connection, input=history, **REASONING)
+
+    await trio.to_thread.run_sync(run)
+    second = server.fake.creates()[1].message
+    assert second["input"] == [{"role": "user", "content": "two"}]
+    assert second["previous_response_id"]
+    assert server.proxy.turns == {"full": 1, "suffix": 1}
+
+
+async def test_errors_keep_the_client_socket_open(server: ProxyServer) -> None:
+    """An upstream error before the response is relayed as the nested `error` event; a bad
+    message gets one too; the socket stays open for the next turn."""
+
+    def run() -> list[Any]:
+        seen = []
+        with sdk(server).responses.connect(extra_headers={"session-id": "e"}) as connection:
+            _, error = turn(connection, model="m", input="fake: error rate_limit_exceeded 429")
+            seen.append(error)
+            connection.send({"type": "response.create", "input": "no model"})  # type: ignore[typeddict-item]
+            seen.append(next(iter(connection)))
+            connection.send(
+                {"type": "response.create", "model": "m", "input": "x", "stream_id": "lane-1"}
+            )  # type: ignore[typeddict-unknown-key]
+            seen.append(next(iter(connection)))
+            _, fine = turn(connection, model="m", input="still here")
+            seen.append(fine)
+        return seen
+
+    upstream, invalid, lane, fine = await trio.to_thread.run_sync(run)
+    assert upstream.type == "error" and upstream.error.code == "rate_limit_exceeded"
+    assert invalid.type == "error" and invalid.error.code == "missing_required_parameter"
+    assert lane.type == "error" and lane.error.code == "unsupported_event"
+    assert fine.type == "response.completed"
+    await nothing_left(server)
+
+
+async def test_a_client_socket_closed_mid_response_cancels_it_and_evicts_the_socket(
+    server: ProxyServer,
+) -> None:
+    def run() -> None:
+        with sdk(server).responses.connect(extra_headers={"session-id": "cut"}) as connection:
+            connection.response.create(model="m", input="fake: slow 0.2\nfake: long 60")
+            for event in connection:
+                if event.type == "response.output_text.delta":
+                    return  # leaving the block closes the client socket mid-response
+
+    await trio.to_thread.run_sync(run)
+    await wait_until(lambda: server.registry.evictions["abandoned"] == 1)
+    await nothing_left(server)
+    assert server.registry.live == 0
