@@ -333,9 +333,7 @@ async def test_codex_with_websockets_runs_the_loop_over_a_websocket_to_the_proxy
     `generate: false` and chains every later turn with `previous_response_id` + its new items;
     the proxy runs them all on one upstream socket and answers no 426."""
     codex = make_codex(
-        tmp_path,
-        config(server, "api-key", "supports_websockets = true"),
-        OPENAI_API_KEY="sk-codex-test",
+        tmp_path, config(server, "api-key-websocket"), OPENAI_API_KEY="sk-codex-test"
     )
     stdout = (await codex.run(LOOP)).succeeded()
     assert_answered(stdout, 4)
@@ -351,6 +349,44 @@ async def test_codex_with_websockets_runs_the_loop_over_a_websocket_to_the_proxy
     # Codex's own rule: its first turn differs from the warm-up's parameters, so it goes in
     # full; each later turn chains with only its new item (measured: 1,969 B vs 55,578 B).
     assert proxy.turns == {"full": 2, "passthrough": 4}
+
+
+async def test_codex_over_websocket_with_a_chatgpt_login_passed_through_and_held(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """The same loop over WebSocket with Codex's ChatGPT login passed through, then with a
+    login the proxy holds: one upstream socket each, the backend's credentials on it."""
+    passthrough = await start_proxy(nursery, fake, chatgpt_upstream=fake.chatgpt_url)
+    auth = fake.logins.auth_json("acct-ws")
+    codex = make_codex(
+        tmp_path / "pass",
+        config(passthrough, "chatgpt", "supports_websockets = true"),
+        auth=auth,
+        CODEX_REFRESH_TOKEN_URL_OVERRIDE=fake.token_url,
+    )
+    assert_answered((await codex.run(LOOP)).succeeded(), 4)
+    assert passthrough.proxy.telemetry.clients["websocket-in"] >= 5
+    assert fake.sockets_opened == 1
+    assert fake.handshakes[0]["chatgpt-account-id"] == "acct-ws"
+
+    auth_file = tmp_path / "held" / "auth.json"
+    auth_file.parent.mkdir()
+    held = await held_proxy(
+        nursery,
+        fake,
+        write_auth(auth_file, fake.logins.auth_json("acct-held-ws")),
+        api_key="local-key",
+    )
+    codex = make_codex(
+        tmp_path / "client",
+        config(held, "api-key", "supports_websockets = true"),
+        OPENAI_API_KEY="local-key",
+    )
+    assert_answered((await codex.run(LOOP)).succeeded(), 4)
+    assert held.proxy.telemetry.clients["websocket-in"] >= 5
+    assert fake.sockets_opened == 2
+    assert fake.handshakes[1]["chatgpt-account-id"] == "acct-held-ws"
+    assert "local-key" not in json.dumps(fake.handshakes)
 
 
 async def test_codex_falls_back_to_http_when_the_proxy_takes_no_websocket_clients(

@@ -8,12 +8,17 @@ with the same session continues the chain on the same upstream socket.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from openai import OpenAI
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from tests.conftest import ProxyServer, nothing_left, wait_until
+from trioproxy.fake import FakeUpstream
 
 REASONING = {"model": "gpt-5", "store": False, "include": ["reasoning.encrypted_content"]}
 
@@ -145,3 +150,99 @@ async def test_a_client_socket_closed_mid_response_cancels_it_and_evicts_the_soc
     await wait_until(lambda: server.registry.evictions["abandoned"] == 1)
     await nothing_left(server)
     assert server.registry.live == 0
+
+
+async def test_a_wrong_key_gets_an_error_event_and_a_policy_close(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    from tests.test_managed import ENV, config_text, start_managed
+    from trioproxy import managed
+
+    path = tmp_path / "trioproxy.toml"
+    path.write_text(config_text(fake.url))
+    values, keys = managed.load(str(path), ENV)
+    assert keys is not None
+    gateway = await start_managed(nursery, fake, keys, **values)
+    url = gateway.base_url.replace("http://", "ws://") + "/responses"
+    async with open_websocket_url(url, extra_headers=[("authorization", "Bearer wrong")]) as ws:
+        event = json.loads(await ws.get_message())
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+    assert event["type"] == "error" and event["error"]["code"] == "invalid_api_key"
+    assert closed.value.reason.code == 1008
+    assert fake.received == [] and fake.sockets_opened == 0
+
+
+async def test_two_scopes_with_one_session_id_never_share_an_upstream_socket(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    from tests.test_managed import ENV, KEY_A, KEY_B, config_text, start_managed
+    from trioproxy import managed
+
+    path = tmp_path / "trioproxy.toml"
+    path.write_text(config_text(fake.url))
+    values, keys = managed.load(str(path), ENV)
+    assert keys is not None
+    gateway = await start_managed(nursery, fake, keys, **values)
+    url = gateway.base_url.replace("http://", "ws://") + "/responses"
+    ids = {}
+    for key in (KEY_A, KEY_B):
+        headers = [("authorization", f"Bearer {key}"), ("session-id", "same")]
+        async with open_websocket_url(url, extra_headers=headers) as ws:
+            await ws.send_message(
+                json.dumps({"type": "response.create", "model": "m", "input": "x"})
+            )
+            while (event := json.loads(await ws.get_message()))["type"] != "response.completed":
+                pass
+            ids[key] = event["response"]["id"]
+    # B chains from A's response: refused as not found, nothing sent upstream.
+    headers = [("authorization", f"Bearer {KEY_B}"), ("session-id", "same")]
+    async with open_websocket_url(url, extra_headers=headers) as ws:
+        stolen = {"type": "response.create", "model": "m", "input": "y"}
+        await ws.send_message(json.dumps({**stolen, "previous_response_id": ids[KEY_A]}))
+        refused = json.loads(await ws.get_message())
+    assert refused["type"] == "error" and refused["error"]["code"] == "previous_response_not_found"
+    assert fake.sockets_opened == 2 and len(fake.creates()) == 2
+
+
+async def test_an_upstream_that_drops_mid_response_ends_it_with_a_clear_error(
+    server: ProxyServer,
+) -> None:
+    url = server.base_url.replace("http://", "ws://") + "/responses"
+    headers = [("authorization", "Bearer sk-test-key"), ("session-id", "drop")]
+    async with open_websocket_url(url, extra_headers=headers) as ws:
+        await ws.send_message(
+            json.dumps({"type": "response.create", "model": "m", "input": "fake: drop 4"})
+        )
+        events = []
+        while (event := json.loads(await ws.get_message()))["type"] != "error":
+            events.append(event["type"])
+        assert events[0] == "response.created"
+        assert event["error"]["code"] == "upstream_connection_closed"
+        # The client socket stays open: the next turn runs on a fresh upstream socket.
+        await ws.send_message(json.dumps({"type": "response.create", "model": "m", "input": "x"}))
+        while (event := json.loads(await ws.get_message()))["type"] != "response.completed":
+            pass
+    assert server.fake.sockets_opened == 2
+    await nothing_left(server)
+
+
+async def test_an_idle_client_socket_is_closed_and_an_oversized_message_refused(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    from tests.conftest import start_proxy
+
+    server = await start_proxy(nursery, fake, websocket_idle_timeout=0.3, max_body_bytes=50_000)
+    url = server.base_url.replace("http://", "ws://") + "/responses"
+    headers = [("authorization", "Bearer sk-test-key")]
+    async with open_websocket_url(url, extra_headers=headers) as ws:
+        with pytest.raises(ConnectionClosed) as idle:
+            await ws.get_message()
+    assert idle.value.reason.code == 1000
+    async with open_websocket_url(url, extra_headers=headers) as ws:
+        huge = {"type": "response.create", "model": "m", "input": "x" * 60_000}
+        await ws.send_message(json.dumps(huge))
+        with pytest.raises(ConnectionClosed) as too_big:
+            await ws.get_message()
+    assert too_big.value.reason.code == 1009
+    assert fake.received == []

@@ -68,11 +68,15 @@ class ServerConfig(Config):
         return sockets
 
 
-def hypercorn_config(host: str, port: int, write_timeout: float = 0.0) -> ServerConfig:
+def hypercorn_config(
+    host: str, port: int, write_timeout: float = 0.0, max_message: int = 32 * 1024 * 1024
+) -> ServerConfig:
     config = ServerConfig()
     config.write_timeout = write_timeout
-    # Client WebSockets: pinged so a dead peer is noticed between turns.
+    # Client WebSockets: pinged so a dead peer is noticed between turns; a message larger
+    # than a request body may be is closed with 1009 (hypercorn offers them permessage-deflate).
     config.websocket_ping_interval = 20.0
+    config.websocket_max_message_size = max_message
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # through our formatter, not its own
@@ -88,7 +92,9 @@ async def run_server(settings: Settings, keys: Managed | None = None) -> None:
 
     app = create_app(settings, managed=keys)
     proxy: Proxy = app.extensions["trioproxy"]
-    config = hypercorn_config(settings.host, settings.port, settings.write_timeout)
+    config = hypercorn_config(
+        settings.host, settings.port, settings.write_timeout, settings.max_body_bytes
+    )
     target = settings.chatgpt_ws if settings.codex_auth else settings.upstream_ws
     shown = redacted_url(target)  # an `?api-key=` in the URL must not reach the logs
     log.info("trioproxy on http://%s:%d/v1 -> %s", settings.host, settings.port, shown)

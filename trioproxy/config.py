@@ -117,6 +117,9 @@ class Settings:
     # Serve clients that open a WebSocket themselves (Codex with supports_websockets, the SDK's
     # responses.connect()); off, their upgrade gets 426 and Codex falls back to HTTP.
     websocket_clients: bool = True
+    # A client WebSocket that sends nothing for this long is closed (1000); its upstream socket
+    # stays pooled for the session, so a reconnect continues the chain.
+    websocket_idle_timeout: float = 50 * 60.0
     # Proxy-held ChatGPT login: path of a Codex `auth.json` ("" = off).
     codex_auth: str = ""
     # Token endpoint for refreshing it ("" = Codex's, or $CODEX_REFRESH_TOKEN_URL_OVERRIDE).

@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 import orjson
+import trio
 from quart import websocket
 
 from trioproxy import access, keys
@@ -61,7 +62,12 @@ async def serve(proxy: Proxy, gate: access.Gate, route: access.Route) -> None:
     proxy.telemetry.websocket_clients += 1
     try:
         while True:
-            raw = await websocket.receive()
+            raw: str | bytes | None = None
+            with trio.move_on_after(proxy.settings.websocket_idle_timeout):
+                raw = await websocket.receive()  # only the wait for a message is bounded
+            if raw is None:
+                await websocket.close(1000, "idle")
+                return
             data = raw.encode() if isinstance(raw, str) else raw
             await _message(proxy, target, scope, headers, data)
     finally:
