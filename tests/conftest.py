@@ -61,9 +61,7 @@ async def start_proxy(
 ) -> ProxyServer:
     settings = Settings(**{"upstream": fake.url, **overrides})
     app = create_app(settings, connector=connector)
-    config = hypercorn_config(
-        "127.0.0.1", 0, settings.write_timeout, settings.max_body_bytes
-    )
+    config = hypercorn_config("127.0.0.1", 0, settings.write_timeout, settings.max_body_bytes)
     binds = await nursery.start(partial(hypercorn_serve, app, config))
     return ProxyServer(binds[0].rstrip("/") + "/v1", app, fake)
 
