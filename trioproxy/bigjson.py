@@ -3,17 +3,95 @@
 Parsing, planning and encoding a request of many megabytes run in a worker thread
 (`proxy.off_loop`), but a single C call holds the GIL for its whole length: the loop waits on
 it. So what is done here is done a piece at a time, each piece a point where Python may switch
-threads: the upstream message is encoded item by item, and a large body's items are freed in
-slices (dropping half a million items at once is tens of milliseconds in one call). Parsing
-stays one orjson call (about 10 ms per MB): an incremental parser without a nesting limit
-(ijson) let a 5 MB body of `[` take 24 GB, and orjson refuses nesting beyond 1,024.
+threads: a large body is parsed one `input` item at a time (the standard library's C scanner,
+`raw_decode`, one call per item: nesting is bounded by its recursion limit), the upstream message
+is encoded item by item, and a large body's items are freed in slices (dropping half a million
+items at once is tens of milliseconds in one call). Below `STEPWISE_BYTES` orjson parses in one
+call (about 10 ms per MB), faster and short enough. (ijson was tried: its prefixes grow with
+nesting, and a 5 MB body of `[` took 24 GB.)
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import orjson
+
+STEPWISE_BYTES = 4 * 1024 * 1024
+_DECODER = json.JSONDecoder(parse_constant=lambda name: _refuse(f"{name} is not JSON"))
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _refuse(reason: str) -> Any:
+    raise ValueError(reason)
+
+
+def loads(raw: bytes) -> Any:
+    """The JSON value of `raw` (ValueError if it is not JSON): in one orjson call, or for a
+    large object a value, and an `input` item, at a time."""
+    if len(raw) <= STEPWISE_BYTES or not raw.lstrip().startswith(b"{"):
+        return orjson.loads(raw)
+    try:
+        return _object(raw.decode())
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _object(text: str) -> dict[str, Any]:
+    """A top-level object, member by member; the `input` array item by item."""
+    out: dict[str, Any] = {}
+    pos = _skip(text, _skip(text, 0) + 1)  # past "{"
+    if text.startswith("}", pos):
+        return _end(text, pos + 1, out)
+    while True:
+        key, pos = _DECODER.raw_decode(text, pos)
+        if not isinstance(key, str):
+            raise ValueError("an object key must be a string")
+        pos = _skip(text, pos)
+        if not text.startswith(":", pos):
+            raise ValueError(f"expected ':' at {pos}")
+        pos = _skip(text, pos + 1)
+        if key == "input" and text.startswith("[", pos):
+            out[key], pos = _array(text, pos + 1)
+        else:
+            out[key], pos = _DECODER.raw_decode(text, pos)
+        pos = _skip(text, pos)
+        if text.startswith("}", pos):
+            return _end(text, pos + 1, out)
+        if not text.startswith(",", pos):
+            raise ValueError(f"expected ',' or '}}' at {pos}")
+        pos = _skip(text, pos + 1)
+
+
+def _array(text: str, pos: int) -> tuple[list[Any], int]:
+    items: list[Any] = []
+    pos = _skip(text, pos)
+    if text.startswith("]", pos):
+        return items, pos + 1
+    while True:
+        item, pos = _DECODER.raw_decode(text, pos)
+        items.append(item)
+        pos = _skip(text, pos)
+        if text.startswith("]", pos):
+            return items, pos + 1
+        if not text.startswith(",", pos):
+            raise ValueError(f"expected ',' or ']' at {pos}")
+        pos = _skip(text, pos + 1)
+
+
+def _skip(text: str, pos: int) -> int:
+    match = _SPACE.match(text, pos)
+    assert match is not None  # the pattern matches the empty string
+    return match.end()
+
+
+def _end(text: str, pos: int, out: dict[str, Any]) -> dict[str, Any]:
+    if _skip(text, pos) != len(text):
+        raise ValueError("data after the JSON value")
+    return out
+
 
 # Below this many items an `input` is encoded in one call: it is short either way.
 _STEPWISE_ITEMS = 1024

@@ -8,9 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import orjson
-
-from trioproxy import keys
+from trioproxy import bigjson, keys
 from trioproxy.errors import ApiError
 from trioproxy.keys import SESSION_HEADERS
 
@@ -26,8 +24,8 @@ def parse_request(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise _invalid(None, "The request body is empty; expected a JSON object.", "invalid_json")
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        body = bigjson.loads(raw)
+    except ValueError as exc:
         raise _invalid(None, f"The request body is not valid JSON: {exc}", "invalid_json") from None
     if not isinstance(body, dict):
         raise _invalid(

@@ -145,6 +145,8 @@ class ClientSocket:
             last = start + FRAGMENT >= len(text)
             chunk = text[start : start + FRAGMENT]
             await ws._send(TextMessage(data=chunk, message_finished=last))
+            # A send the kernel takes at once need not yield: let the others run.
+            await trio.lowlevel.checkpoint()
 
     def message_nowait(self) -> str | bytes:
         """The next message if the reader task has queued it already, else `trio.WouldBlock`.
