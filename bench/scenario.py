@@ -87,12 +87,13 @@ def first_request(turns: int, session: int) -> dict[str, Any]:
 
 
 def continuation(output: list[Any]) -> list[dict[str, Any]]:
-    """The items a client adds after a turn: the model's call and the tool's output."""
-    calls = [item for item in output if item.get("type") == "function_call"]
-    added: list[dict[str, Any]] = []
-    for call in calls:
-        added.append(call)
-        added.append(
-            {"type": "function_call_output", "call_id": call["call_id"], "output": TOOL_OUTPUT}
-        )
+    """The items a client adds after a turn, as Codex does: every output item the model
+    returned (its reasoning item included: the fake answers Codex's model as a reasoning
+    model), then the tool's output for each call."""
+    added: list[dict[str, Any]] = list(output)
+    for call in output:
+        if call.get("type") == "function_call":
+            added.append(
+                {"type": "function_call_output", "call_id": call["call_id"], "output": TOOL_OUTPUT}
+            )
     return added
