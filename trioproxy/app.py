@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
-from quart import Response, g, request
+from quart import Response, g, has_request_context, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -49,6 +49,8 @@ def json_response(payload: Any, status: int = 200) -> Response:
 
 
 def error_response(error: ApiError) -> Response:
+    if has_request_context():
+        g.error_code = error.code  # for the refusal's log line
     return json_response(error.body(), error.status)
 
 
@@ -239,7 +241,9 @@ def create_app(
                 "retries": dict(proxy.retries),
                 "request_bytes": proxy.request_bytes,
                 "upstream_bytes": proxy.upstream_bytes,
+                "upstream_wire_bytes": telemetry.wire_bytes,
                 "suffix_saved_bytes": telemetry.saved_bytes,
+                "input_tokens": telemetry.input_tokens,
                 "cached_tokens": telemetry.cached_tokens,
                 "token_refreshes": login.refreshes if login is not None else 0,
                 "websocket_upgrades_refused": telemetry.refused_upgrades,
@@ -282,6 +286,7 @@ def create_app(
         metadata = stream.turn.response_headers
         if scope is not None:
             metadata = for_tenant(metadata)
+        g.turned = True  # the turn's own log line tells the rest
         if stream.first is None and stream.end.error is not None:
             stream.abandon()
             # Nothing streamed yet: a real HTTP error (with the upstream's rate-limit headers).
@@ -402,7 +407,31 @@ def create_app(
         unread = _has_body(request.headers) and not g.get("body_read")
         if unread and (response.status_code in (408, 413) or not await _drained()):
             response.headers["Connection"] = "close"
+        if response.status_code >= 400 and not g.get("turned"):
+            _refused(response.status_code)
         return response
+
+    def _refused(status: int) -> None:
+        """A request answered with an error before any turn ran (a wrong key, a bad body, an
+        unreachable upstream): one line, so an operator sees attacks and misconfigured
+        clients. Never a header value or any content."""
+        fields = {
+            "request_id": g.get("request_id"),
+            "status": status,
+            "code": g.get("error_code"),
+            "method": request.method,
+            "path": request.path,
+            "client_addr": request.remote_addr,
+        }
+        level = logging.WARNING if status in (401, 403) or status >= 500 else logging.INFO
+        log.log(
+            level,
+            "refused %s %s: %d",
+            request.method,
+            request.path,
+            status,
+            extra={"fields": fields},
+        )
 
     async def _drained() -> bool:
         """Read and drop the rest of the request's body, if it is within the limit: chunk by

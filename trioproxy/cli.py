@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -116,18 +118,45 @@ async def run_fake(host: str, port: int, event_delay: float, reencrypt: bool = T
         nursery.cancel_scope.cancel()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trioproxy", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("TRIOPROXY_LOG_LEVEL", "INFO"))
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _level(value: str) -> str:
+    if value.upper() not in _LEVELS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(_LEVELS)}")
+    return value.upper()
+
+
+def _log_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The log flags, accepted before or after the command (`trioproxy serve --log-format
+    text` as the README shows it); after the command they win."""
+    level: Any = os.environ.get("TRIOPROXY_LOG_LEVEL", "INFO") if top else argparse.SUPPRESS
+    fmt: Any = os.environ.get("TRIOPROXY_LOG_FORMAT", "json") if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--log-level",
+        type=_level,
+        default=level,
+        help=f"one of {', '.join(_LEVELS)} (default INFO; TRIOPROXY_LOG_LEVEL)",
+    )
     parser.add_argument(
         "--log-format",
         choices=["json", "text"],
-        default=os.environ.get("TRIOPROXY_LOG_FORMAT", "json"),
-        help="one JSON object per line (default), or plain text",
+        default=fmt,
+        help="one JSON object per line (default), or text for a terminal (TRIOPROXY_LOG_FORMAT)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trioproxy",
+        description="An OpenAI Responses API proxy that keeps one upstream WebSocket per "
+        "session. Commands: serve, hash-key, fake-upstream.",
+    )
+    _log_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the proxy (settings also from TRIOPROXY_* variables)")
+    _log_options(serve, top=False)
     serve.add_argument(
         "--config",
         default=os.environ.get("TRIOPROXY_CONFIG"),
@@ -135,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8787)")
-    serve.add_argument("--upstream", help="upstream Responses WebSocket URL")
+    serve.add_argument(
+        "--upstream",
+        help="upstream Responses WebSocket URL, or its https:// API base "
+        "(default wss://api.openai.com/v1/responses)",
+    )
     serve.add_argument("--idle-ttl", type=float, help="seconds an idle socket is kept (3000)")
     serve.add_argument("--max-lifetime", type=float, help="max socket age in seconds (3000)")
     serve.add_argument("--turn-timeout", type=float, help="max seconds for one turn (600)")
@@ -170,11 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--codex-token-url", help="OAuth token endpoint for refreshes")
 
     hasher = sub.add_parser("hash-key", help="print the sha256 a [keys.NAME] entry stores")
-    hasher.add_argument("key", nargs="?", help="the proxy key (default: read from stdin)")
+    hasher.add_argument("key", nargs="?", help="the proxy key (default: asked for, or stdin)")
 
     fake = sub.add_parser("fake-upstream", help="run the bundled fake Responses WebSocket upstream")
-    fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, default=8765)
+    _log_options(fake, top=False)
+    fake.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    fake.add_argument("--port", type=int, default=8765, help="listen port (default 8765; 0: any)")
     fake.add_argument("--event-delay", type=float, default=0.0, help="seconds between events")
     fake.add_argument(
         "--no-reencrypt",
@@ -186,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_key() -> str:
+    """The key to hash: asked for without echo on a terminal, else one line of stdin."""
+    if sys.stdin.isatty():
+        return getpass.getpass("proxy key: ").strip()
+    return sys.stdin.readline().strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
@@ -193,7 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(run_fake, args.host, args.port, args.event_delay, args.reencrypt)
         return 0
     if args.command == "hash-key":
-        key = args.key if args.key is not None else sys.stdin.readline().strip()
+        key = args.key if args.key is not None else _read_key()
+        if not key:
+            print("trioproxy: no key given (an empty key would match nothing)", file=sys.stderr)
+            return 2
         print(managed.hash_key(key))
         return 0
     try:
@@ -221,8 +265,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, CodexAuthError) as exc:
         print(f"trioproxy: {exc}", file=sys.stderr)
         return 2
-    trio.run(run_server, settings, keys)
+    try:
+        trio.run(run_server, settings, keys)
+    except (OSError, BaseExceptionGroup) as exc:
+        # The port is taken, the address is not this machine's: hypercorn raises it from
+        # inside its nurseries, a traceback of dozens of lines for a one-line problem.
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        where = f"{settings.host}:{settings.port}"
+        print(f"trioproxy: cannot listen on {where}: {cause.strerror or cause}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError at the bottom of `exc` (a group of one, however deep), if that is all."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, OSError) else None
 
 
 if __name__ == "__main__":

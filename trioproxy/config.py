@@ -15,10 +15,16 @@ WEBSOCKET_BETA = "responses_websockets=2026-02-06"
 
 
 def as_websocket(url: str) -> str:
-    if url.startswith("https://"):
-        return "wss://" + url[len("https://") :]
-    if url.startswith("http://"):
-        return "ws://" + url[len("http://") :]
+    """A Responses WebSocket URL from what an operator may write: a `ws(s)://` URL as it is,
+    an `http(s)://` API base (`https://api.openai.com/v1`) with its scheme swapped and
+    `/responses` added (its query kept)."""
+    for http, ws in (("https://", "wss://"), ("http://", "ws://")):
+        if url.startswith(http):
+            parts = urlsplit(ws + url[len(http) :])
+            path = parts.path.rstrip("/")
+            if not path.endswith("/responses"):
+                path += "/responses"
+            return urlunsplit((parts.scheme, parts.netloc, path, parts.query, parts.fragment))
     return url
 
 

@@ -29,13 +29,25 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(payload, default=str).decode()
 
 
+class TextFormatter(logging.Formatter):
+    """For a terminal: time, level, logger, message, then the record's fields as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            shown = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            line = f"{line} {shown}" if shown else line
+        return line
+
+
 def configure(level: str = "INFO", fmt: str = "json") -> None:
     """Route every logger (ours, hypercorn's, trio-websocket's) to stderr in `fmt`."""
     handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -187,6 +187,7 @@ def _entries(
 
 
 def _channel(name: str, entry: dict[str, Any], env: Mapping[str, str]) -> Channel:
+    _known("channel", name, entry, _CHANNEL_FIELDS)
     upstream = entry.get("upstream")
     if not isinstance(upstream, str) or "://" not in upstream:
         raise ConfigError(f"channel {name!r}: 'upstream' must be a ws(s):// or http(s):// URL")
@@ -210,7 +211,22 @@ def _channel(name: str, entry: dict[str, Any], env: Mapping[str, str]) -> Channe
     return Channel(name, upstream, secret, pairs)
 
 
+_KEY_FIELDS = frozenset({"sha256", "scope", "channels"})
+_CHANNEL_FIELDS = frozenset({"upstream", "api_key_env", "api_key_file", "headers"})
+
+
+def _known(kind: str, name: str, entry: dict[str, Any], fields: frozenset[str]) -> None:
+    """A misspelt field (`scpoe`) is named as such, not reported as a missing one."""
+    unknown = sorted(set(entry) - fields)
+    if unknown:
+        raise ConfigError(
+            f"{kind} {name!r}: unknown field {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(sorted(fields))})"
+        )
+
+
 def _key(name: str, entry: dict[str, Any], channels: dict[str, Channel]) -> ProxyKey:
+    _known("key", name, entry, _KEY_FIELDS)
     digest = str(entry.get("sha256", "")).lower()
     if not _HEX.fullmatch(digest):
         raise ConfigError(f"key {name!r}: 'sha256' must be 64 hex digits (trioproxy hash-key)")

@@ -136,6 +136,7 @@ class Proxy:
             "request_bytes": request_bytes,
             "tenant": scope,
             "client": client,
+            "channel": target.channel.name if target.channel is not None else None,
         }
         chained = client_chained(body)
         if scope is not None:
@@ -344,7 +345,8 @@ class Proxy:
         """Wait for the turn's first event (or its end) before answering the client."""
         try:
             first: UpstreamEvent | None = await turn.receive()
-            self.telemetry.first_event.observe(trio.current_time() - submitted)
+            turn.first_event_at = trio.current_time()
+            self.telemetry.first_event.observe(turn.first_event_at - submitted)
         except trio.EndOfChannel:
             first = None
         except BaseException:

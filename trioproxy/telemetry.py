@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
+import trio
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -115,10 +116,13 @@ class Telemetry:
         total, cached = cached_tokens(end)
         self.input_tokens += total
         self.cached_tokens += cached
+        now = trio.current_time()
         fields: dict[str, Any] = {
+            "turn_id": turn.turn_id,
             "request_id": turn.request_id,
             "session": conn.key[:12] if conn.key else None,
             "scope": turn.tenant,
+            "channel": turn.channel,
             "socket": conn.id,
             "transport": turn.transport,
             "client": turn.client,
@@ -132,10 +136,18 @@ class Telemetry:
             "code": end.error.code if end.error is not None else None,
             "input_tokens": total,
             "cached_tokens": cached,
+            "duration_ms": round((now - turn.started) * 1000, 1),
+            "first_event_ms": (
+                round((turn.first_event_at - turn.started) * 1000, 1)
+                if turn.first_event_at is not None
+                else None
+            ),
         }
-        turn_log.info(
+        # A turn that did not complete is what an operator looks for: not buried at info.
+        turn_log.log(
+            logging.INFO if outcome == "completed" else logging.WARNING,
             "turn %s socket=#%d mode=%s sent=%dB outcome=%s",
-            turn.request_id,
+            turn.turn_id,
             conn.id,
             fields["mode"],
             turn.sent_bytes,

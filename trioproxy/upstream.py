@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -113,9 +114,15 @@ class Turn:
         placement: str = "new",
         buffer_bytes: int = 4 * 1024 * 1024,
         client: str = "http-in",
+        channel: str | None = None,
     ) -> None:
         self.plan = plan
         self.client = client  # how the request came in: `http-in` or `websocket-in`
+        self.channel = channel  # managed mode: the channel it went to
+        # Its own id: a client's request id repeats (Codex sends one per session).
+        self.turn_id = f"turn_{uuid.uuid4().hex[:16]}"
+        self.started = trio.current_time()
+        self.first_event_at: float | None = None
         self.request_id = request_id
         self.placement = placement  # how the turn found its socket (registry.Placement)
         # The upstream's response metadata for the client's answer (see metadata.py); set
