@@ -27,6 +27,7 @@ PYTHON313 ?= $(shell for p in python3.13 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo "== installing trioproxy and its test tools into $(VENV) (about a minute the first time)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
@@ -35,6 +36,7 @@ $(STAMP): pyproject.toml
 codex: $(CODEX)
 
 $(CODEX):
+	@echo "== installing the Codex CLI $(CODEX_VERSION) from npm into $(CODEX_DIR) (the end-to-end tests' client)"
 	mkdir -p $(CODEX_DIR)
 	cd $(CODEX_DIR) && npm install --no-audit --no-fund --loglevel=error @openai/codex@$(CODEX_VERSION)
 	test -x $(CODEX)
@@ -58,6 +60,7 @@ serve: install
 	$(VENV)/bin/trioproxy serve --host $(HOST) --port $(PORT)
 
 $(BENCH_STAMP): Makefile
+	@echo "== installing LiteLLM $(LITELLM_VERSION) and matplotlib into $(BENCH_VENV) (a few minutes the first time)"
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check \
 		'litellm[proxy]==$(LITELLM_VERSION)' 'matplotlib>=3.8,<4'

@@ -49,6 +49,15 @@ class ProxyServer:
         return httpx.AsyncClient(base_url=self.base_url, timeout=30, **kwargs)
 
 
+@pytest.fixture(autouse=True)
+def no_egress_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine's own HTTP(S)_PROXY must not divert the tests' loopback traffic (the tests
+    that exercise a proxy set their own)."""
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
 @pytest.fixture
 async def fake(nursery: trio.Nursery) -> FakeUpstream:
     upstream = FakeUpstream()

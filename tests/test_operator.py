@@ -5,16 +5,19 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.conftest import AUTH, ProxyServer, post, request_body, user
 from tests.test_processes import VENV_BIN
 from trioproxy import cli, managed
 from trioproxy.config import Settings
+from trioproxy.fake import FakeUpstream
 from trioproxy.logs import TextFormatter
 
 
@@ -122,3 +125,58 @@ async def test_health_has_wire_bytes_and_tokens(server: ProxyServer) -> None:
         health = (await client.get(server.base_url.removesuffix("/v1") + "/healthz")).json()
     assert health["upstream_wire_bytes"] > 0 and health["input_tokens"] > 0
     assert json.dumps(health)
+
+
+async def test_check_tries_the_upstream_and_reports_a_wrong_key(fake: FakeUpstream) -> None:
+    """`trioproxy check` tries the handshake `serve` would make: one line per upstream."""
+
+    def check(key: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "OPENAI_API_KEY": key}
+        return subprocess.run(
+            [str(VENV_BIN / "trioproxy"), "check", "--upstream", fake.url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+        )
+
+    good = await trio.to_thread.run_sync(check, "sk-good")
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "ok   upstream" in good.stdout and "accepted the upgrade" in good.stdout
+    fake.refuse_handshakes(401, "invalid_api_key")
+    bad = await trio.to_thread.run_sync(check, "sk-bad")
+    assert bad.returncode == 1 and "FAIL upstream" in bad.stdout and "401" in bad.stdout
+    assert fake.handshakes[0]["authorization"] == "Bearer sk-good"
+
+
+async def test_status_routes_can_require_a_key_and_413_names_its_limit(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    from tests.conftest import start_proxy
+
+    server = await start_proxy(nursery, fake, metrics_key="m-key", max_body_bytes=1000)
+    root = server.base_url.removesuffix("/v1")
+    async with server.client() as client:
+        for path in ("/healthz", "/metrics"):
+            assert (await client.get(root + path)).status_code == 401
+            keyed = await client.get(root + path, headers={"authorization": "Bearer m-key"})
+            assert keyed.status_code == 200
+        big = await post(client, request_body("x" * 2000))
+    assert big.status_code == 413
+    assert "1,000 bytes; TRIOPROXY_MAX_BODY_BYTES" in big.json()["error"]["message"]
+
+
+async def test_managed_health_names_the_channels_upstreams(
+    tmp_path: Path, nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    from tests.test_managed import ENV, config_text, start_managed
+
+    path = tmp_path / "trioproxy.toml"
+    path.write_text(config_text(fake.url + "?api-key=sk-in-url"))
+    values, keys = managed.load(str(path), ENV)
+    assert keys is not None
+    gateway = await start_managed(nursery, fake, keys, **values)
+    async with gateway.client() as client:
+        health = (await client.get(gateway.base_url.removesuffix("/v1") + "/healthz")).json()
+    assert health["upstream"] is None
+    assert health["channels"]["main"] == fake.url + "?api-key=***"

@@ -7,6 +7,7 @@ they come. Hypercorn cancels the route when its client disconnects; the response
 
 from __future__ import annotations
 
+import hmac
 import logging
 from pathlib import Path
 from typing import Any
@@ -227,12 +228,33 @@ def create_app(
             return refused
         return None
 
+    @app.before_request
+    async def guard_status_routes() -> Response | None:
+        """`metrics_key` set: /healthz and /metrics answer only a client that presents it (the
+        pool's size, tenants' turn counts and token totals are an operator's business)."""
+        if not settings.metrics_key or request.path not in ("/healthz", "/metrics"):
+            return None
+        presented = keys.bearer(keys.normalise(request.headers.items()))
+        if hmac.compare_digest(presented.encode(), settings.metrics_key.encode()):
+            return None
+        return error_response(
+            ApiError(
+                401,
+                "This route needs the metrics key: "
+                "'Authorization: Bearer <TRIOPROXY_METRICS_KEY>'.",
+                code="invalid_api_key",
+            )
+        )
+
     @app.get("/healthz")
     async def healthz() -> Response:
         return json_response(
             {
                 "status": "ok",
-                "upstream": redacted_url(settings.upstream_ws),
+                "upstream": redacted_url(settings.upstream_ws) if managed is None else None,
+                "channels": {
+                    name: redacted_url(target.url) for name, target in gate.channels.items()
+                },
                 "chatgpt_upstream": redacted_url(settings.chatgpt_ws),
                 "held_login": login is not None,
                 **registry.stats(),
@@ -453,10 +475,16 @@ def create_app(
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
+        message = exc.description or exc.name
+        if code == 413:  # name the limit and where it is set, not werkzeug's generic text
+            message = (
+                f"The request body is larger than this proxy accepts ({settings.max_body_bytes:,} "
+                "bytes; TRIOPROXY_MAX_BODY_BYTES)."
+            )
         return error_response(
             ApiError(
                 code,
-                exc.description or exc.name,
+                message,
                 type="invalid_request_error",
                 code=exc.name.lower().replace(" ", "_"),
             )

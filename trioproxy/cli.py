@@ -97,8 +97,12 @@ async def run_server(settings: Settings, keys: Managed | None = None) -> None:
     config = hypercorn_config(
         settings.host, settings.port, settings.write_timeout, settings.max_body_bytes
     )
-    target = settings.chatgpt_ws if settings.codex_auth else settings.upstream_ws
-    shown = redacted_url(target)  # an `?api-key=` in the URL must not reach the logs
+    # The channels' upstreams in managed mode (--upstream is unused there); never an
+    # `?api-key=` or userinfo in the log.
+    if keys is not None:
+        shown = ", ".join(f"{n}={redacted_url(c.upstream)}" for n, c in keys.channels.items())
+    else:
+        shown = redacted_url(settings.chatgpt_ws if settings.codex_auth else settings.upstream_ws)
     log.info("trioproxy on http://%s:%d/v1 -> %s", settings.host, settings.port, shown)
     if settings.codex_auth:
         log.info("using the ChatGPT login in %s for /v1/responses", settings.codex_auth)
@@ -202,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--codex-token-url", help="OAuth token endpoint for refreshes")
 
+    check = sub.add_parser(
+        "check",
+        parents=[serve],
+        add_help=False,
+        help="read the configuration as serve would and try each upstream's handshake once",
+    )
+    check.set_defaults(command="check")
+
     hasher = sub.add_parser("hash-key", help="print the sha256 a [keys.NAME] entry stores")
     hasher.add_argument("key", nargs="?", help="the proxy key (default: asked for, or stdin)")
 
@@ -265,6 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, CodexAuthError) as exc:
         print(f"trioproxy: {exc}", file=sys.stderr)
         return 2
+    if args.command == "check":
+        from trioproxy import check
+
+        print(f"configuration: ok ({'managed keys' if keys else 'pass-through'})")
+        return check.main(settings, keys)
     try:
         trio.run(run_server, settings, keys)
     except (OSError, BaseExceptionGroup) as exc:

@@ -126,6 +126,9 @@ class Settings:
     # A client WebSocket that sends nothing for this long is closed (1000); its upstream socket
     # stays pooled for the session, so a reconnect continues the chain.
     websocket_idle_timeout: float = 50 * 60.0
+    # A key /healthz and /metrics require ("" = open to anyone who can reach the port, as for
+    # a proxy on loopback or a private network a balancer and a scraper share).
+    metrics_key: str = ""
     # Proxy-held ChatGPT login: path of a Codex `auth.json` ("" = off).
     codex_auth: str = ""
     # Token endpoint for refreshing it ("" = Codex's, or $CODEX_REFRESH_TOKEN_URL_OVERRIDE).

@@ -1,17 +1,29 @@
 """Where a URL points, and a byte stream to it: shared by the WebSocket and HTTP clients.
 
+Every outbound connection (the upstream WebSocket, the model list, compaction, the HTTP
+fallback, the token endpoint) is opened here, so each honours what Codex and the SDK honour:
+`HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` (an `http://` egress proxy, reached with an HTTP
+CONNECT tunnel, `user:password@` sent as Proxy-Authorization) unless `NO_PROXY` names the host,
+and `SSL_CERT_FILE` / `SSL_CERT_DIR` or
+`TRIOPROXY_CA_FILE` for a private CA. httpx honours these too, but it cannot carry the
+WebSocket, so one tunnel here serves both clients rather than two stacks.
+
 One TLS context for the process: building the default one loads the CA bundle, about 40 ms of
 CPU on this machine, which every new upstream socket used to pay.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import os
 import ssl
+import urllib.request
 from dataclasses import dataclass
 from typing import ClassVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
+import h11
 import trio
 
 _TLS = {"wss": True, "https": True, "ws": False, "http": False}
@@ -47,14 +59,93 @@ class Endpoint:
 
 @functools.cache
 def tls_context() -> ssl.SSLContext:
-    """The default client context (certificate and host checks on), built once."""
-    return ssl.create_default_context()
+    """The default client context (certificate and host checks on), built once; it trusts
+    `SSL_CERT_FILE`/`SSL_CERT_DIR` (OpenSSL reads them) and `TRIOPROXY_CA_FILE` too."""
+    context = ssl.create_default_context()
+    extra = os.environ.get("TRIOPROXY_CA_FILE")
+    if extra:
+        context.load_verify_locations(cafile=extra)
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class EgressProxy:
+    host: str
+    port: int
+    authorization: str | None = None  # a Proxy-Authorization value, from the URL's userinfo
+
+
+class ProxyError(OSError):
+    """The egress proxy refused the tunnel or did not answer as an HTTP proxy does."""
+
+
+def egress_proxy(endpoint: Endpoint) -> EgressProxy | None:
+    """The HTTP proxy the environment names for this endpoint, if any (`NO_PROXY` as curl and
+    httpx read it)."""
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get("https" if endpoint.tls else "http") or proxies.get("all")
+    if not url or urllib.request.proxy_bypass_environment(endpoint.host, proxies):  # type: ignore[attr-defined]
+        return None
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"only an http:// egress proxy is supported, not {parts.scheme}://")
+    authorization = None
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        authorization = "Basic " + base64.b64encode(pair).decode()
+    return EgressProxy(parts.hostname, parts.port or 8080, authorization)
 
 
 async def open_stream(endpoint: Endpoint) -> trio.abc.Stream:
-    """TCP, with TLS where the scheme asks for it."""
-    if not endpoint.tls:
-        return await trio.open_tcp_stream(endpoint.host, endpoint.port)
-    return await trio.open_ssl_over_tcp_stream(
-        endpoint.host, endpoint.port, ssl_context=tls_context(), https_compatible=True
-    )
+    """TCP (through the egress proxy's tunnel where one applies), with TLS where the scheme
+    asks for it."""
+    via = egress_proxy(endpoint)
+    if via is None:
+        if not endpoint.tls:
+            return await trio.open_tcp_stream(endpoint.host, endpoint.port)
+        return await trio.open_ssl_over_tcp_stream(
+            endpoint.host, endpoint.port, ssl_context=tls_context(), https_compatible=True
+        )
+    stream: trio.abc.Stream = await trio.open_tcp_stream(via.host, via.port)
+    try:
+        await _connect(stream, endpoint, via)
+        if endpoint.tls:
+            tls = trio.SSLStream(
+                stream, tls_context(), server_hostname=endpoint.host, https_compatible=True
+            )
+            await tls.do_handshake()
+            stream = tls
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream
+
+
+async def _connect(stream: trio.abc.Stream, endpoint: Endpoint, via: EgressProxy) -> None:
+    """`CONNECT host:port` on the proxy's connection; returns once it answered 2xx."""
+    conn = h11.Connection(h11.CLIENT)
+    host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+    authority = f"{host}:{endpoint.port}"
+    headers = [("host", authority)]
+    if via.authorization is not None:
+        headers.append(("proxy-authorization", via.authorization))
+    request = h11.Request(method="CONNECT", target=authority, headers=headers)
+    await stream.send_all(conn.send(request))
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(16384)
+            if not data:
+                raise ProxyError(f"the egress proxy {via.host}:{via.port} closed the tunnel")
+            conn.receive_data(bytes(data))
+            continue
+        if isinstance(event, h11.Response):
+            if not 200 <= event.status_code < 300:
+                raise ProxyError(
+                    f"the egress proxy {via.host}:{via.port} refused CONNECT {authority}: "
+                    f"{event.status_code}"
+                )
+            return
+        if isinstance(event, h11.InformationalResponse):
+            continue
+        raise ProxyError(f"the egress proxy {via.host}:{via.port} answered {event!r}")

@@ -224,4 +224,5 @@ async def open_websocket(
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _single(group) from None
+        single = _single(group)
+        raise single from single.__cause__  # keep why (a refused tunnel, a reset)
