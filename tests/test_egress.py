@@ -123,3 +123,34 @@ def test_a_private_ca_is_trusted_from_the_setting(
         assert context.cert_store_stats()["x509_ca"] > 0
     finally:
         endpoint.tls_context.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "host", "bypassed"),
+    [
+        ("*", "api.openai.com", True),
+        ("openai.com", "api.openai.com", True),
+        (".openai.com", "api.openai.com", True),
+        ("openai.com", "notopenai.com", False),
+        ("[::1]", "::1", True),
+        ("::1", "[::1]", True),
+        ("10.0.0.0/8", "10.1.2.3", True),
+        ("10.0.0.0/8", "11.1.2.3", False),
+        ("internal:8443", "internal", True),
+        ("", "api.openai.com", False),
+    ],
+)
+def test_no_proxy_matches_domains_addresses_networks_and_ports(
+    no_proxy: str, host: str, bypassed: bool
+) -> None:
+    assert endpoint.bypassed(host, no_proxy) is bypassed
+
+
+def test_an_unusable_proxy_variable_is_refused_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trioproxy import cli
+
+    monkeypatch.setenv("ALL_PROXY", "socks5h://127.0.0.1:1080")
+    assert cli.main(["serve", "--port", "0"]) == 2
+    assert "must be an http:// URL" in capsys.readouterr().err

@@ -103,3 +103,19 @@ def test_a_large_body_is_parsed_item_by_item_to_orjsons_answer() -> None:
     for broken in (raw[:-1], raw + b"x", raw.replace(b'"n": 7,', b'"n": NaN,', 1)):
         with pytest.raises(ValueError):
             bigjson.loads(broken)
+
+
+def test_the_stepwise_parser_refuses_what_orjson_refuses() -> None:
+    """Above the threshold the standard library's scanner parses; what orjson would refuse
+    (a lone surrogate, an integer past 64 bits, a float out of range) is refused too, as a
+    400, not a 500 later when the items are digested."""
+    from trioproxy import bigjson
+    from trioproxy.errors import ApiError
+    from trioproxy.validate import parse_request
+
+    pad = b" " * (bigjson.STEPWISE_BYTES + 1)
+    for bad in (b'"\\ud800"', b"100000000000000000000000000000", b"1e400"):
+        body = b'{"model": "m", "input": [{"role": "user", "content": ' + bad + b"}]}" + pad
+        with pytest.raises(ApiError) as refused:
+            parse_request(body)
+        assert refused.value.status == 400, bad

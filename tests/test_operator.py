@@ -180,3 +180,18 @@ async def test_managed_health_names_the_channels_upstreams(
         health = (await client.get(gateway.base_url.removesuffix("/v1") + "/healthz")).json()
     assert health["upstream"] is None
     assert health["channels"]["main"] == fake.url + "?api-key=***"
+
+
+def test_the_text_log_cannot_be_forged_through_a_path() -> None:
+    record = logging.LogRecord(
+        "trioproxy.app",
+        logging.INFO,
+        __file__,
+        1,
+        "refused GET %s: 404",
+        ("/x\n2026 FORGED",),
+        None,
+    )
+    record.fields = {"path": "/x\r\nWARNING forged"}
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and "\\x0a" in line

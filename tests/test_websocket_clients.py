@@ -246,3 +246,25 @@ async def test_an_idle_client_socket_is_closed_and_an_oversized_message_refused(
             await ws.get_message()
     assert too_big.value.reason.code == 1009
     assert fake.received == []
+
+
+async def test_a_large_websocket_message_is_parsed_like_a_large_http_body(
+    server: ProxyServer,
+) -> None:
+    """The same stepwise parse as POST bodies (bigjson): a lone surrogate past the threshold is
+    a clear error event, and a valid large message runs as a turn."""
+    from trioproxy import bigjson
+
+    url = server.base_url.replace("http://", "ws://") + "/responses"
+    pad = " " * (bigjson.STEPWISE_BYTES + 1)
+    async with open_websocket_url(
+        url, extra_headers=[("authorization", "Bearer sk-test-key")], max_message_size=2**25
+    ) as ws:
+        bad = '{"type": "response.create", "model": "m", "input": "\\ud800"}' + pad
+        await ws.send_message(bad)
+        refused = json.loads(await ws.get_message())
+        good = json.dumps({"type": "response.create", "model": "m", "input": "big"}) + pad
+        await ws.send_message(good)
+        while json.loads(await ws.get_message())["type"] != "response.completed":
+            pass
+    assert refused["type"] == "error" and refused["error"]["code"] == "invalid_json"

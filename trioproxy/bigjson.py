@@ -14,13 +14,36 @@ nesting, and a 5 MB body of `[` took 24 GB.)
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
 import orjson
 
 STEPWISE_BYTES = 4 * 1024 * 1024
-_DECODER = json.JSONDecoder(parse_constant=lambda name: _refuse(f"{name} is not JSON"))
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"number {text[:32]} out of range")  # orjson refuses it too
+    return value
+
+
+def _int(text: str) -> int:
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise ValueError(f"integer {text[:32]} out of range")  # as orjson: 64 bits
+    return value
+
+
+# The standard library's scanner, made as strict as orjson where they differ (constants, floats
+# out of range, integers past 64 bits); strings with lone surrogates are checked per value.
+_DECODER = json.JSONDecoder(
+    parse_constant=lambda name: _refuse(f"{name} is not JSON"),
+    parse_float=_float,
+    parse_int=_int,
+)
 _SPACE = re.compile(r"[ \t\n\r]*")
 
 
@@ -56,7 +79,7 @@ def _object(text: str) -> dict[str, Any]:
         if key == "input" and text.startswith("[", pos):
             out[key], pos = _array(text, pos + 1)
         else:
-            out[key], pos = _DECODER.raw_decode(text, pos)
+            out[key], pos = _value(text, pos)
         pos = _skip(text, pos)
         if text.startswith("}", pos):
             return _end(text, pos + 1, out)
@@ -71,7 +94,7 @@ def _array(text: str, pos: int) -> tuple[list[Any], int]:
     if text.startswith("]", pos):
         return items, pos + 1
     while True:
-        item, pos = _DECODER.raw_decode(text, pos)
+        item, pos = _value(text, pos)
         items.append(item)
         pos = _skip(text, pos)
         if text.startswith("]", pos):
@@ -79,6 +102,17 @@ def _array(text: str, pos: int) -> tuple[list[Any], int]:
         if not text.startswith(",", pos):
             raise ValueError(f"expected ',' or ']' at {pos}")
         pos = _skip(text, pos + 1)
+
+
+def _value(text: str, pos: int) -> tuple[Any, int]:
+    """One JSON value at `pos`, refused if orjson could not encode it back (a lone surrogate
+    escaped in a string): what passes here goes upstream as JSON."""
+    value, end = _DECODER.raw_decode(text, pos)
+    try:
+        orjson.dumps(value)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    return value, end
 
 
 def _skip(text: str, pos: int) -> int:

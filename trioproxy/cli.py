@@ -18,7 +18,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from trioproxy import logs, managed
+from trioproxy import endpoint, logs, managed
 from trioproxy.codex_auth import CodexAuthError, CodexLogin, default_path
 from trioproxy.config import Settings, redacted_url
 from trioproxy.managed import Managed
@@ -274,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if keys is not None:
                 raise ValueError("managed keys and --codex-auth cannot be combined")
             CodexLogin(Path(settings.codex_auth).expanduser(), "")  # refuse a bad file now
-    except (ValueError, CodexAuthError) as exc:
+        endpoint.check_environment()
+    except (ValueError, CodexAuthError, endpoint.ProxyError) as exc:
         print(f"trioproxy: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":

@@ -141,9 +141,21 @@ class Settings:
     def __post_init__(self) -> None:
         if self.turn_timeout >= self.max_lifetime:
             raise ValueError("turn_timeout must be shorter than max_lifetime")
-        for name in ("idle_ttl", "max_lifetime", "turn_timeout", "read_timeout", "connect_timeout"):
+        for name in (
+            "idle_ttl",
+            "max_lifetime",
+            "turn_timeout",
+            "read_timeout",
+            "connect_timeout",
+            "body_timeout",
+            "websocket_idle_timeout",
+            "event_buffer_bytes",
+            "max_body_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.write_timeout < 0:
+            raise ValueError("write_timeout must be 0 (the kernel's) or positive")
         if self.deflate_hold < 0:
             raise ValueError("deflate_hold must be >= 0")
         if self.fallback_after < 1 or self.fallback_cooldown < 0:

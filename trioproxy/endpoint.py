@@ -3,8 +3,8 @@
 Every outbound connection (the upstream WebSocket, the model list, compaction, the HTTP
 fallback, the token endpoint) is opened here, so each honours what Codex and the SDK honour:
 `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` (an `http://` egress proxy, reached with an HTTP
-CONNECT tunnel, `user:password@` sent as Proxy-Authorization) unless `NO_PROXY` names the host,
-and `SSL_CERT_FILE` / `SSL_CERT_DIR` or
+CONNECT tunnel, `user:password@` sent as Proxy-Authorization) unless `NO_PROXY` names the host
+(domains, addresses, CIDR networks), and `SSL_CERT_FILE` / `SSL_CERT_DIR` or
 `TRIOPROXY_CA_FILE` for a private CA. httpx honours these too, but it cannot carry the
 WebSocket, so one tunnel here serves both clients rather than two stacks.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import ipaddress
 import os
 import ssl
 import urllib.request
@@ -80,20 +81,64 @@ class ProxyError(OSError):
 
 
 def egress_proxy(endpoint: Endpoint) -> EgressProxy | None:
-    """The HTTP proxy the environment names for this endpoint, if any (`NO_PROXY` as curl and
-    httpx read it)."""
+    """The HTTP proxy the environment names for this endpoint, if any, unless `NO_PROXY`
+    names the host (see `bypassed`). Raises `ProxyError` for a proxy URL it cannot use."""
     proxies = urllib.request.getproxies_environment()
     url = proxies.get("https" if endpoint.tls else "http") or proxies.get("all")
-    if not url or urllib.request.proxy_bypass_environment(endpoint.host, proxies):  # type: ignore[attr-defined]
+    if not url or bypassed(endpoint.host, proxies.get("no", "")):
         return None
-    parts = urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        port = parts.port or 8080
+    except ValueError as exc:
+        raise ProxyError(f"the egress proxy URL {url!r} is not usable: {exc}") from None
     if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"only an http:// egress proxy is supported, not {parts.scheme}://")
+        raise ProxyError(
+            f"the egress proxy must be an http:// URL (HTTP CONNECT), not {parts.scheme}://"
+        )
     authorization = None
     if parts.username is not None:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         authorization = "Basic " + base64.b64encode(pair).decode()
-    return EgressProxy(parts.hostname, parts.port or 8080, authorization)
+    return EgressProxy(parts.hostname, port, authorization)
+
+
+def bypassed(host: str, no_proxy: str) -> bool:
+    """Whether `NO_PROXY` names `host`: `*`, a domain and its subdomains (a leading dot
+    optional), an address or a network in CIDR (`10.0.0.0/8`, `::1`, `[::1]`); a `:port` on
+    an entry is ignored."""
+    host = host.strip("[]").lower()
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for raw in no_proxy.split(","):
+        entry = raw.strip().lower()
+        if entry == "*":
+            return True
+        if entry.startswith("["):
+            entry = entry[1:].split("]", 1)[0]
+        elif entry.count(":") == 1:
+            entry = entry.split(":", 1)[0]
+        if not entry:
+            continue
+        try:
+            network = ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            domain = entry.lstrip(".")
+            if host == domain or host.endswith("." + domain):
+                return True
+            continue
+        if address is not None and address in network:
+            return True
+    return False
+
+
+def check_environment() -> None:
+    """Refuse at start-up a proxy variable no connection could use (`socks5://`, a bad
+    port), rather than failing every upstream connection later."""
+    for tls in (True, False):
+        egress_proxy(Endpoint("check.invalid", 443 if tls else 80, "/", tls))
 
 
 async def open_stream(endpoint: Endpoint) -> trio.abc.Stream:

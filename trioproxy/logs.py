@@ -8,6 +8,7 @@ prose.
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 
 import orjson
@@ -29,18 +30,30 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(payload, default=str).decode()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _visible(text: str) -> str:
+    """Control characters escaped: a client's path or header must not start a forged line."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class TextFormatter(logging.Formatter):
-    """For a terminal: time, level, logger, message, then the record's fields as key=value."""
+    """For a terminal: time, level, logger, message, then the record's fields as key=value,
+    one line per record whatever they contain."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        head = self.formatTime(record, self.datefmt)
+        line = f"{head} {record.levelname} {record.name} {_visible(record.getMessage())}"
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            shown = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            shown = " ".join(f"{k}={_visible(str(v))}" for k, v in fields.items() if v is not None)
             line = f"{line} {shown}" if shown else line
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)  # a traceback is many lines
         return line
 
 

@@ -33,6 +33,11 @@ def parse_request(raw: bytes) -> dict[str, Any]:
             f"The request body must be a JSON object, not {type(body).__name__}.",
             "invalid_type",
         )
+    return check_body(body)
+
+
+def check_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The checks on a parsed request (an HTTP body, a WebSocket `response.create`)."""
     model = body.get("model")
     if model is None:
         raise _invalid(

@@ -26,12 +26,12 @@ import orjson
 import trio
 from quart import websocket
 
-from trioproxy import access, keys
+from trioproxy import access, bigjson, keys
 from trioproxy.errors import ApiError
 from trioproxy.proxy import Proxy, TurnStream, off_loop
 from trioproxy.targets import Target
 from trioproxy.telemetry import request_id
-from trioproxy.validate import check_headers, parse_request, require_unstored
+from trioproxy.validate import check_body, check_headers, require_unstored
 
 log = logging.getLogger("trioproxy.wsturns")
 
@@ -124,17 +124,17 @@ async def _message(
 
 def parse_request_event(data: bytes) -> dict[str, Any]:
     """A client message as an object with a string `type`; a `response.create` is checked
-    like an HTTP request's body."""
+    like an HTTP request's body (and parsed as one: a large one in steps, bigjson.py)."""
     try:
-        message = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        message = bigjson.loads(data)
+    except ValueError as exc:
         raise ApiError(400, f"The message is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ApiError(
             400, "A message must be an object with a string `type`.", code="invalid_type"
         )
     if message["type"] == "response.create":
-        parse_request(data)  # the same checks as POST /v1/responses
+        check_body(message)  # the same checks as POST /v1/responses
     return message
 
 
