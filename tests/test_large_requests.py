@@ -64,6 +64,10 @@ async def test_other_clients_stay_fast_while_a_huge_request_is_planned(
             process.kill()
     assert len(waits) > 20  # the big turn took long enough for the checks to mean something
     waits.sort()
+    print(
+        f"\n{len(waits)} health checks: median {waits[len(waits) // 2] * 1000:.0f} ms, "
+        f"slowest {waits[-1] * 1000:.0f} ms"
+    )
     assert waits[len(waits) * 9 // 10] < 0.1, f"10 % of checks waited over {waits[-1]:.3f} s"
     assert waits[-1] < 0.25, f"a health check waited {waits[-1] * 1000:.0f} ms"
 
