@@ -158,8 +158,15 @@ def _env_config() -> dict[str, str]:
 # -- through the proxy -----------------------------------------------------------------------------
 @pytest.fixture
 async def gateway(nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path) -> ProxyServer:
+    return await gateway_for(nursery, fake, tmp_path)
+
+
+async def gateway_for(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path, upstream: str | None = None
+) -> ProxyServer:
+    """A managed proxy with this module's two keys and channels, against `fake`."""
     path = tmp_path / "trioproxy.toml"
-    path.write_text(config_text(fake.url))
+    path.write_text(config_text(upstream or fake.url))
     server_values, keys = managed.load(str(path), ENV)
     assert keys is not None
     return await start_managed(nursery, fake, keys, **server_values)

@@ -169,13 +169,9 @@ async def test_status_routes_can_require_a_key_and_413_names_its_limit(
 async def test_managed_health_names_the_channels_upstreams(
     tmp_path: Path, nursery: trio.Nursery, fake: FakeUpstream
 ) -> None:
-    from tests.test_managed import ENV, config_text, start_managed
+    from tests.test_managed import gateway_for
 
-    path = tmp_path / "trioproxy.toml"
-    path.write_text(config_text(fake.url + "?api-key=sk-in-url"))
-    values, keys = managed.load(str(path), ENV)
-    assert keys is not None
-    gateway = await start_managed(nursery, fake, keys, **values)
+    gateway = await gateway_for(nursery, fake, tmp_path, fake.url + "?api-key=sk-in-url")
     async with gateway.client() as client:
         health = (await client.get(gateway.base_url.removesuffix("/v1") + "/healthz")).json()
     assert health["upstream"] is None

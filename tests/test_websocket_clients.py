@@ -155,14 +155,9 @@ async def test_a_client_socket_closed_mid_response_cancels_it_and_evicts_the_soc
 async def test_a_wrong_key_gets_an_error_event_and_a_policy_close(
     nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
 ) -> None:
-    from tests.test_managed import ENV, config_text, start_managed
-    from trioproxy import managed
+    from tests.test_managed import gateway_for
 
-    path = tmp_path / "trioproxy.toml"
-    path.write_text(config_text(fake.url))
-    values, keys = managed.load(str(path), ENV)
-    assert keys is not None
-    gateway = await start_managed(nursery, fake, keys, **values)
+    gateway = await gateway_for(nursery, fake, tmp_path)
     url = gateway.base_url.replace("http://", "ws://") + "/responses"
     async with open_websocket_url(url, extra_headers=[("authorization", "Bearer wrong")]) as ws:
         event = json.loads(await ws.get_message())
@@ -176,14 +171,9 @@ async def test_a_wrong_key_gets_an_error_event_and_a_policy_close(
 async def test_two_scopes_with_one_session_id_never_share_an_upstream_socket(
     nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
 ) -> None:
-    from tests.test_managed import ENV, KEY_A, KEY_B, config_text, start_managed
-    from trioproxy import managed
+    from tests.test_managed import KEY_A, KEY_B, gateway_for
 
-    path = tmp_path / "trioproxy.toml"
-    path.write_text(config_text(fake.url))
-    values, keys = managed.load(str(path), ENV)
-    assert keys is not None
-    gateway = await start_managed(nursery, fake, keys, **values)
+    gateway = await gateway_for(nursery, fake, tmp_path)
     url = gateway.base_url.replace("http://", "ws://") + "/responses"
     ids = {}
     for key in (KEY_A, KEY_B):

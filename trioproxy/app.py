@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,7 +19,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from trioproxy import access, bigjson, errors, keys, sse, wsturns
-from trioproxy.codex_auth import CodexLogin, default_token_url
+from trioproxy.codex_auth import held_login
 from trioproxy.config import Settings, redacted_url
 from trioproxy.delta import client_chained
 from trioproxy.errors import ApiError
@@ -188,13 +187,7 @@ def create_app(
     registry = Registry(settings, connector or websocket_connector(settings), telemetry)
     proxy = Proxy(settings, registry, telemetry)
     app.extensions["trioproxy"] = proxy
-    login = None
-    if settings.codex_auth:
-        login = CodexLogin(
-            Path(settings.codex_auth).expanduser(),
-            settings.codex_token_url or default_token_url(),
-            timeout=settings.connect_timeout,
-        )
+    login = held_login(settings)
     app.extensions["trioproxy.login"] = login
     if managed is not None and login is not None:
         raise ValueError("managed keys and --codex-auth cannot be combined")

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
 from trioproxy import keys
-from trioproxy.codex_auth import CodexAuthError, CodexLogin, default_token_url
+from trioproxy.codex_auth import CodexAuthError, CodexLogin, held_login
 from trioproxy.config import Settings, redacted_url
 from trioproxy.managed import Managed
 from trioproxy.targets import managed_targets
@@ -96,11 +95,4 @@ async def run(settings: Settings, managed: Managed | None, login: CodexLogin | N
 
 
 def main(settings: Settings, managed: Managed | None) -> int:
-    login = None
-    if settings.codex_auth:
-        login = CodexLogin(
-            Path(settings.codex_auth).expanduser(),
-            settings.codex_token_url or default_token_url(),
-            timeout=settings.connect_timeout,
-        )
-    return trio.run(run, settings, managed, login)
+    return trio.run(run, settings, managed, held_login(settings))

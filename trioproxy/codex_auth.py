@@ -35,12 +35,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import trio
 
 from trioproxy import httpclient
+
+if TYPE_CHECKING:
+    from trioproxy.config import Settings
 
 log = logging.getLogger("trioproxy.codex_auth")
 
@@ -319,3 +322,14 @@ class CodexLogin:
             return json.loads(reply.body)
         except ValueError:
             raise CodexAuthError("the token endpoint answered with invalid JSON") from None
+
+
+def held_login(settings: Settings) -> CodexLogin | None:
+    """The login `--codex-auth` names, or None: as `serve` and `check` both build it."""
+    if not settings.codex_auth:
+        return None
+    return CodexLogin(
+        Path(settings.codex_auth).expanduser(),
+        settings.codex_token_url or default_token_url(),
+        timeout=settings.connect_timeout,
+    )
