@@ -20,8 +20,8 @@ from typing import Any
 
 import trio_websocket
 
-import trioproxy.app as app_module
 import trioproxy.cli as cli
+import trioproxy.http_turns as app_module
 import trioproxy.proxy as proxy_module
 
 # In the order a turn passes them, with what happens between one and the next.

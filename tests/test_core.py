@@ -338,7 +338,7 @@ async def test_a_turns_buffer_is_bounded_in_bytes_as_well_as_events() -> None:
     """A client that stops reading holds at most `buffer_bytes` of events (one event of any
     size always passes): megabyte events no longer pile up 64 deep."""
     from trioproxy.delta import plan_turn
-    from trioproxy.upstream import Turn
+    from trioproxy.turn import Turn
 
     turn = Turn(plan_turn(None, {"model": "m", "input": "x"}), 64, buffer_bytes=1000)
     big = parse_frame(json.dumps({"type": "response.output_text.delta", "delta": "x" * 1200}))

@@ -22,7 +22,7 @@ from trioproxy.fake import FakeUpstream
 from trioproxy.proxy import Proxy
 from trioproxy.registry import Registry
 from trioproxy.targets import api_target
-from trioproxy.upstream import TurnEnd
+from trioproxy.turn import TurnEnd
 
 HEADERS = [(k, v) for k, v in AUTH.items()] + [("session-id", "s1")]
 

@@ -1,4 +1,4 @@
-"""How the streaming body groups a turn's events into writes (trioproxy/app.py `SseBody`).
+"""How the streaming body groups a turn's events into writes (trioproxy/http_turns.py `SseBody`).
 
 A write downstream costs far more than an event, so a burst must leave as a few writes; but
 the first event must never wait, and an event paced by the model must not wait for the next.
@@ -11,11 +11,11 @@ import trio
 import trio.testing
 
 from trioproxy import sse
-from trioproxy.app import SseBody
 from trioproxy.delta import plan_turn
 from trioproxy.events import UpstreamEvent, parse_frame
+from trioproxy.http_turns import SseBody
 from trioproxy.proxy import TurnStream
-from trioproxy.upstream import Turn, TurnEnd
+from trioproxy.turn import Turn, TurnEnd
 
 
 def _event(n: int, kind: str = "response.output_text.delta") -> UpstreamEvent:

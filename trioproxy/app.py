@@ -1,171 +1,35 @@
-"""The HTTP face: Quart-trio routes that turn requests into turns and turns into SSE or JSON.
+"""The app: Quart-trio under hypercorn, its lifecycle, and what every answer goes through.
 
-The route does not own the upstream socket; it reads the turn's events and writes them out as
-they come. Hypercorn cancels the route when its client disconnects; the response body's
-`aclose` then abandons the turn, which cancels it in the socket's task and evicts the socket.
+Each surface registers its own routes (http_turns.py, wsturns.py, relays.py, status.py) on one
+shared context (context.py). Here: the registry task starts and stops with the server, a
+draining server refuses new work, and every answer is tagged with its request id, drains or
+closes an unread body, and logs a refusal.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-from typing import Any
 
-import orjson
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST
-from quart import Response, g, has_request_context, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioproxy import access, bigjson, errors, keys, sse, wsturns
+from trioproxy import access, errors, http_turns, relays, status, wsturns
+from trioproxy.answers import error_response, has_body
 from trioproxy.codex_auth import held_login
-from trioproxy.config import Settings, redacted_url
-from trioproxy.delta import client_chained
+from trioproxy.config import Settings
+from trioproxy.context import AppContext
 from trioproxy.errors import ApiError
-from trioproxy.events import response_object
 from trioproxy.managed import Managed
-from trioproxy.metadata import for_tenant
-from trioproxy.proxy import OFF_LOOP_BYTES, Proxy, TurnStream, off_loop
+from trioproxy.proxy import Proxy
 from trioproxy.registry import Registry
-from trioproxy.relay import relay
 from trioproxy.serving import WholeAnswers
-from trioproxy.targets import Target, api_target, chatgpt_target, managed_targets
-from trioproxy.telemetry import Telemetry, request_id
+from trioproxy.targets import api_target, chatgpt_target, managed_targets
+from trioproxy.telemetry import Telemetry
 from trioproxy.upstream import Connector, websocket_connector
-from trioproxy.validate import check_headers, parse_request, require_unstored
 
 log = logging.getLogger("trioproxy.app")
-
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
-
-
-def json_response(payload: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status=status, content_type="application/json")
-
-
-def error_response(error: ApiError) -> Response:
-    if has_request_context():
-        g.error_code = error.code  # for the refusal's log line
-    return json_response(error.body(), error.status)
-
-
-def chained_id(body: bytes) -> str | None:
-    """The `previous_response_id` a relayed body names (compaction carries one), if any."""
-    try:
-        parsed = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
-        return None  # not ours to judge: the upstream refuses it
-    return client_chained(parsed) if isinstance(parsed, dict) else None
-
-
-def _has_body(headers: Any) -> bool:
-    """Whether a request comes with a body (one the route may not have read)."""
-    length = headers.get("content-length")
-    return (length is not None and length.strip() not in ("", "0")) or (
-        "chunked" in headers.get("transfer-encoding", "").lower()
-    )
-
-
-def with_headers(response: Response, headers: list[tuple[str, str]]) -> Response:
-    """The upstream's response metadata (metadata.py) added to the client's answer."""
-    for name, value in headers:
-        response.headers.add(name, value)
-    return response
-
-
-class SseBody:
-    """The streaming body: upstream events as SSE blocks, then a flat `error` if it ended badly.
-
-    A write downstream costs far more than an event (hypercorn's send lock, h11's chunk
-    framing, a syscall), so after the first event a chunk keeps taking the events that are
-    ready, and waits up to `_LINGER` scheduler rounds for more while a burst is still
-    arriving; it goes out as soon as a round brings nothing. An event paced by the model
-    waits only those rounds (microseconds when idle); a burst leaves as a few writes
-    instead of one per event. The first chunk never waits: time to first event is the figure
-    a user feels. A class rather than an async generator so that `aclose` abandons the turn
-    even when the server is cancelled before it ever started iterating.
-    """
-
-    def __init__(self, stream: TurnStream) -> None:
-        self._stream = stream
-        self._done = False
-        self._linger = 0  # no lingering before the first event has gone out
-
-    def __aiter__(self) -> SseBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            event = await self._stream.__anext__()
-        except StopAsyncIteration:
-            self._done = True
-            last = self._ending()
-            if not last:
-                raise
-            return last
-        chunk = bytearray(sse.encode(event.type, event.raw))
-        quiet = 0
-        while len(chunk) < _CHUNK_BYTES:
-            try:
-                event = self._stream.next_nowait()
-            except trio.WouldBlock:
-                if quiet >= self._linger:
-                    break
-                quiet += 1
-                await trio.lowlevel.checkpoint()
-                continue
-            except StopAsyncIteration:
-                self._done = True
-                chunk += self._ending()
-                break
-            quiet = 0
-            chunk += sse.encode(event.type, event.raw)
-        self._linger = _LINGER
-        return bytes(chunk)
-
-    def _ending(self) -> bytes:
-        """The blocks after the upstream's last event: its terminal event, or the error."""
-        end = self._stream.end
-        if end.event is not None and end.error is None:
-            return sse.encode(end.event.type, end.event.raw)
-        if end.error is None:
-            return b""
-        blocks = sse.encode_json(end.error.sse_event(end.next_sequence))
-        if end.begun is not None:
-            blocks += sse.encode_json(end.error.failed_event(end.begun, end.next_sequence + 1))
-        return blocks
-
-    async def aclose(self) -> None:
-        self._stream.abandon()
-
-
-_LINGER = 2  # scheduler rounds a chunk waits for the next event of a burst
-_CHUNK_BYTES = 64 * 1024  # a chunk goes out once this big, burst or not
-
-
-async def collect(stream: TurnStream) -> Response:
-    """A non-streaming answer: the final Response object, whatever its status, or the error."""
-    try:
-        async for _ in stream:
-            pass
-    finally:
-        stream.abandon()
-    end = stream.end
-    if end.error is not None:
-        return error_response(end.error)
-    response = response_object(end.event) if end.event is not None else None
-    if response is None:
-        return error_response(
-            ApiError(502, "upstream ended without a response", type="upstream_error")
-        )
-    return json_response(response)
 
 
 def create_app(
@@ -201,6 +65,9 @@ def create_app(
         chatgpt_routes=settings.chatgpt_routes,
     )
     telemetry.watch(proxy, registry, lambda: login.refreshes if login is not None else 0)
+    ctx = AppContext(settings, proxy, registry, telemetry, gate, login, managed)
+    for surface in (http_turns, wsturns, relays, status):
+        surface.register(app, ctx)
 
     @app.before_serving
     async def start_registry() -> None:
@@ -221,192 +88,6 @@ def create_app(
             return refused
         return None
 
-    @app.before_request
-    async def guard_status_routes() -> Response | None:
-        """`metrics_key` set: /healthz and /metrics answer only a client that presents it (the
-        pool's size, tenants' turn counts and token totals are an operator's business)."""
-        if not settings.metrics_key or request.path not in ("/healthz", "/metrics"):
-            return None
-        presented = keys.bearer(keys.normalise(request.headers.items()))
-        if hmac.compare_digest(presented.encode(), settings.metrics_key.encode()):
-            return None
-        return error_response(
-            ApiError(
-                401,
-                "This route needs the metrics key: "
-                "'Authorization: Bearer <TRIOPROXY_METRICS_KEY>'.",
-                code="invalid_api_key",
-            )
-        )
-
-    @app.get("/healthz")
-    async def healthz() -> Response:
-        return json_response(
-            {
-                "status": "ok",
-                "upstream": redacted_url(settings.upstream_ws) if managed is None else None,
-                "channels": {
-                    name: redacted_url(target.url) for name, target in gate.channels.items()
-                },
-                "chatgpt_upstream": redacted_url(settings.chatgpt_ws),
-                "held_login": login is not None,
-                **registry.stats(),
-                "turns": dict(proxy.turns),
-                "placements": dict(proxy.placements),
-                "retries": dict(proxy.retries),
-                "request_bytes": proxy.request_bytes,
-                "upstream_bytes": proxy.upstream_bytes,
-                "upstream_wire_bytes": telemetry.wire_bytes,
-                "suffix_saved_bytes": telemetry.saved_bytes,
-                "input_tokens": telemetry.input_tokens,
-                "cached_tokens": telemetry.cached_tokens,
-                "token_refreshes": login.refreshes if login is not None else 0,
-                "websocket_upgrades_refused": telemetry.refused_upgrades,
-            }
-        )
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(telemetry.scrape(), content_type=CONTENT_TYPE_LATEST)
-
-    async def admitted(
-        route: access.Route, headers: list[tuple[str, str]]
-    ) -> tuple[Target, str | None, bytes]:
-        """Who sent it and where it goes, then its body; raises the `ApiError` a refusal is."""
-        target, scope = gate.resolve(headers, route)
-        check_headers(headers)
-        raw = await request.get_data(cache=False, as_text=False)
-        g.body_read = True
-        return target, scope, raw if isinstance(raw, bytes) else raw.encode()
-
-    async def run_turn(route: access.Route) -> Response:
-        headers = keys.normalise(request.headers.items())
-        rid = request_id(headers)
-        g.request_id = rid
-        try:
-            target, scope, data = await admitted(route, headers)
-            body = await off_loop(len(data), parse_request, data)
-            if target.chatgpt:
-                body = require_unstored(body)
-            proxy.request_bytes += len(data)
-            try:
-                stream = await proxy.open_turn(
-                    body, headers, target, request_id=rid, request_bytes=len(data), scope=scope
-                )
-            finally:
-                if len(data) > OFF_LOOP_BYTES:  # sent (or refused): its items are not needed
-                    app.nursery.start_soon(trio.to_thread.run_sync, bigjson.release, body)
-        except ApiError as exc:
-            return error_response(exc)
-        metadata = stream.turn.response_headers
-        if scope is not None:
-            metadata = for_tenant(metadata)
-        g.turned = True  # the turn's own log line tells the rest
-        if stream.first is None and stream.end.error is not None:
-            stream.abandon()
-            # Nothing streamed yet: a real HTTP error (with the upstream's rate-limit headers).
-            return with_headers(error_response(stream.end.error), metadata)
-        if body.get("stream") is True:
-            sse_response = Response(SseBody(stream), status=200, headers=SSE_HEADERS)
-            return with_headers(sse_response, metadata)
-        return with_headers(await collect(stream), metadata)
-
-    async def responses() -> Response:
-        return await run_turn("responses")
-
-    async def codex_responses() -> Response:
-        return await run_turn("chatgpt")
-
-    app.add_url_rule("/v1/responses", "responses", responses, methods=["POST"])
-    app.add_url_rule("/responses", "responses_unversioned", responses, methods=["POST"])
-    app.add_url_rule(
-        "/backend-api/codex/responses", "codex_responses", codex_responses, methods=["POST"]
-    )
-
-    async def refuse_upgrade() -> Response:
-        """`websocket_clients` off: 426 at once, so a client that tries a WebSocket (Codex
-        with `supports_websockets = true`) falls back to HTTP without waiting or retrying."""
-        telemetry.refused_upgrades += 1
-        error = ApiError(
-            426,
-            "This proxy serves the Responses API over HTTP (POST with SSE), not WebSocket; "
-            "it keeps the upstream WebSocket for you.",
-            type="invalid_request_error",
-            code="websocket_not_supported",
-        )
-        return error_response(error)
-
-    async def websocket_responses() -> Response | None:
-        await wsturns.serve(proxy, gate, "responses")
-        return None
-
-    async def websocket_codex() -> Response | None:
-        await wsturns.serve(proxy, gate, "chatgpt")
-        return None
-
-    for path, route in (
-        ("/v1/responses", websocket_responses),
-        ("/responses", websocket_responses),
-        ("/backend-api/codex/responses", websocket_codex),
-    ):
-        app.add_websocket(
-            path,
-            f"websocket{path}",
-            route if settings.websocket_clients else refuse_upgrade,
-        )
-
-    async def relayed(route: access.Route, path: str, seconds: float) -> Response:
-        """A request that is not a turn, relayed over HTTP (see trioproxy/relay.py)."""
-        headers = keys.normalise(request.headers.items())
-        query = request.query_string.decode()
-        try:
-            target, scope, body = await admitted(route, headers)
-            if scope is not None:
-                proxy.check_chain(chained_id(body), scope)
-            reply = await relay(
-                target,
-                request.method,
-                path + (f"?{query}" if query else ""),
-                headers,
-                body,
-                await proxy.token(target),
-                scope,
-                seconds=seconds,
-                max_bytes=settings.max_message_bytes,
-            )
-        except ApiError as exc:
-            return error_response(exc)
-        return Response(reply.body, status=reply.status, headers=dict(reply.headers))
-
-    @app.get("/backend-api/codex/models")
-    async def codex_models() -> Response:
-        return await relayed("chatgpt", "/models", settings.connect_timeout)
-
-    @app.get("/v1/models")
-    async def api_models() -> Response:
-        if gate.held is not None:
-            return error_response(
-                ApiError(
-                    404,
-                    "With a held ChatGPT login the model list is at /backend-api/codex/models.",
-                    type="invalid_request_error",
-                    code="not_found",
-                )
-            )
-        return await relayed("responses", "/models", settings.connect_timeout)
-
-    async def compact() -> Response:
-        return await relayed("responses", "/responses/compact", settings.turn_timeout)
-
-    async def codex_compact() -> Response:
-        return await relayed("chatgpt", "/responses/compact", settings.turn_timeout)
-
-    for path in ("/v1/responses/compact", "/responses/compact"):
-        app.add_url_rule(path, f"compact{path}", compact, methods=["POST"])
-    app.add_url_rule(
-        "/backend-api/codex/responses/compact", "codex_compact", codex_compact, methods=["POST"]
-    )
-
     @app.after_request
     async def tag(response: Response) -> Response:
         """Every answer names its request, so a client's report finds the turn's log line.
@@ -419,7 +100,7 @@ def create_app(
         rid = g.get("request_id")
         if rid:
             response.headers["x-request-id"] = rid
-        unread = _has_body(request.headers) and not g.get("body_read")
+        unread = has_body(request.headers) and not g.get("body_read")
         if unread and (response.status_code in (408, 413) or not await _drained()):
             response.headers["Connection"] = "close"
         if response.status_code >= 400 and not g.get("turned"):

@@ -18,7 +18,7 @@ from trioproxy import errors, httpclient, sse
 from trioproxy.config import Settings
 from trioproxy.events import parse_frame
 from trioproxy.metadata import client_metadata
-from trioproxy.upstream import Turn, TurnEnd, broken_end, terminal_end
+from trioproxy.turn import Turn, TurnEnd, broken_end, terminal_end
 
 _ids = itertools.count(1)
 

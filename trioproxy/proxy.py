@@ -38,7 +38,8 @@ from trioproxy.managed import Ownership
 from trioproxy.registry import Registry, Reusable
 from trioproxy.targets import Target, Upstream, http_url
 from trioproxy.telemetry import Carrier, Telemetry
-from trioproxy.upstream import Turn, TurnEnd, UpstreamConnection
+from trioproxy.turn import Turn, TurnEnd
+from trioproxy.upstream import UpstreamConnection
 
 log = logging.getLogger("trioproxy.proxy")
 T = TypeVar("T")

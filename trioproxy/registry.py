@@ -7,20 +7,17 @@ go when the cap is reached) and pooled sockets in creation order (the first is t
 its usable lifetime). Nothing here blocks; only opening a socket awaits, in the asking task.
 
 A request that names no session (no session header, no `prompt_cache_key`: the `openai` SDK's
-default) is placed by what it carries, among the idle sockets of its credential group: the
-socket whose last response it chains from, else the one whose remembered conversation its input
-extends (found through an index of conversations' last-item digests, never a scan of the pool),
-else a warm idle socket of the group (least recently used first), else a new one.
+default) is placed by what it carries among the idle sockets of its credential group, through
+an index of them the registry keeps current (placement.py).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import trio
 
@@ -28,19 +25,14 @@ from trioproxy import errors, httpturn
 from trioproxy.config import Settings
 from trioproxy.delta import Conversation
 from trioproxy.httpturn import HttpExchange
-from trioproxy.items import DIGEST_SIZE
+from trioproxy.placement import IdleIndex, Placement
 from trioproxy.telemetry import Carrier, Telemetry
-from trioproxy.upstream import Connector, Turn, TurnEnd, UpstreamConnection
+from trioproxy.turn import Turn, TurnEnd
+from trioproxy.upstream import Connector, UpstreamConnection
 
 log = logging.getLogger("trioproxy.registry")
 
 Reusable = Callable[[Conversation | None], bool]
-# How many new items a header-less continuation may add and still be recognised.
-_NEW_ITEMS_SEARCHED = 4096
-_SAME_ENDINGS_TRIED = 8
-# How a turn found its socket: a session header's or cache key's own socket, a header-less
-# conversation recognised by its content or chained id, a warm idle socket, a new one.
-Placement = Literal["header", "cache_key", "inferred", "warm", "new"]
 
 
 class Registry:
@@ -64,14 +56,8 @@ class Registry:
         self._changed = trio.Event()  # a turn ended or a socket went: for `wait_quiet`
         self.evictions: Counter[str] = Counter()
         self.opened = 0
-        # Idle sockets of header-less requests, for `place`: by credential group (least
-        # recently used first), by their conversation's last item, by their last response id.
-        self._warm: dict[str, OrderedDict[UpstreamConnection, None]] = {}
-        # (group, item count, last item digest) -> idle sockets whose conversation ends so:
-        # keyed by all three, a lookup never meets another group's or another length's.
-        self._tails: dict[tuple[str, int, bytes], dict[UpstreamConnection, None]] = {}
-        self._answers: dict[str, UpstreamConnection] = {}
-        self._placed = itertools.count(1)
+        # Idle sockets of header-less requests, for `place` (placement.py).
+        self.unnamed = IdleIndex()
 
     # -- what tests, metrics and the health check read --------------------------------------
     @property
@@ -160,81 +146,12 @@ class Registry:
             self._retire(conn, "max_lifetime")
         return next_deadline
 
-    # -- placing requests that name no session ------------------------------------------------
     def place(
         self, group: str, history: bytes, params: bytes, chained: str | None
     ) -> tuple[str, Placement]:
-        """The pool key for a request of credential `group` that names no session, and how
-        it was found. `history` is its input's item digests, `params` its parameters' digest,
-        `chained` the `previous_response_id` it sent. Synchronous: the caller leases the key
-        before anything else runs."""
-        if chained is not None:
-            conn = self._answers.get(chained)
-            if conn is not None and conn.group == group:
-                assert conn.key is not None
-                return conn.key, "inferred"
-        else:
-            found = self._continued(group, history, params)
-            if found is not None:
-                return found, "inferred"
-        warm = self._warm.get(group)
-        if warm:
-            conn = next(iter(warm))
-            assert conn.key is not None
-            return conn.key, "warm"
-        return f"{group}/{next(self._placed)}", "new"
-
-    def _continued(self, group: str, history: bytes, params: bytes) -> str | None:
-        """The idle socket whose conversation `history` extends, longest first: a lookup per
-        item of the request (at most `_NEW_ITEMS_SEARCHED`: a continuation adds a few items,
-        and a huge input must not hold the event loop), independent of the pool's size."""
-        items = len(history) // DIGEST_SIZE
-        for count in range(items - 1, max(0, items - 1 - _NEW_ITEMS_SEARCHED), -1):
-            tail = history[(count - 1) * DIGEST_SIZE : count * DIGEST_SIZE]
-            entries = self._tails.get((group, count, tail), {})
-            # Most recently idle first, a few at most: sockets that end the same way at the
-            # same length hold the same conversation, one is as good as another.
-            for conn in itertools.islice(reversed(entries), _SAME_ENDINGS_TRIED):
-                memory = conn.memory
-                if (
-                    memory is not None
-                    and memory.params == params
-                    and memory.extended_by(history) is not None
-                ):
-                    return conn.key
-        return None
-
-    def _index(self, conn: UpstreamConnection) -> None:
-        """An idle header-less socket becomes findable by `place`."""
-        assert conn.group is not None
-        self._warm.setdefault(conn.group, OrderedDict())[conn] = None
-        memory = conn.memory
-        if memory is not None:
-            self._answers[memory.response_id] = conn
-            for tail in memory.tails():
-                self._tails.setdefault((conn.group, memory.item_count, tail), {})[conn] = None
-
-    def _unindex(self, conn: UpstreamConnection) -> None:
-        """Taken for a turn, or gone: no longer findable (idempotent)."""
-        if conn.group is None:
-            return
-        warm = self._warm.get(conn.group)
-        if warm is not None:
-            warm.pop(conn, None)
-            if not warm:
-                del self._warm[conn.group]
-        memory = conn.memory
-        if memory is None:
-            return
-        if self._answers.get(memory.response_id) is conn:
-            del self._answers[memory.response_id]
-        for tail in memory.tails():
-            key = (conn.group, memory.item_count, tail)
-            entries = self._tails.get(key)
-            if entries is not None:
-                entries.pop(conn, None)
-                if not entries:
-                    del self._tails[key]
+        """The pool key for a request that names no session (see placement.py); leased by the
+        caller before anything else runs."""
+        return self.unnamed.place(group, history, params, chained)
 
     # -- leasing -----------------------------------------------------------------------------
     async def lease(
@@ -269,7 +186,7 @@ class Registry:
                 self._retire(conn, "replaced")
             else:
                 del self._idle[key]
-                self._unindex(conn)
+                self.unnamed.remove(conn)
                 conn.busy = True
                 return conn
         if len(self._pooled) >= self._settings.max_sockets:
@@ -357,7 +274,7 @@ class Registry:
         self._idle[conn.key] = conn
         self._idle.move_to_end(conn.key)
         if conn.group is not None:
-            self._index(conn)
+            self.unnamed.add(conn)
         self._wake.set()
 
     def give_back(self, conn: UpstreamConnection) -> None:
@@ -371,7 +288,7 @@ class Registry:
         self._idle[conn.key] = conn
         self._idle.move_to_end(conn.key)
         if conn.group is not None:
-            self._index(conn)
+            self.unnamed.add(conn)
         self._wake.set()
         self._notify()
 
@@ -402,7 +319,7 @@ class Registry:
 
     # -- eviction ----------------------------------------------------------------------------
     def _forget(self, conn: UpstreamConnection) -> None:
-        self._unindex(conn)
+        self.unnamed.remove(conn)
         if conn.key is not None and self._pooled.get(conn.key) is conn:
             del self._pooled[conn.key]
             self._idle.pop(conn.key, None)

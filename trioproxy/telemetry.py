@@ -28,7 +28,7 @@ from trioproxy.events import response_object
 if TYPE_CHECKING:
     from trioproxy.proxy import Proxy
     from trioproxy.registry import Registry
-    from trioproxy.upstream import Turn, TurnEnd
+    from trioproxy.turn import Turn, TurnEnd
 
 turn_log = logging.getLogger("trioproxy.turn")
 

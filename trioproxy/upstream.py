@@ -12,14 +12,10 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
 
-import orjson
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -30,17 +26,13 @@ from trio_websocket import (
 
 from trioproxy import errors
 from trioproxy.config import Settings
-from trioproxy.delta import Conversation, TurnPlan
+from trioproxy.delta import Conversation
 from trioproxy.errors import ApiError
-from trioproxy.events import EndKind as UpstreamEnd
 from trioproxy.events import (
-    TurnTracker,
-    UpstreamEvent,
-    error_of,
     parse_frame,
-    response_id,
 )
 from trioproxy.metadata import client_metadata
+from trioproxy.turn import Turn, TurnEnd, broken_end, terminal_end
 from trioproxy.wsclient import ClientSocket, open_websocket
 
 log = logging.getLogger("trioproxy.upstream")
@@ -48,8 +40,6 @@ log = logging.getLogger("trioproxy.upstream")
 Headers = list[tuple[bytes, bytes]]
 Connector = Callable[[str, Headers], AbstractAsyncContextManager[ClientSocket]]
 
-# How a turn can end: as upstream ended it, or as the proxy had to.
-EndKind = Literal[UpstreamEnd, "socket", "timeout", "abandoned"]
 # Beyond connect_timeout, how long the client library may take to give up on its own.
 _HANDSHAKE_SLACK = 0.5
 # Ends after which the socket's state is unknown: close it at once, without a close handshake.
@@ -84,111 +74,6 @@ def websocket_connector(settings: Settings) -> Connector:
             raise ConnectionTimeout
 
     return connect
-
-
-@dataclass(frozen=True, slots=True)
-class TurnEnd:
-    """How a turn ended, and what the client and the pool need to know about it."""
-
-    kind: EndKind
-    event: UpstreamEvent | None = None  # the terminal upstream event, if there was one
-    error: ApiError | None = None  # set for `error`, `socket`, `timeout`
-    next_sequence: int = 0  # sequence number for an error event the proxy appends
-    remembered: Conversation | None = None  # the socket's memory after a completed turn
-    begun: dict[str, Any] | None = None  # the Response the client saw created, if any
-
-
-class Turn:
-    """One request's turn: the message to send, its event channel, and its cancel scope."""
-
-    def __init__(
-        self,
-        plan: TurnPlan,
-        buffer: int,
-        *,
-        request_id: str = "",
-        request_bytes: int = 0,
-        transport: str = "websocket",
-        tenant: str | None = None,
-        payload: bytes | None = None,
-        placement: str = "new",
-        buffer_bytes: int = 4 * 1024 * 1024,
-        client: str = "http-in",
-        channel: str | None = None,
-    ) -> None:
-        self.plan = plan
-        self.client = client  # how the request came in: `http-in` or `websocket-in`
-        self.channel = channel  # managed mode: the channel it went to
-        # Its own id: a client's request id repeats (Codex sends one per session).
-        self.turn_id = f"turn_{uuid.uuid4().hex[:16]}"
-        self.started = trio.current_time()
-        self.first_event_at: float | None = None
-        self.request_id = request_id
-        self.placement = placement  # how the turn found its socket (registry.Placement)
-        # The upstream's response metadata for the client's answer (see metadata.py); set
-        # before the first event is delivered.
-        self.response_headers: list[tuple[str, str]] = []
-        self.tenant = tenant  # managed mode: the scope of the key that sent it
-        self.request_bytes = request_bytes  # the client's body: what a full send would cost
-        self.transport = transport
-        encoded = orjson.dumps(plan.message) if payload is None else payload
-        self.sent_bytes = len(encoded)
-        # What the turn cost on the wire: the frame after permessage-deflate (set once sent),
-        # or the HTTP body.
-        self.wire_bytes = self.sent_bytes if transport == "http" else 0
-        self.payload = encoded  # UTF-8 JSON: a text frame's content, or the HTTP body
-        self.scope = trio.CancelScope()
-        self.tracker = TurnTracker()  # what the client has been told so far
-        self._send, self.events = trio.open_memory_channel[UpstreamEvent](buffer)
-        # The buffer is bounded in bytes as well as events: the socket's task waits while the
-        # client holds more than `buffer_bytes` unread (one event of any size always passes).
-        self._limit = buffer_bytes
-        self.buffered_bytes = 0
-        self._taken = trio.Event()
-        self.end: TurnEnd | None = None
-
-    async def deliver(self, event: UpstreamEvent) -> None:
-        """Hand an event to the client's side; waits only when its buffer is full (in events
-        or bytes). Not a checkpoint otherwise: the socket's task checkpoints at every wait for
-        a frame, and a yield per event would hand the client one event per write."""
-        size = len(event.raw)
-        while self.buffered_bytes and self.buffered_bytes + size > self._limit:
-            self._taken = trio.Event()
-            await self._taken.wait()
-        self.buffered_bytes += size
-        try:
-            self._send.send_nowait(event)
-        except trio.WouldBlock:
-            await self._send.send(event)
-
-    async def receive(self) -> UpstreamEvent:
-        """The client's side: the next event (`trio.EndOfChannel` after the last)."""
-        return self._took(await self.events.receive())
-
-    def receive_nowait(self) -> UpstreamEvent:
-        """The next event if one is buffered, else `trio.WouldBlock`."""
-        return self._took(self.events.receive_nowait())
-
-    def _took(self, event: UpstreamEvent) -> UpstreamEvent:
-        self.buffered_bytes -= len(event.raw)
-        self._taken.set()
-        return event
-
-    @property
-    def buffered(self) -> int:
-        """Events relayed from the socket that the client has not read yet (bounded)."""
-        return self._send.statistics().current_buffer_used
-
-    def finish(self, end: TurnEnd) -> None:
-        """Record the end and close the event channel: the reader sees the end after the events."""
-        if self.end is None:
-            self.end = end
-            self._send.close()
-
-    def abandon(self) -> None:
-        """The client is gone: cancel the turn wherever it is (a no-op once it has ended)."""
-        if self.end is None:
-            self.scope.cancel()
 
 
 _ids = itertools.count(1)
@@ -396,26 +281,6 @@ class UpstreamConnection:
                 return True
             if kind == "error" or kind.startswith("response."):
                 return True
-
-
-def broken_end(kind: EndKind, error: ApiError, tracker: TurnTracker) -> TurnEnd:
-    """A turn the proxy had to end: the error, and what the client was already told."""
-    return TurnEnd(kind, error=error, next_sequence=tracker.next_sequence, begun=tracker.response)
-
-
-def terminal_end(
-    kind: UpstreamEnd, event: UpstreamEvent, tracker: TurnTracker, plan: TurnPlan
-) -> TurnEnd:
-    """A turn the upstream ended; a completed one leaves the socket's new memory."""
-    if kind == "error":
-        return TurnEnd(
-            "error", event, error_of(event), tracker.next_sequence, begun=tracker.response
-        )
-    remembered = None
-    rid = response_id(event)
-    if kind == "completed" and rid is not None:
-        remembered = plan.remember(*tracker.output_forms(event), rid)
-    return TurnEnd(kind, event, None, tracker.next_sequence, remembered)
 
 
 def _close_detail(exc: ConnectionClosed) -> str:

@@ -24,9 +24,12 @@ from typing import Any
 
 import orjson
 import trio
-from quart import websocket
+from quart import Response, websocket
+from quart_trio import QuartTrio
 
 from trioproxy import access, bigjson, keys
+from trioproxy.answers import error_response
+from trioproxy.context import AppContext
 from trioproxy.errors import ApiError
 from trioproxy.proxy import Proxy, TurnStream, off_loop
 from trioproxy.targets import Target
@@ -151,3 +154,40 @@ async def relay(stream: TurnStream) -> None:
             await websocket.send(error_frame(end.error))
     finally:
         stream.abandon()  # a client gone mid-response: cancel it, evict the socket
+
+
+def register(app: QuartTrio, ctx: AppContext) -> None:
+    """WebSocket upgrades on the three responses routes: served, or 426 when
+    `websocket_clients` is off."""
+
+    async def refuse_upgrade() -> Response:
+        """`websocket_clients` off: 426 at once, so a client that tries a WebSocket (Codex
+        with `supports_websockets = true`) falls back to HTTP without waiting or retrying."""
+        ctx.telemetry.refused_upgrades += 1
+        error = ApiError(
+            426,
+            "This proxy serves the Responses API over HTTP (POST with SSE), not WebSocket; "
+            "it keeps the upstream WebSocket for you.",
+            type="invalid_request_error",
+            code="websocket_not_supported",
+        )
+        return error_response(error)
+
+    async def websocket_responses() -> Response | None:
+        await serve(ctx.proxy, ctx.gate, "responses")
+        return None
+
+    async def websocket_codex() -> Response | None:
+        await serve(ctx.proxy, ctx.gate, "chatgpt")
+        return None
+
+    for path, route in (
+        ("/v1/responses", websocket_responses),
+        ("/responses", websocket_responses),
+        ("/backend-api/codex/responses", websocket_codex),
+    ):
+        app.add_websocket(
+            path,
+            f"websocket{path}",
+            route if ctx.settings.websocket_clients else refuse_upgrade,
+        )
