@@ -258,3 +258,34 @@ async def test_a_large_websocket_message_is_parsed_like_a_large_http_body(
         while json.loads(await ws.get_message())["type"] != "response.completed":
             pass
     assert refused["type"] == "error" and refused["error"]["code"] == "invalid_json"
+
+
+async def test_messages_sent_during_a_turn_run_in_order_and_are_bounded(
+    server: ProxyServer,
+) -> None:
+    """A second `response.create` sent while the first runs is taken after it (FIFO, as the
+    default lane is); a client that keeps sending is closed (1008), not buffered without end."""
+    url = server.base_url.replace("http://", "ws://") + "/responses"
+    headers = [("authorization", "Bearer sk-test-key"), ("session-id", "fifo")]
+
+    def create(text: str) -> str:
+        return json.dumps({"type": "response.create", "model": "m", "input": text})
+
+    async with open_websocket_url(url, extra_headers=headers) as ws:
+        await ws.send_message(create("first\nfake: slow 0.05"))
+        await ws.send_message(create("second"))
+        done = []
+        while len(done) < 2:
+            event = json.loads(await ws.get_message())
+            if event["type"] == "response.completed":
+                done.append(event["response"]["output"][0]["content"][0]["text"])
+    assert done[0].startswith("You said: first") and done[1] == "You said: second"
+    async with open_websocket_url(url, extra_headers=headers) as ws:
+        with pytest.raises(ConnectionClosed) as closed:  # while sending or reading after
+            await ws.send_message(create("slow\nfake: slow 0.2"))
+            for n in range(40):
+                await ws.send_message(create(f"flood {n}"))
+            while True:
+                await ws.get_message()
+    assert closed.value.reason.code == 1008
+    await wait_until(lambda: server.registry.busy == 0)

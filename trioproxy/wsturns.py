@@ -20,6 +20,7 @@ has that (lanes), such messages are answered with a clear error rather than drop
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 import orjson
@@ -40,6 +41,8 @@ log = logging.getLogger("trioproxy.wsturns")
 
 # Close code (RFC 6455) for a client whose credentials are refused: policy violation.
 CLOSE_POLICY = 1008
+# Messages a client may send ahead while a turn runs (Codex and the SDK send none).
+_QUEUED = 16
 
 
 def error_frame(error: ApiError, stream_id: str | None = None) -> str:
@@ -63,18 +66,53 @@ async def serve(proxy: Proxy, gate: access.Gate, route: access.Route) -> None:
         return
     await websocket.accept()
     proxy.telemetry.websocket_clients += 1
+    queued = Queued(proxy.settings.max_body_bytes)
     try:
         while True:
-            raw: str | bytes | None = None
-            with trio.move_on_after(proxy.settings.websocket_idle_timeout):
-                raw = await websocket.receive()  # only the wait for a message is bounded
-            if raw is None:
-                await websocket.close(1000, "idle")
-                return
-            data = raw.encode() if isinstance(raw, str) else raw
-            await _message(proxy, target, scope, headers, data)
+            data = queued.take()
+            if data is None:
+                raw: str | bytes | None = None
+                with trio.move_on_after(proxy.settings.websocket_idle_timeout):
+                    raw = await websocket.receive()  # only the wait for a message is bounded
+                if raw is None:
+                    await websocket.close(1000, "idle")
+                    return
+                data = raw.encode() if isinstance(raw, str) else raw
+            async with trio.open_nursery() as nursery:
+                # Messages sent while a turn runs are read (in order) and held here, bounded,
+                # rather than left to pile up in the server's own unbounded-in-bytes queues.
+                nursery.start_soon(queued.fill)
+                await _message(proxy, target, scope, headers, data)
+                nursery.cancel_scope.cancel()
     finally:
         proxy.telemetry.websocket_clients -= 1
+
+
+class Queued:
+    """Client messages that arrived while a turn ran: taken in order once it ends. At most
+    `limit` bytes and `_QUEUED` messages; a client past that is closed (1008)."""
+
+    def __init__(self, limit: int) -> None:
+        self._messages: deque[bytes] = deque()
+        self._bytes = 0
+        self._limit = limit
+
+    def take(self) -> bytes | None:
+        if not self._messages:
+            return None
+        data = self._messages.popleft()
+        self._bytes -= len(data)
+        return data
+
+    async def fill(self) -> None:
+        while True:
+            raw = await websocket.receive()
+            data = raw.encode() if isinstance(raw, str) else raw
+            self._messages.append(data)
+            self._bytes += len(data)
+            if self._bytes > self._limit or len(self._messages) > _QUEUED:
+                await websocket.close(CLOSE_POLICY, "too many messages while a response runs")
+                return
 
 
 async def _message(
