@@ -289,3 +289,20 @@ async def test_messages_sent_during_a_turn_run_in_order_and_are_bounded(
                 await ws.get_message()
     assert closed.value.reason.code == 1008
     await wait_until(lambda: server.registry.busy == 0)
+
+
+async def test_client_websockets_are_offered_permessage_deflate(server: ProxyServer) -> None:
+    """Codex and the SDK offer permessage-deflate; the proxy (hypercorn) accepts it."""
+    from trioproxy.wsclient import open_websocket
+
+    url = server.base_url.replace("http://", "ws://") + "/responses"
+    auth = [(b"authorization", b"Bearer sk-test-key")]
+    async with open_websocket(
+        url, auth, deflate=True, connect_timeout=5, close_timeout=1, max_message_size=2**24
+    ) as sock:
+        assert sock.deflate
+        await sock.ws.send_message(
+            json.dumps({"type": "response.create", "model": "m", "input": "z"})
+        )
+        while json.loads(await sock.ws.get_message())["type"] != "response.completed":
+            pass
