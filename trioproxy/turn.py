@@ -83,7 +83,7 @@ class Turn:
         # client holds more than `buffer_bytes` unread (one event of any size always passes).
         self._limit = buffer_bytes
         self.buffered_bytes = 0
-        self._taken = trio.Event()
+        self._taken: trio.Event | None = None  # set while the socket's task waits for room
         self.end: TurnEnd | None = None
 
     async def deliver(self, event: UpstreamEvent) -> None:
@@ -93,7 +93,10 @@ class Turn:
         size = len(event.raw)
         while self.buffered_bytes and self.buffered_bytes + size > self._limit:
             self._taken = trio.Event()
-            await self._taken.wait()
+            try:
+                await self._taken.wait()
+            finally:
+                self._taken = None
         self.buffered_bytes += size
         try:
             self._send.send_nowait(event)
@@ -110,7 +113,8 @@ class Turn:
 
     def _took(self, event: UpstreamEvent) -> UpstreamEvent:
         self.buffered_bytes -= len(event.raw)
-        self._taken.set()
+        if self._taken is not None:  # only when the socket's task waits: not per event
+            self._taken.set()
         return event
 
     @property
