@@ -51,6 +51,7 @@ async def test_store_false_responses_live_only_on_their_socket(fake: FakeUpstrea
 
 
 async def test_one_response_in_flight_per_socket(fake: FakeUpstream) -> None:
+    fake.queue_creates = False  # the refusal of a fake without lanes (they queue, FIFO)
     fake.event_delay = 0.01
     async with open_websocket_url(fake.url, extra_headers=AUTH) as ws:
         await ws.send_message(create("a long enough answer to stream for a while"))

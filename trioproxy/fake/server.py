@@ -1,9 +1,10 @@
 """The fake upstream's WebSocket server: OpenAI's WebSocket mode, as far as a proxy can tell.
 
 It keeps `store: false` responses on the socket that made them (a fresh socket answers
-`previous_response_not_found`, as the real service does), runs one response at a time per
-socket (a second `response.create` meanwhile gets `response_already_in_flight`), streams
-realistic events, and records every handshake and message so tests can assert what went upstream.
+`previous_response_not_found`, as the real service does), runs each lane's (`stream_id`'s)
+requests FIFO with up to 16 responses at once per socket and lets a client steer a running one
+(`lanes.py`), streams realistic events, and records every handshake and message so tests can
+assert what went upstream.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import itertools
 import json
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -30,6 +31,14 @@ from wsproto.extensions import PerMessageDeflate
 
 from trioproxy.fake import backend
 from trioproxy.fake.events import compacted, new_id, response_events
+from trioproxy.fake.lanes import (
+    Lane,
+    Lanes,
+    Running,
+    request_error,
+    requested_lane,
+    steer_items,
+)
 from trioproxy.fake.script import Reply, decide
 from trioproxy.items import input_items
 from trioproxy.wsclient import CountingStream
@@ -65,8 +74,9 @@ class _Socket:
     ws: WebSocketConnection
     chatgpt: bool  # opened on the Codex backend's path: `store` must be false
     headers: dict[str, str]
-    responses: dict[str, list[Any]] = field(default_factory=dict)  # store=false: this socket only
-    busy: bool = False
+    # store=false responses: this socket only, shared by all of its lanes
+    responses: dict[str, list[Any]] = field(default_factory=dict)
+    lanes: Lanes = field(default_factory=Lanes)
     deflate: bool = False  # permessage-deflate negotiated
     wire: _Replay | None = None  # the counted transport, when the fake owns it
     wire_mark: int = 0  # wire bytes received up to the previous message
@@ -123,6 +133,12 @@ class FakeUpstream:
             ("x-ratelimit-reset-requests", "6ms"),
             ("openai-version", "2020-10-01"),
         ]
+        # A second `response.create` while one runs waits its turn (its lane's FIFO), as live;
+        # False: it is refused with 409 `response_already_in_flight`, as this fake once did.
+        self.queue_creates = True
+        self.max_active = 0  # the most responses running at once on any one socket
+        self.stream_ids: dict[int, list[str]] = {}  # socket number -> named lanes, first use first
+        self.response_lanes: dict[str, str | None] = {}  # response id -> its lane (None: default)
         self.port = 0
         self.events_sent = 0
         self.http_dropped = 0  # HTTP connections the client dropped before the answer ended
@@ -184,6 +200,14 @@ class FakeUpstream:
 
     def creates(self) -> list[Received]:
         return [r for r in self.received if r.message.get("type") == "response.create"]
+
+    def steers(self) -> list[Received]:
+        return [r for r in self.received if r.message.get("type") == "response.steer"]
+
+    @property
+    def active_responses(self) -> int:
+        """Responses running now, over every open socket (`max_active`: the peak on one)."""
+        return sum(sock.lanes.active for sock in self._open.values())
 
     async def send_stray(self, frame: str) -> None:
         """Send a frame on every open socket, between turns: what a broken upstream (a late
@@ -346,12 +370,21 @@ class FakeUpstream:
         return None
 
     def _prepare(
-        self, request: dict[str, Any], history: list[Any], reply: Reply | None = None
+        self,
+        request: dict[str, Any],
+        history: list[Any],
+        reply: Reply | None = None,
+        *,
+        scripted: bool = True,
     ) -> tuple[Reply, str, list[dict[str, Any]], list[Any], list[Any]]:
-        """The reply to a request and its events: (reply, id, events, conversation, output)."""
+        """The reply to a request and its events: (reply, id, events, conversation, output).
+
+        `scripted=False` leaves the test's queued replies for explicit requests.
+        """
         conversation = history + input_items(request.get("input"))
         if reply is None:
-            reply = self.replies.popleft() if self.replies else decide(conversation)
+            queued = scripted and self.replies
+            reply = self.replies.popleft() if queued else decide(conversation)
         rid = new_id("resp")
         context = {k: request.get(k) for k in ("instructions", "tools")}
         input_bytes = len(json.dumps([conversation, context]))
@@ -434,6 +467,7 @@ class FakeUpstream:
         sock = _Socket(next(self._numbers), ws, chatgpt, headers, deflate=deflate, wire=wire)
         sock.wire_mark = mark
         self._open[sock.number] = sock
+        self.stream_ids[sock.number] = sock.lanes.named
         self._notify()
         try:
             async with trio.open_nursery() as nursery:
@@ -454,101 +488,156 @@ class FakeUpstream:
             message = json.loads(raw)
         except ValueError:
             message = {"type": "<unparsable>"}
-        kept = message if self.keep_messages else {"type": message.get("type")}
+        kind = message.get("type") if isinstance(message, dict) else None
+        kept = message if self.keep_messages else {"type": kind}
         wire = size
         if sock.wire is not None:
             wire, sock.wire_mark = sock.wire.received - sock.wire_mark, sock.wire.received
         self.received.append(Received(sock.number, kept, size, wire))
-        if not isinstance(message, dict) or message.get("type") != "response.create":
-            nursery.start_soon(
-                self._send_all,
-                sock,
-                [_error("invalid_request_error", 400, "unknown_event", "expected response.create")],
-            )
+        if kind == "response.create":
+            self._on_create(sock, message, nursery)
+        elif kind == "response.steer":
+            failure = sock.lanes.steer(message)  # None: its target's lane sends the answer
+            if failure is not None:
+                nursery.start_soon(self._send_all, sock, [failure])
+        else:  # on the default lane, whatever lane the message named
+            text = "expected response.create or response.steer"
+            error = request_error(400, "unknown_event", text)
+            nursery.start_soon(self._send_all, sock, [error])
+
+    def _on_create(self, sock: _Socket, message: dict[str, Any], nursery: trio.Nursery) -> None:
+        """Queue a `response.create` on its lane (drained by a task of its own), or refuse it
+        at once with an error echoing its lane."""
+        sid, refusal = requested_lane(message)
+        if refusal is None:
+            refusal = self._refused_create(sock, message)
+            if refusal is not None and sid is not None:
+                refusal["stream_id"] = sid
+        refusal = refusal or sock.lanes.admit(sid)
+        if refusal is not None:
+            nursery.start_soon(self._send_all, sock, [refusal])
             return
+        lane = sock.lanes.enqueue(sid, message)
+        if lane is not None:
+            nursery.start_soon(self._drain, sock, lane)
+
+    def _refused_create(self, sock: _Socket, message: dict[str, Any]) -> dict[str, Any] | None:
+        """The error refusing a create before it is queued, if any."""
         refused = sock.chatgpt and self.logins.check(
             sock.headers.get("authorization", ""), sock.headers.get("chatgpt-account-id")
         )
         if refused:  # the token the socket opened with has since lapsed or been revoked
             status, code = refused
-            nursery.start_soon(
-                self._send_all, sock, [_error("invalid_request_error", status, code, code)]
-            )
-            return
+            return request_error(status, code, code)
         if sock.chatgpt and message.get("store") is not False:
-            nursery.start_soon(
-                self._send_all,
-                sock,
-                [_error("invalid_request_error", 400, "invalid_value", "Store must be false")],
-            )
-            return
-        if sock.busy:
-            nursery.start_soon(
-                self._send_all,
-                sock,
-                [
-                    _error(
-                        "invalid_request_error",
-                        409,
-                        "response_already_in_flight",
-                        "A response is already in flight on this socket.",
-                    )
-                ],
-            )
-            return
-        sock.busy = True
-        nursery.start_soon(self._respond, sock, message)
+            return request_error(400, "invalid_value", "Store must be false")
+        if not self.queue_creates and sock.lanes.busy:
+            text = "A response is already in flight on this socket."
+            return request_error(409, "response_already_in_flight", text)
+        return None
 
-    async def _respond(self, sock: _Socket, request: dict[str, Any]) -> None:
+    async def _drain(self, sock: _Socket, lane: Lane) -> None:
+        """Run a lane's requests FIFO, each once one of the socket's 16 slots is free; a
+        steered response's successor runs next, in the same slot."""
+        lanes = sock.lanes
         try:
-            previous = request.get("previous_response_id")
-            history: list[Any] | None = []
-            if isinstance(previous, str):
-                history = sock.responses.get(previous) or self.stored.get(previous)
-            lost = Reply.error("previous_response_not_found", 400) if history is None else None
-            reply, rid, events, conversation, output = self._prepare(request, history or [], lost)
-            if reply.kind == "drop":
-                await self._send_all(sock, events[: reply.after_events], reply.delay)
-                await sock.ws.aclose(1011, "dropped by the fake upstream")
-                return
-            if reply.kind == "garbage":
-                await sock.ws.send_message("this is not an event")
-                return
-            if reply.kind == "stall":
-                await self._send_all(sock, events[: reply.after_events], reply.delay)
-                await trio.sleep_forever()  # until the client gives up and closes
-            for frame in reply.prelude:
-                await sock.ws.send_message(frame)
-            if reply.kind in ("text", "call"):
-                # Remembered before the last event goes out: a client may chain at once.
-                sock.responses[rid] = conversation + output
-                if request.get("store", True) is not False:
-                    self.stored[rid] = sock.responses[rid]
-            await self._send_all(sock, events, reply.delay, rid)
+            while lane.waiting:
+                request: dict[str, Any] | None = lane.waiting.popleft()
+                async with lanes.slots:
+                    lanes.active += 1
+                    self.max_active = max(self.max_active, lanes.active)
+                    try:
+                        auto = False
+                        while request is not None:
+                            request = await self._respond(sock, request, lane.stream_id, auto)
+                            auto = True
+                    finally:
+                        lanes.active -= 1
         except ConnectionClosed:
             pass
         finally:
-            sock.busy = False
+            lane.draining = False
 
-    async def _send_all(
-        self,
-        sock: _Socket,
-        events: list[dict[str, Any]],
-        delay: float = 0.0,
-        rid: str | None = None,
-    ) -> None:
-        delay = delay or self.event_delay
-        sent = None
-        if rid is not None and self.transcripts is not None:
-            sent = self.transcripts.setdefault(rid, [])
-        for event in events:
-            if delay:
-                await trio.sleep(delay)
-            frame = json.dumps(event)
+    async def _respond(
+        self, sock: _Socket, request: dict[str, Any], sid: str | None, auto: bool = False
+    ) -> dict[str, Any] | None:
+        """Run one response on lane `sid`; the successor's request when steers follow it
+        (`auto`: this is such a successor, answered from its conversation, not the queue)."""
+        previous = request.get("previous_response_id")
+        history: list[Any] | None = []
+        if isinstance(previous, str):
+            history = sock.responses.get(previous) or self.stored.get(previous)
+            queued = sock.lanes.pending.pop(previous, [])
+            if queued:  # steering input that waited for this tool output goes first
+                items = [*steer_items(queued), *input_items(request.get("input"))]
+                request = {**request, "input": items}
+        lost = Reply.error("previous_response_not_found", 400) if history is None else None
+        reply, rid, events, conversation, output = self._prepare(
+            request, history or [], lost, scripted=not auto
+        )
+        if reply.kind == "garbage":
+            await sock.ws.send_message("this is not an event")
+            return None
+        run = sock.lanes.start(rid, sid, request, conversation, self._sender(sock, rid))
+        self.response_lanes[rid] = sid
+        try:
+            if reply.kind not in ("drop", "stall"):
+                for frame in reply.prelude:
+                    await sock.ws.send_message(frame)
+            if reply.kind in ("text", "call"):
+                # Remembered before the last event goes out: a client may chain at once.
+                self._remember(sock, rid, request, conversation + output)
+            return await self._run(sock, run, events, reply)
+        finally:
+            sock.lanes.running.pop(rid, None)
+
+    def _remember(self, sock: _Socket, rid: str, request: dict[str, Any], items: list[Any]) -> None:
+        sock.responses[rid] = items
+        if request.get("store", True) is not False:
+            self.stored[rid] = items
+
+    async def _run(
+        self, sock: _Socket, run: Running, events: list[dict[str, Any]], reply: Reply
+    ) -> dict[str, Any] | None:
+        """Stream a response, ending it early if steered; then settle its steers: the
+        successor's request, or `response.steer.pending`/`failed` on its lane."""
+        limit = reply.after_events if reply.kind in ("drop", "stall") else len(events)
+        steered = await run.stream(events[:limit], reply.delay or self.event_delay)
+        if not steered and reply.kind == "drop":
+            await sock.ws.aclose(1011, "dropped by the fake upstream")
+            return None
+        while not steered and reply.kind == "stall":  # silent until the client gives up
+            await run.steered()
+            steered = await run.interject()
+        if steered:
+            items = run.conversation + run.progress.output()
+            self._remember(sock, run.rid, run.request, items)
+            await run.emit(run.incomplete())
+        await run.interject()  # steers accepted while the terminal went out
+        successor, notes = sock.lanes.conclude(run)
+        for event in notes:
+            await run.emit(event)
+        return successor
+
+    def _sender(self, sock: _Socket, rid: str) -> Callable[[str], Awaitable[None]]:
+        """How a response's frames go out: counted, and kept when transcripts are on."""
+        sent = None if self.transcripts is None else self.transcripts.setdefault(rid, [])
+
+        async def send(frame: str) -> None:
             await sock.ws.send_message(frame)
             self.events_sent += 1
             if sent is not None:
                 sent.append(frame)
+
+        return send
+
+    async def _send_all(self, sock: _Socket, events: list[dict[str, Any]]) -> None:
+        """Events outside any response (refusals), paced like a response's."""
+        for event in events:
+            if self.event_delay:
+                await trio.sleep(self.event_delay)
+            await sock.ws.send_message(json.dumps(event))
+            self.events_sent += 1
 
 
 _RESPONSE_PATHS = frozenset({"/v1/responses", "/responses", "/backend-api/codex/responses"})
@@ -568,14 +657,6 @@ async def _send_json(
         + conn.send(h11.Data(data=body))
         + conn.send(h11.EndOfMessage())
     )
-
-
-def _error(type_: str, status: int, code: str, message: str) -> dict[str, Any]:
-    return {
-        "type": "error",
-        "status": status,
-        "error": {"type": type_, "code": code, "message": message, "param": None},
-    }
 
 
 def _error_body(code: str, message: str) -> bytes:
