@@ -121,7 +121,7 @@ async def test_errors_keep_the_client_socket_open(server: ProxyServer) -> None:
             connection.send({"type": "response.create", "input": "no model"})  # type: ignore[typeddict-item]
             seen.append(next(iter(connection)))
             connection.send(
-                {"type": "response.create", "model": "m", "input": "x", "stream_id": "lane-1"}
+                {"type": "response.create", "model": "m", "input": "x", "stream_id": "a lane!"}
             )  # type: ignore[typeddict-unknown-key]
             seen.append(next(iter(connection)))
             _, fine = turn(connection, model="m", input="still here")
@@ -131,7 +131,8 @@ async def test_errors_keep_the_client_socket_open(server: ProxyServer) -> None:
     upstream, invalid, lane, fine = await trio.to_thread.run_sync(run)
     assert upstream.type == "error" and upstream.error.code == "rate_limit_exceeded"
     assert invalid.type == "error" and invalid.error.code == "missing_required_parameter"
-    assert lane.type == "error" and lane.error.code == "unsupported_event"
+    assert lane.type == "error" and lane.error.code == "invalid_stream_id"
+    assert lane.stream_id == "a lane!"  # errors echo the lane they concern
     assert fine.type == "response.completed"
     await nothing_left(server)
 

@@ -26,8 +26,17 @@ from trioproxy.items import DIGEST_SIZE, digest_items, digest_value, input_items
 _NOT_SENT = frozenset({"stream", "background"})
 # Not part of "the same request parameters": per-call delivery and client bookkeeping that
 # Codex itself leaves out of its comparison (`client_metadata` changes every turn).
+# `stream_id` names a WebSocket lane: routing, not a parameter of the conversation.
 _NOT_COMPARED = frozenset(
-    {"input", "previous_response_id", "stream", "background", "client_metadata", "stream_options"}
+    {
+        "input",
+        "previous_response_id",
+        "stream",
+        "background",
+        "client_metadata",
+        "stream_options",
+        "stream_id",
+    }
 )
 
 Mode = Literal["full", "suffix", "passthrough"]

@@ -33,6 +33,10 @@ TERMINAL: dict[str, EndKind] = {
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 # Events that open a response and name it.
 _OPENERS = frozenset({"response.created", "response.in_progress"})
+# Steering's answers (`response.steer`): about a response, never a response's own event.
+STEER_EVENTS = frozenset(
+    {"response.steer.accepted", "response.steer.failed", "response.steer.pending"}
+)
 # `response.*` events that may come without an opener: a response refused at once. Never
 # `response.completed`: the one a late frame of an earlier turn on a kept socket would be.
 _UNOPENED = frozenset({"response.failed", "response.incomplete", "response.cancelled"})
@@ -72,6 +76,13 @@ class TurnTracker:
     # a late frame of an earlier turn, not this turn's response.
     stale: Collection[str] = ()
     opened: bool = False
+    # Steering (WebSocket clients): steers sent and not yet answered, steers accepted and not
+    # yet committed. While either is outstanding, a terminal event does not end the turn: the
+    # upstream may start a successor response that commits them (its `response.created`).
+    steers_unanswered: int = 0
+    steers_accepted: set[str] = field(default_factory=set)
+    held_end: tuple[EndKind, UpstreamEvent] | None = None  # a terminal passed on, end pending
+    successors: int = 0  # responses the upstream started after a steered one, in this turn
 
     def feed(self, event: UpstreamEvent) -> EndKind | None:
         """Record `event`; return how the turn ended if this event ends it.
@@ -84,7 +95,11 @@ class TurnTracker:
         if isinstance(seq, int):
             self.last_sequence = seq
         kind = event.type
+        if kind in STEER_EVENTS:
+            return self._steered(kind, data)
         if kind in _OPENERS:
+            if self.held_end is not None:
+                self._successor(data.get("response"))
             self._opened(data.get("response"))
         elif not self.opened and kind.startswith("response."):
             self._unopened(kind, data.get("response"))
@@ -94,7 +109,46 @@ class TurnTracker:
         end = TERMINAL.get(kind)
         if end is not None and end != "error":
             self._same(data.get("response"))
+            if self.steering:
+                self.held_end = (end, event)
+                return None
         return end
+
+    @property
+    def steering(self) -> bool:
+        """Whether steering sent during this turn may still start a successor response."""
+        return self.steers_unanswered > 0 or bool(self.steers_accepted)
+
+    def steer_sent(self) -> None:
+        self.steers_unanswered += 1
+
+    def _steered(self, kind: str, data: dict[str, Any]) -> EndKind | None:
+        """Count a steering answer; the held end when nothing is outstanding any more."""
+        steer = data.get("steer")
+        sid = steer.get("id") if isinstance(steer, dict) else None
+        if kind == "response.steer.accepted":
+            self.steers_unanswered = max(0, self.steers_unanswered - 1)
+            if isinstance(sid, str):
+                self.steers_accepted.add(sid)
+        elif kind == "response.steer.failed" and sid in self.steers_accepted:
+            self.steers_accepted.discard(sid)
+        elif kind == "response.steer.failed":
+            self.steers_unanswered = max(0, self.steers_unanswered - 1)
+        else:  # pending: the upstream keeps it for the client's next explicit create
+            self.steers_accepted.discard(sid)
+        if self.held_end is not None and not self.steering:
+            return self.held_end[0]
+        return None
+
+    def _successor(self, response: Any) -> None:
+        """A response the upstream started after this turn's one ended: it commits the
+        accepted steering, and is this turn's from now on."""
+        self.successors += 1
+        self.held_end = None
+        self.steers_accepted.clear()
+        self.response = None
+        self.opened = False
+        self.output = {}
 
     def _opened(self, response: Any) -> None:
         named = response.get("id") if isinstance(response, dict) else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -59,9 +59,12 @@ class TurnStream:
     a turn whose client goes away is cancelled and its socket evicted.
     """
 
-    def __init__(self, turn: Turn, first: UpstreamEvent | None) -> None:
+    def __init__(
+        self, turn: Turn, first: UpstreamEvent | None, conn: UpstreamConnection | None = None
+    ) -> None:
         self.turn = turn
         self.first = first
+        self.conn = conn  # the upstream socket it runs on (None over HTTP)
         self._pending = first
 
     def __aiter__(self) -> TurnStream:
@@ -130,9 +133,12 @@ class Proxy:
         request_bytes: int = 0,
         scope: str | None = None,
         client: str = "http-in",
+        beside: UpstreamConnection | None = None,
     ) -> TurnStream:
         """Start a turn and wait for its first event (or its end); raises `ApiError`.
-        `client`: how the request came in, `http-in` or `websocket-in`."""
+        `client`: how the request came in, `http-in` or `websocket-in`. `beside`: a socket
+        this client's other responses run on now (WebSocket lanes): the turn goes there too,
+        as another lane of the same connection, planned against what that socket holds."""
         about: dict[str, Any] = {
             "request_id": request_id,
             "request_bytes": request_bytes,
@@ -145,6 +151,12 @@ class Proxy:
             self.check_chain(chained, scope)
         token = await self.token(target)
         upstream = target.upstream(headers, token, scope, body.get("prompt_cache_key"))
+        if beside is not None and beside.accepting:
+            about["placement"] = "lane"
+            stream = await self._start(beside, body, beside.memory, about)
+            if stream.first is not None or not self._retryable(stream):
+                return stream
+            self.retries["lane"] += 1
         if self.fallback.use_http(upstream.group, upstream.key, trio.current_time()):
             return await self._over_http(body, headers, target, upstream, scope, about)
         reusable = None
@@ -160,8 +172,12 @@ class Proxy:
             placement = "header" if upstream.session == "header" else "cache_key"
             if chained is not None:
 
-                def reusable(memory: Conversation | None) -> bool:
-                    return memory is not None and memory.response_id == chained
+                def reusable(memory: Conversation | None, answered: Collection[str]) -> bool:
+                    # Its last response, or one it finished recently (a steered turn's
+                    # successor leaves no item memory, only the id).
+                    return (memory is not None and memory.response_id == chained) or (
+                        chained in answered
+                    )
 
         try:
             conn, upstream = await self._lease(target, upstream, headers, reusable, scope)
@@ -199,6 +215,17 @@ class Proxy:
         )
         about["placement"] = "new"
         return await self._start(conn, body, None, about, digested)
+
+    async def hold_socket(
+        self, headers: list[tuple[str, str]], target: Target, scope: str | None
+    ) -> UpstreamConnection:
+        """The session's upstream socket, leased with no turn (a WebSocket client relays an
+        event this proxy does not know): held until `Registry.release`."""
+        token = await self.token(target)
+        upstream = target.upstream(headers, token, scope)
+        conn, _ = await self._lease(target, upstream, headers, None, scope)
+        conn.pending += 1
+        return conn
 
     def check_chain(self, chained: str | None, scope: str) -> None:
         """Refuse a `previous_response_id` another scope made, on every route that carries
@@ -341,9 +368,11 @@ class Proxy:
         if not conn.submit(turn):
             turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket task ended")))
             return TurnStream(turn, None)
-        return await self._first(turn, submitted)
+        return await self._first(turn, submitted, conn)
 
-    async def _first(self, turn: Turn, submitted: float) -> TurnStream:
+    async def _first(
+        self, turn: Turn, submitted: float, conn: UpstreamConnection | None = None
+    ) -> TurnStream:
         """Wait for the turn's first event (or its end) before answering the client."""
         try:
             first: UpstreamEvent | None = await turn.receive()
@@ -354,7 +383,7 @@ class Proxy:
         except BaseException:
             turn.abandon()  # cancelled while waiting: the upstream's state is unknown
             raise
-        return TurnStream(turn, first)
+        return TurnStream(turn, first, conn)
 
 
 def _planned(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import trio
@@ -32,7 +32,9 @@ from trioproxy.upstream import Connector, UpstreamConnection
 
 log = logging.getLogger("trioproxy.registry")
 
-Reusable = Callable[[Conversation | None], bool]
+# Whether a pooled socket suits a request: given the socket's memory and the ids of the
+# responses it finished last.
+Reusable = Callable[[Conversation | None, Collection[str]], bool]
 
 
 class Registry:
@@ -92,12 +94,12 @@ class Registry:
     @property
     def buffered_bytes(self) -> int:
         """Bytes of those events (each turn's is bounded by `event_buffer_bytes`)."""
-        return sum(conn.current.buffered_bytes for conn in self._live if conn.current is not None)
+        return sum(t.buffered_bytes for conn in self._live for t in conn.running_turns())
 
     @property
     def buffered_events(self) -> int:
         """Events waiting for slow clients, over all turns in progress (each turn's is bounded)."""
-        return sum(conn.current.buffered for conn in self._live if conn.current is not None)
+        return sum(t.buffered for conn in self._live for t in conn.running_turns())
 
     # -- the registry task -------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -182,7 +184,7 @@ class Registry:
                 self._retire(conn, "idle_ttl")
             elif self._age_deadline(conn) <= now:
                 self._retire(conn, "max_lifetime")
-            elif fresh or (reusable is not None and not reusable(conn.memory)):
+            elif fresh or (reusable is not None and not reusable(conn.memory, conn.answered)):
                 self._retire(conn, "replaced")
             else:
                 del self._idle[key]
@@ -259,9 +261,11 @@ class Registry:
         ended = end.kind
         conn.last_used = trio.current_time()
         if conn.one_turn or ended != "completed":
-            if not conn.one_turn:
+            if not conn.one_turn and conn in self._by_age:  # once per socket, not per lane
                 self.evictions[ended] += 1
             self._forget(conn)
+            return
+        if conn.pending:  # other lanes still run on it (a WebSocket client's), or it is held
             return
         conn.busy = False
         if self._closing:
@@ -276,6 +280,18 @@ class Registry:
         if conn.group is not None:
             self.unnamed.add(conn)
         self._wake.set()
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """A socket held with no turn (`Proxy.hold_socket`) is let go: idle again once
+        nothing else runs on it, closed if it is closing or no session can reuse it."""
+        conn.pending -= 1
+        if conn.pending or not conn.busy:
+            return
+        if not conn.accepting:
+            self._forget(conn)
+            conn.retire()
+            return
+        self.give_back(conn)
 
     def give_back(self, conn: UpstreamConnection) -> None:
         """A leased socket whose turn was never submitted: idle again as it was (a one-turn

@@ -9,7 +9,9 @@ fallback runs the same object over HTTP.
 
 from __future__ import annotations
 
+import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,6 +37,9 @@ class TurnEnd:
     next_sequence: int = 0  # sequence number for an error event the proxy appends
     remembered: Conversation | None = None  # the socket's memory after a completed turn
     begun: dict[str, Any] | None = None  # the Response the client saw created, if any
+    # The terminal event already went to the client as an ordinary event: steering kept the
+    # turn open after it, and the end came with a later steering answer.
+    delivered: bool = False
 
 
 class Turn:
@@ -77,6 +82,12 @@ class Turn:
         self.wire_bytes = self.sent_bytes if transport == "http" else 0
         self.payload = encoded  # UTF-8 JSON: a text frame's content, or the HTTP body
         self.scope = trio.CancelScope()
+        # Its WebSocket lane: the client's `stream_id`, None for the default lane.
+        lane = plan.message.get("stream_id")
+        self.lane: str | None = lane if isinstance(lane, str) else None
+        # Set by the socket's task while the turn runs there: wakes it when the client leaves.
+        self.waker: Callable[[], None] | None = None
+        self.deadline = math.inf  # `turn_timeout` after the socket's task sent it
         self.tracker = TurnTracker()  # what the client has been told so far
         self._send, self.events = trio.open_memory_channel[UpstreamEvent](buffer)
         # The buffer is bounded in bytes as well as events: the socket's task waits while the
@@ -92,6 +103,8 @@ class Turn:
         a frame, and a yield per event would hand the client one event per write."""
         size = len(event.raw)
         while self.buffered_bytes and self.buffered_bytes + size > self._limit:
+            if self.scope.cancel_called:  # abandoned while the socket's task waited here
+                raise trio.BrokenResourceError
             self._taken = trio.Event()
             try:
                 await self._taken.wait()
@@ -132,6 +145,10 @@ class Turn:
         """The client is gone: cancel the turn wherever it is (a no-op once it has ended)."""
         if self.end is None:
             self.scope.cancel()
+            if self._taken is not None:
+                self._taken.set()
+            if self.waker is not None:
+                self.waker()
 
 
 def broken_end(kind: EndKind, error: ApiError, tracker: TurnTracker) -> TurnEnd:
@@ -149,6 +166,8 @@ def terminal_end(
         )
     remembered = None
     rid = response_id(event)
-    if kind == "completed" and rid is not None:
+    # After a steered response the conversation is the upstream's (queued steering input
+    # went into a successor): the socket remembers no items, only the id (pass-through).
+    if kind == "completed" and rid is not None and not tracker.successors:
         remembered = plan.remember(*tracker.output_forms(event), rid)
     return TurnEnd(kind, event, None, tracker.next_sequence, remembered)

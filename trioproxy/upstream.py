@@ -15,6 +15,8 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
 
 import trio
 from trio_websocket import (
@@ -28,11 +30,9 @@ from trioproxy import errors
 from trioproxy.config import Settings
 from trioproxy.delta import Conversation
 from trioproxy.errors import ApiError
-from trioproxy.events import (
-    parse_frame,
-)
+from trioproxy.events import STEER_EVENTS, UpstreamEvent, parse_frame, response_id
 from trioproxy.metadata import client_metadata
-from trioproxy.turn import Turn, TurnEnd, broken_end, terminal_end
+from trioproxy.turn import EndKind, Turn, TurnEnd, broken_end, terminal_end
 from trioproxy.wsclient import ClientSocket, open_websocket
 
 log = logging.getLogger("trioproxy.upstream")
@@ -108,34 +108,94 @@ class UpstreamConnection:
         self.memory: Conversation | None = None
         self.answered: deque[str] = deque(maxlen=8)  # ids of the last responses completed here
         self.turns = 0
-        self.current: Turn | None = None  # the turn in progress
+        # Turns in progress by lane (None: the default lane), each lane first-in first-out.
+        self._lanes: dict[str | None, deque[Turn]] = {}
+        self.pending = 0  # jobs submitted and not finished: the pool keeps the socket busy
+        self._queued = 0  # jobs submitted and not yet taken by the task
+        self.sink: trio.MemorySendChannel[UpstreamEvent] | None = None
+        self._wake: trio.CancelScope | None = None
+        self._left = False  # a turn's client left: look for abandoned turns
+        self._ending = False  # takes no more jobs; closes once its turns end
+        self._last_frame = self.born
+        self._abrupt = False  # its state is unknown: close without a close handshake
         self.deflate = False  # whether the upstream accepted permessage-deflate
         # The upgrade answer's headers a client reads (rate limits, model): every turn's too.
         self.response_headers: list[tuple[str, str]] = []
         self._scope = trio.CancelScope()
-        self._turns_send, self._turns_recv = trio.open_memory_channel[Turn](1)
+        # Bounded: a WebSocket client of ours submits at most a few jobs ahead (wsturns.py).
+        self._jobs_send, self._jobs_recv = trio.open_memory_channel[Job](64)
         self.closed = trio.Event()
 
     def __repr__(self) -> str:
         kind = "one-turn" if self.one_turn else f"key={self.key}"
         return f"<UpstreamConnection #{self.id} {kind} turns={self.turns}>"
 
-    def submit(self, turn: Turn) -> bool:
-        """Hand a turn to the socket's task; False when the task has already gone."""
+    def submit(self, job: Job) -> bool:
+        """Hand a turn (or a notice) to the socket's task; False when it takes no more.
+
+        A socket may carry several turns at once, one per WebSocket lane (the client's
+        `stream_id`): a client of ours that runs lanes submits the next while one runs."""
+        if self._ending:
+            return False
         try:
-            self._turns_send.send_nowait(turn)
+            self._jobs_send.send_nowait(job)
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             return False
+        self.pending += 1
+        self._queued += 1
+        self._wake_up()
         return True
+
+    def attach(self, sink: trio.MemorySendChannel[UpstreamEvent]) -> None:
+        """A WebSocket client of ours receives the frames that belong to no running turn
+        (answers to its steering and to events this proxy does not know, connection-level
+        errors) for as long as it is attached; the socket's task then reads all the time."""
+        self.sink = sink
+        self._wake_up()
+
+    def detach(self, sink: trio.MemorySendChannel[UpstreamEvent]) -> None:
+        if self.sink is sink:
+            self.sink = None
+            self._wake_up()
+
+    @property
+    def accepting(self) -> bool:
+        """Whether it takes more jobs (not retired, not closing)."""
+        return not self._ending
+
+    @property
+    def running(self) -> int:
+        """Turns in progress on this socket, over all its lanes."""
+        return sum(len(queue) for queue in self._lanes.values())
+
+    @property
+    def current(self) -> Turn | None:
+        """The default lane's turn in progress (the only one an HTTP client ever has)."""
+        queue = self._lanes.get(None)
+        return queue[0] if queue else None
+
+    def running_turns(self) -> list[Turn]:
+        return [turn for queue in self._lanes.values() for turn in queue]
 
     def retire(self) -> None:
         """Close gracefully once idle: the task sees its channel end and closes the socket."""
-        self._turns_send.close()
+        self._jobs_send.close()
+        self._ending = True
+        self._wake_up()
 
     def kill(self) -> None:
         """Close now, whatever it is doing: used when its state can no longer be trusted."""
-        self._turns_send.close()
+        self.retire()
         self._scope.cancel()
+
+    def _wake_up(self) -> None:
+        if self._wake is not None:
+            self._wake.cancel()
+
+    def _abandoned(self) -> None:
+        """A turn's client left: its waker."""
+        self._left = True
+        self._wake_up()
 
     async def run(
         self, connector: Connector, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -152,13 +212,19 @@ class UpstreamConnection:
         except Exception as exc:
             if not started:
                 raise handshake_error(exc) from exc
-            # After start-up nothing may escape into the registry's nursery: the turn in
-            # progress has been finished with an error already, so log and let the socket go.
+            # After start-up nothing may escape into the registry's nursery: the turns in
+            # progress have been finished with an error already, so log and let the socket go.
             log.info("upstream socket #%d closed with %r", self.id, exc)
         finally:
-            self._turns_send.close()
+            self._ending = True
+            self._jobs_send.close()
+            # Even when this task is cancelled (shutdown, eviction) every client hears an end.
+            closed = errors.upstream_closed("socket closed by the proxy")
+            for turn in self.running_turns():
+                turn.finish(broken_end("socket", closed, turn.tracker))
+            self._lanes.clear()
             self._fail_queued()
-            self._turns_recv.close()
+            self._jobs_recv.close()
             self._on_exit(self)
             self.closed.set()
 
@@ -166,101 +232,285 @@ class UpstreamConnection:
         """A turn handed over just before the task ended still gets an end, never a hang."""
         while True:
             try:
-                turn = self._turns_recv.receive_nowait()
+                job = self._jobs_recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket closed")))
+            if isinstance(job, Turn):
+                job.finish(TurnEnd("socket", error=errors.upstream_closed("socket closed")))
 
     async def _serve(self, sock: ClientSocket) -> None:
-        while (turn := await self._next_turn(sock)) is not None:
-            if not await self._take(sock, turn):
-                return
-            # Let go of the turn before waiting for the next: an idle socket must not keep the
-            # last request, its payload and its parsed events alive (hundreds of KB for Codex).
-            del turn
+        """Idle: wait for a job without reading (a stray frame is judged when one comes).
+        Busy, or with a client attached: read frames and route them (`_pump`)."""
+        while True:
+            if not self._lanes and self.sink is None:
+                job = await self._next_job(sock)
+                if job is None or not await self._begin(sock, job, idle=True):
+                    break
+                # Let go of the job before waiting for the next: an idle socket must not keep
+                # the last request, its payload and its parsed events alive.
+                del job
+            elif not await self._pump(sock):
+                break
+        if self._abrupt:
+            self._scope.cancel()
 
-    async def _next_turn(self, sock: ClientSocket) -> Turn | None:
-        """The next turn, or None once the pool retires this socket. A socket idle longer than
+    async def _next_job(self, sock: ClientSocket) -> Job | None:
+        """The next job, or None once the pool retires this socket. A socket idle longer than
         `deflate_hold` gives back its compressor: a tool loop's turns follow each other within
         seconds and keep the context; a pool of idle sessions does not pay ~200 KiB each."""
         try:
             if sock.compressing:
                 with trio.move_on_after(self._settings.deflate_hold):
-                    return await self._turns_recv.receive()
+                    return self._took(await self._jobs_recv.receive())
                 sock.release_compression()
-            return await self._turns_recv.receive()
+            return self._took(await self._jobs_recv.receive())
         except trio.EndOfChannel:
             return None
 
-    async def _take(self, sock: ClientSocket, turn: Turn) -> bool:
-        """Run one turn; False when the socket must not take another."""
-        self.current = turn
+    def _took(self, job: Job) -> Job:
+        self._queued -= 1
+        return job
+
+    async def _begin(self, sock: ClientSocket, job: Job, *, idle: bool = False) -> bool:
+        """Send a job's message; False when the socket must close."""
+        turn = job if isinstance(job, Turn) else None
+        if idle and (sock.ws.closed is not None or self._spoke_while_idle(sock)):
+            # Whatever it was (a late event, an error), it is no turn's: the socket's state is
+            # unknown. The turn goes on a fresh socket, unseen by the client.
+            error = (
+                errors.upstream_closed("closed while idle")
+                if sock.ws.closed is not None
+                else errors.upstream_protocol("a frame arrived while the socket was idle")
+            )
+            if turn is None:
+                self.pending -= 1
+                self._abrupt = True
+            else:
+                self._end(turn, TurnEnd("socket", error=error))
+            return False
+        if turn is not None and turn.scope.cancel_called:
+            self._end(turn, TurnEnd("abandoned"))  # its client left before it was sent
+            return False
+        if turn is None:
+            assert isinstance(job, Notice)
+            self.pending -= 1
+            for running in self.running_turns():
+                if job.target is not None and _named(running.tracker.response) == job.target:
+                    running.tracker.steer_sent()
+            try:
+                await sock.send_text(job.payload)
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._break_all("socket", errors.upstream_closed("closed while sending"))
+                return False
+            return True
+        turn.tracker.stale = self.answered
+        turn.waker = self._abandoned
+        turn.deadline = trio.current_time() + self._settings.turn_timeout
+        self._last_frame = trio.current_time()  # silence counts from the request
+        self._lanes.setdefault(turn.lane, deque()).append(turn)
         try:
-            end = await self._exchange(sock, turn)
-        except BaseException:
-            # Even when this task is cancelled (shutdown, eviction) the client hears an end.
-            closed = errors.upstream_closed("socket closed by the proxy")
-            turn.finish(broken_end("socket", closed, turn.tracker))
-            raise
-        keep = end.kind == "completed" and not self.one_turn
-        self.current = None
+            before = sock.wire.sent
+            await sock.send_text(turn.payload)
+            turn.wire_bytes = sock.wire.sent - before
+        except ConnectionClosed as exc:
+            self._break_all("socket", errors.upstream_closed(_close_detail(exc)))
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._break_all("socket", errors.upstream_closed("closed while sending"))
+            return False
+        return True
+
+    async def _pump(self, sock: ClientSocket) -> bool:
+        """Read frames and hand each to its lane's turn until no turn runs and no client is
+        attached; False when the socket must close.
+
+        Frames already queued by the reader are taken without waiting, so a burst touches
+        neither a deadline nor the scheduler. Only the wait for a frame is bounded (silence,
+        each turn's deadline) and woken early by a new job or a client leaving: a slow
+        client's back-pressure is not upstream silence.
+        """
+        while self._lanes or self.sink is not None:
+            if self._queued and not await self._take_jobs(sock):
+                return False
+            if self._left and not self._drop_abandoned():
+                return False
+            if self._ending and not self._lanes:
+                return False
+            try:
+                frame = sock.message_nowait()
+            except trio.WouldBlock:
+                got = await self._wait_frame(sock)
+                if got is None:
+                    if self._ending and not self._lanes:
+                        return False
+                    if not self._check_deadlines():
+                        return False
+                    continue
+                frame = got
+            except ConnectionClosed as exc:
+                self._break_all("socket", errors.upstream_closed(_close_detail(exc)))
+                return False
+            if not await self._route(frame):
+                return False
+        return not self._ending
+
+    async def _take_jobs(self, sock: ClientSocket) -> bool:
+        while True:
+            try:
+                job = self._jobs_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return True
+            self._queued -= 1
+            if not await self._begin(sock, job):
+                return False
+
+    async def _wait_frame(self, sock: ClientSocket) -> str | bytes | None:
+        """The next frame, or None when a deadline passed or something woke the task."""
+        deadline = math.inf
+        if self._lanes:
+            deadline = trio.current_time() + self._settings.read_timeout
+            deadline = min([deadline, *(t.deadline for t in self.running_turns())])
+        with trio.CancelScope(deadline=deadline) as wait:
+            self._wake = wait
+            try:
+                return await sock.ws.get_message()
+            except ConnectionClosed as exc:
+                self._break_all("socket", errors.upstream_closed(_close_detail(exc)))
+                self._ending = True
+                return None
+            finally:
+                self._wake = None
+        return None
+
+    def _check_deadlines(self) -> bool:
+        """After a wait came back empty: a turn past its deadline, or an upstream silent past
+        `read_timeout`, ends every turn (the socket's state is unknown)."""
+        now = trio.current_time()
+        late = [turn for turn in self.running_turns() if turn.deadline <= now]
+        if late:
+            self._break_all("timeout", errors.turn_timeout(self._settings.turn_timeout))
+            return False
+        if self._lanes and self._silent_since(now):
+            self._break_all("timeout", errors.upstream_silent(self._settings.read_timeout))
+            return False
+        return True
+
+    def _silent_since(self, now: float) -> bool:
+        # The wait's own deadline was `read_timeout` after it began; it began no earlier
+        # than the last frame, so a wait that ended at or past that is silence.
+        return now - self._last_frame >= self._settings.read_timeout
+
+    def _drop_abandoned(self) -> bool:
+        """A client left mid-turn: the upstream's state is unknown, so the socket closes
+        and the other turns on it end with a clear error."""
+        self._left = False
+        gone = [turn for turn in self.running_turns() if turn.scope.cancel_called]
+        if not gone:
+            return True
+        for turn in gone:
+            self._remove(turn)
+            self._end(turn, TurnEnd("abandoned"))
+        self._break_all("socket", errors.upstream_closed("socket closed by the proxy"))
+        return False
+
+    async def _route(self, frame: str | bytes) -> bool:
+        """One frame to the turn of its lane (`stream_id`), or to the attached client."""
+        self._last_frame = trio.current_time()
+        try:
+            event = parse_frame(frame)
+        except ValueError as exc:
+            self._break_all("socket", errors.upstream_protocol(str(exc)))
+            return False
+        lane = event.data.get("stream_id")
+        queue = self._lanes.get(lane if isinstance(lane, str) else None)
+        if not queue:
+            return await self._unrouted(event)
+        turn = queue[0]
+        try:
+            kind = turn.tracker.feed(event)
+        except ValueError as exc:
+            self._break_all("socket", errors.upstream_protocol(str(exc)))
+            return False
+        if kind is None or event.type in STEER_EVENTS:
+            try:
+                await turn.deliver(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._remove(turn)
+                self._end(turn, TurnEnd("abandoned"))  # the client closed its end
+                self._break_all("socket", errors.upstream_closed("socket closed by the proxy"))
+                return False
+            if kind is None:
+                return True
+            held = turn.tracker.held_end
+            assert held is not None
+            event = held[1]
+        self._remove(turn)
+        end = terminal_end(kind, event, turn.tracker, turn.plan)
+        if turn.tracker.held_end is not None:
+            end = replace(end, delivered=True)
+        return self._end(turn, end)
+
+    async def _unrouted(self, event: UpstreamEvent) -> bool:
+        """A frame no running turn owns. An attached client gets it as it came; without one a
+        notice about no response is dropped, and anything about a response (or an error)
+        means the socket's state is unknown. A stray `response.*` event closes the socket
+        once nothing runs on it, client or not."""
+        kind = event.type
+        stray = kind == "error" or (kind.startswith("response.") and kind not in STEER_EVENTS)
+        if self.sink is not None:
+            try:
+                await self.sink.send(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.sink = None
+            if kind.startswith("response.") and kind not in STEER_EVENTS:
+                self.retire()
+            return True
+        if stray:
+            self._break_all(
+                "socket", errors.upstream_protocol(f"`{kind}` arrived for no running response")
+            )
+            return False
+        return True
+
+    def _remove(self, turn: Turn) -> None:
+        queue = self._lanes.get(turn.lane)
+        if queue and turn in queue:
+            queue.remove(turn)
+            if not queue:
+                del self._lanes[turn.lane]
+
+    def _end(self, turn: Turn, end: TurnEnd) -> bool:
+        """Record a turn's end (the pool learns first, then the client); False when the
+        socket must close now."""
+        turn.waker = None
+        self.pending -= 1
         self.turns += 1
+        keep = end.kind == "completed" and not self.one_turn
         if keep:
             self.memory = end.remembered
-            if turn.tracker.response is not None:
-                self.answered.append(str(turn.tracker.response.get("id")))
-        # The pool learns first, then the client: by the time a client sees the end and
-        # sends its next request, this socket is already idle and reusable.
+            rid = response_id(end.event) if end.event is not None else None
+            if rid is not None:
+                self.answered.append(rid)
+        else:
+            self._ending = True  # no more jobs; the turns running finish first
+            self._jobs_send.close()
+        # By the time a client sees the end and sends its next request, this socket is
+        # already idle and reusable.
         self._on_turn_end(self, turn, end)
         turn.finish(end)
-        if not keep and end.kind in _ABRUPT:
-            self._scope.cancel()
-        return keep
+        if end.kind in _ABRUPT:
+            self._abrupt = True
+            return False
+        return keep or bool(self._lanes)
 
-    async def _exchange(self, sock: ClientSocket, turn: Turn) -> TurnEnd:
-        ws, tracker = sock.ws, turn.tracker
-        with turn.scope:
-            with trio.move_on_after(self._settings.turn_timeout):
-                if ws.closed is not None:
-                    return TurnEnd("socket", error=errors.upstream_closed("closed while idle"))
-                if self._spoke_while_idle(sock):
-                    # Whatever it was (a late event, an error), it is no turn's: the socket's
-                    # state is unknown. The turn goes on a fresh socket, unseen by the client.
-                    stray = errors.upstream_protocol("a frame arrived while the socket was idle")
-                    return TurnEnd("socket", error=stray)
-                tracker.stale = self.answered
-                try:
-                    before = sock.wire.sent
-                    await sock.send_text(turn.payload)
-                    turn.wire_bytes = sock.wire.sent - before
-                    # One scope for the whole turn, armed only while waiting for a frame (a
-                    # slow client's back-pressure is not upstream silence): cheaper per event
-                    # than entering a fresh `move_on_after`. Frames already queued by the
-                    # reader are taken without waiting, so a burst touches neither the
-                    # deadline nor the scheduler (at most the reader's queue between waits).
-                    with trio.CancelScope() as silence:
-                        while True:
-                            try:
-                                frame = sock.message_nowait()
-                            except trio.WouldBlock:
-                                silence.deadline = trio.current_time() + self._settings.read_timeout
-                                frame = await ws.get_message()
-                                silence.deadline = math.inf
-                            event = parse_frame(frame)
-                            kind = tracker.feed(event)
-                            if kind is not None:
-                                return terminal_end(kind, event, tracker, turn.plan)
-                            await turn.deliver(event)
-                    silent = errors.upstream_silent(self._settings.read_timeout)
-                    return broken_end("timeout", silent, tracker)
-                except ConnectionClosed as exc:
-                    return broken_end("socket", errors.upstream_closed(_close_detail(exc)), tracker)
-                except ValueError as exc:
-                    return broken_end("socket", errors.upstream_protocol(str(exc)), tracker)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return TurnEnd("abandoned")  # the client closed its end of the channel
-            return broken_end("timeout", errors.turn_timeout(self._settings.turn_timeout), tracker)
-        return TurnEnd("abandoned")
+    def _break_all(self, kind: EndKind, error: ApiError) -> None:
+        """End every running turn with `error` (the socket is closing)."""
+        self._ending = True
+        self._jobs_send.close()
+        for turn in self.running_turns():
+            self._end(turn, broken_end(kind, error, turn.tracker))
+        self._lanes.clear()
+        self._abrupt = True
 
     @staticmethod
     def _spoke_while_idle(sock: ClientSocket) -> bool:
@@ -281,6 +531,24 @@ class UpstreamConnection:
                 return True
             if kind == "error" or kind.startswith("response."):
                 return True
+
+
+def _named(response: dict[str, Any] | None) -> str | None:
+    value = response.get("id") if response is not None else None
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A client's message that is no turn (`response.steer`, an event this proxy does not
+    know): sent as it came on the socket its responses run on. `target`: the response a
+    steer names, so that turn waits for the steering's outcome before it ends."""
+
+    payload: bytes
+    target: str | None = None
+
+
+Job = Turn | Notice
 
 
 def _close_detail(exc: ConnectionClosed) -> str:

@@ -12,14 +12,18 @@ pooled under its session, so a client that reconnects with the same session (or 
 last id without one) continues its `previous_response_id` chain. A client socket closed
 mid-response cancels that response and evicts its upstream socket, as HTTP does.
 
-Messages are taken in order, one turn at a time (the default lane). `stream_id` lanes and
-`response.steer` need an upstream socket that carries several responses at once; until the pool
-has that (lanes), such messages are answered with a clear error rather than dropped.
+Lanes (`stream_id`): each lane's messages run in order, one at a time; different lanes run at
+once, as lanes of the same upstream socket (so one lane can fork from another's response), and
+their events interleave on the client's socket. `response.steer` goes to the socket its target
+runs on; that turn then stays open until the steering is settled (a successor response that
+commits it, or its failure). Events this proxy does not know are relayed on the session's socket
+and the upstream's answers come back as they came.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
 from typing import Any
 
@@ -28,28 +32,52 @@ import trio
 from quart import Response, websocket
 from quart_trio import QuartTrio
 
-from trioproxy import access, bigjson, keys
+from trioproxy import access, bigjson, errors, keys
 from trioproxy.answers import error_response
 from trioproxy.context import AppContext
 from trioproxy.errors import ApiError
+from trioproxy.events import UpstreamEvent
 from trioproxy.proxy import Proxy, TurnStream, off_loop
 from trioproxy.targets import Target
 from trioproxy.telemetry import request_id
+from trioproxy.upstream import Notice, UpstreamConnection
 from trioproxy.validate import check_body, check_headers, require_unstored
 
 log = logging.getLogger("trioproxy.wsturns")
 
-# Close code (RFC 6455) for a client whose credentials are refused: policy violation.
+# Close codes (RFC 6455): refused credentials or a client past its limits; a proxy fault.
 CLOSE_POLICY = 1008
-# Messages a client may send ahead while a turn runs (Codex and the SDK send none).
+CLOSE_FAULT = 1011
+# Messages a client may send ahead of its running turns (Codex and the SDK send none).
 _QUEUED = 16
+# Frames on their way to the client: with each turn's own bounded buffer, all a client that
+# stops reading can make the proxy hold before the upstream's reading stops.
+_OUTBOX = 16
+# The protocol's lane names (openai `lib/responses_websocket/README.md`).
+_STREAM_ID = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
 
 
 def error_frame(error: ApiError, stream_id: str | None = None) -> str:
-    """The nested `error` event the WebSocket protocol uses."""
+    """The nested `error` event the WebSocket protocol uses (echoing a lane's `stream_id`)."""
     event: dict[str, Any] = {"type": "error", "status": error.status, **error.body()}
     if stream_id is not None:
         event["stream_id"] = stream_id
+    return orjson.dumps(event).decode()
+
+
+def steer_failed(message: dict[str, Any], code: str, text: str) -> str:
+    """`response.steer.failed` for steering the proxy cannot deliver: the input comes back
+    so the client can carry it into its next `response.create`."""
+    steer = {
+        "input": message.get("input"),
+        "previous_response_id": message.get("previous_response_id"),
+    }
+    event = {
+        "type": "response.steer.failed",
+        "sequence_number": 0,
+        "error": {"code": code, "message": text, "type": "invalid_request_error"},
+        "steer": steer,
+    }
     return orjson.dumps(event).decode()
 
 
@@ -66,101 +94,254 @@ async def serve(proxy: Proxy, gate: access.Gate, route: access.Route) -> None:
         return
     await websocket.accept()
     proxy.telemetry.websocket_clients += 1
-    queued = Queued(proxy.settings.max_body_bytes)
     try:
-        while True:
-            data = queued.take()
-            if data is None:
-                raw: str | bytes | None = None
-                with trio.move_on_after(proxy.settings.websocket_idle_timeout):
-                    raw = await websocket.receive()  # only the wait for a message is bounded
-                if raw is None:
-                    await websocket.close(1000, "idle")
-                    return
-                data = raw.encode() if isinstance(raw, str) else raw
-            async with trio.open_nursery() as nursery:
-                # Messages sent while a turn runs are read (in order) and held here, bounded,
-                # rather than left to pile up in the server's own unbounded-in-bytes queues.
-                nursery.start_soon(queued.fill)
-                await _message(proxy, target, scope, headers, data)
-                nursery.cancel_scope.cancel()
+        await ClientSession(proxy, target, scope, headers).run()
+    except Exception:
+        log.exception("WebSocket client session failed")
+        await websocket.close(CLOSE_FAULT, "proxy fault")
     finally:
         proxy.telemetry.websocket_clients -= 1
 
 
-class Queued:
-    """Client messages that arrived while a turn ran: taken in order once it ends. At most
-    `limit` bytes and `_QUEUED` messages; a client past that is closed (1008)."""
+class ClientSession:
+    """One client socket: its lanes, the upstream socket its responses run on, its outbox.
 
-    def __init__(self, limit: int) -> None:
-        self._messages: deque[bytes] = deque()
-        self._bytes = 0
-        self._limit = limit
+    Tasks: the reader (this one), a writer that owns sending to the client, one task per busy
+    lane, and one that relays the upstream's frames that belong to no turn.
+    """
 
-    def take(self) -> bytes | None:
-        if not self._messages:
-            return None
-        data = self._messages.popleft()
-        self._bytes -= len(data)
-        return data
+    def __init__(
+        self, proxy: Proxy, target: Target, scope: str | None, headers: list[tuple[str, str]]
+    ) -> None:
+        self.proxy = proxy
+        self.target = target
+        self.scope = scope
+        self.headers = headers
+        self.outbox, self._outbox_recv = trio.open_memory_channel[str](_OUTBOX)
+        self.sink, self._sink_recv = trio.open_memory_channel[UpstreamEvent](_OUTBOX)
+        self.waiting: dict[str | None, deque[dict[str, Any]]] = {}
+        self.waiting_bytes = 0
+        self.waiting_count = 0
+        self.conn: UpstreamConnection | None = None  # where its responses run now
+        self.on_conn = 0  # its turns running (or being placed) there
+        self.held = False  # leased to relay an event, with no turn yet
+        self._placing: trio.Event | None = None  # a turn is finding its socket
+        self._nursery: trio.Nursery | None = None
 
-    async def fill(self) -> None:
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._write)
+                nursery.start_soon(self._loose)
+                await self._read()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._let_go()
+
+    async def _write(self) -> None:
+        """The one task that sends to the client: frames of every lane, in arrival order."""
+        async for frame in self._outbox_recv:
+            await websocket.send(frame)
+
+    async def _loose(self) -> None:
+        """The upstream's frames that belong to no running turn (steering answers for a
+        finished response, answers to relayed events, connection-level errors)."""
+        async for event in self._sink_recv:
+            await self.outbox.send(event.raw)
+
+    async def _read(self) -> None:
+        idle = self.proxy.settings.websocket_idle_timeout
         while True:
-            raw = await websocket.receive()
+            raw: str | bytes | None = None
+            with trio.move_on_after(idle):
+                raw = await websocket.receive()
+            if raw is None:
+                if self.on_conn or self.waiting:
+                    continue  # only a client with nothing running is idle
+                await websocket.close(1000, "idle")
+                return
             data = raw.encode() if isinstance(raw, str) else raw
-            self._messages.append(data)
-            self._bytes += len(data)
-            if self._bytes > self._limit or len(self._messages) > _QUEUED:
-                await websocket.close(CLOSE_POLICY, "too many messages while a response runs")
+            if not await self._message(data):
                 return
 
+    async def _message(self, data: bytes) -> bool:
+        """Dispatch one client message; False once the client has been closed."""
+        try:
+            message = await off_loop(len(data), parse_request_event, data)
+        except ApiError as exc:
+            await self.outbox.send(error_frame(exc))
+            return True
+        kind = message.get("type")
+        if kind == "response.create":
+            return await self._create(message, len(data))
+        if kind == "response.steer":
+            await self._steer(message, data)
+            return True
+        await self._relay_unknown(kind, data)
+        return True
 
-async def _message(
-    proxy: Proxy,
-    target: Target,
-    scope: str | None,
-    headers: list[tuple[str, str]],
-    data: bytes,
-) -> None:
-    """One client message: a `response.create` runs as a turn; anything else is answered."""
-    try:
-        message = await off_loop(len(data), parse_request_event, data)
-    except ApiError as exc:
-        await websocket.send(error_frame(exc))
-        return
-    kind = message.pop("type")
-    stream_id = message.get("stream_id")
-    if kind != "response.create" or stream_id is not None:
-        what = "lanes (`stream_id`)" if stream_id is not None else f"`{kind}`"
-        refused = ApiError(
-            400,
-            f"{what} are not supported by this proxy yet; send `response.create` on the "
-            "default lane.",
-            type="invalid_request_error",
-            code="unsupported_event",
-        )
-        await websocket.send(
-            error_frame(refused, stream_id if isinstance(stream_id, str) else None)
-        )
-        return
-    try:
-        body = message
-        if target.chatgpt:
-            body = require_unstored(body)
-        proxy.request_bytes += len(data)
-        stream = await proxy.open_turn(
-            body,
-            headers,
-            target,
-            request_id=request_id(headers),
-            request_bytes=len(data),
-            scope=scope,
-            client="websocket-in",
-        )
-    except ApiError as exc:
-        await websocket.send(error_frame(exc))
-        return
-    await relay(stream)
+    async def _create(self, message: dict[str, Any], size: int) -> bool:
+        lane = message.get("stream_id")
+        if lane is not None and not (isinstance(lane, str) and _STREAM_ID.fullmatch(lane)):
+            refused = ApiError(
+                400,
+                "`stream_id` must be 1-256 ASCII letters, digits, `_`, `-` or `.`.",
+                param="stream_id",
+                code="invalid_stream_id",
+            )
+            await self.outbox.send(error_frame(refused, lane if isinstance(lane, str) else None))
+            return True
+        self.waiting_count += 1
+        self.waiting_bytes += size
+        if self.waiting_count > _QUEUED or self.waiting_bytes > self.proxy.settings.max_body_bytes:
+            await websocket.close(CLOSE_POLICY, "too many messages while responses run")
+            return False
+        message["_size"] = size
+        queue = self.waiting.get(lane)
+        if queue is not None:
+            queue.append(message)  # its lane is busy: first in, first out
+            return True
+        self.waiting[lane] = deque([message])
+        assert self._nursery is not None
+        self._nursery.start_soon(self._lane, lane)
+        return True
+
+    async def _lane(self, lane: str | None) -> None:
+        """Run one lane's messages in order until none waits."""
+        queue = self.waiting[lane]
+        while queue:
+            message = queue[0]
+            try:
+                await self._turn(lane, message)
+            finally:
+                queue.popleft()
+                self.waiting_count -= 1
+                self.waiting_bytes -= message["_size"]
+        del self.waiting[lane]
+
+    async def _turn(self, lane: str | None, message: dict[str, Any]) -> None:
+        size = message["_size"]
+        body = {k: v for k, v in message.items() if k not in ("type", "_size")}
+        while self._placing is not None:  # another lane is finding the socket: join it there
+            await self._placing.wait()
+        beside = self.conn if self.conn is not None and (self.on_conn or self.held) else None
+        placing = None
+        if beside is None:
+            placing = self._placing = trio.Event()
+        self.on_conn += 1 if beside is not None else 0
+        try:
+            if self.target.chatgpt:
+                body = require_unstored(body)
+            self.proxy.request_bytes += size
+            stream = await self.proxy.open_turn(
+                body,
+                self.headers,
+                self.target,
+                request_id=request_id(self.headers),
+                request_bytes=size,
+                scope=self.scope,
+                client="websocket-in",
+                beside=beside,
+            )
+        except ApiError as exc:
+            if beside is not None:
+                self._done_on(beside)
+            await self.outbox.send(error_frame(exc, lane))
+            return
+        finally:
+            if placing is not None:
+                self._placing = None
+                placing.set()
+        conn = stream.conn
+        if conn is not beside:
+            if beside is not None:
+                self._done_on(beside)
+            if conn is not None:
+                self._use(conn)
+        try:
+            await relay(stream, self.outbox, lane)
+        finally:
+            if conn is not None:
+                self._done_on(conn)
+
+    def _use(self, conn: UpstreamConnection) -> None:
+        """Its responses run on `conn` now: it hears that socket's loose frames."""
+        if conn is not self.conn:
+            self._let_go()
+            self.conn = conn
+        self.on_conn += 1
+        conn.attach(self.sink)
+
+    def _done_on(self, conn: UpstreamConnection) -> None:
+        if conn is not self.conn:
+            return
+        self.on_conn -= 1
+        if not self.on_conn and not self.held:
+            conn.detach(self.sink)
+
+    def _let_go(self) -> None:
+        """Detach from the socket it used; a socket it held for relaying goes back."""
+        conn = self.conn
+        if conn is None:
+            return
+        conn.detach(self.sink)
+        if self.held:
+            self.held = False
+            self.proxy.registry.release(conn)
+        self.conn = None
+        self.on_conn = 0
+
+    async def _steer(self, message: dict[str, Any], data: bytes) -> None:
+        """Steering goes to the socket where its target runs, if that is one of this
+        client's own responses; otherwise it fails here (never reaching another's)."""
+        target = message.get("previous_response_id")
+        conn = self.conn
+        running = conn.running_turns() if conn is not None and self.on_conn else []
+        ids = {turn.tracker.response.get("id") for turn in running if turn.tracker.response}
+        if conn is None or not isinstance(target, str) or target not in ids:
+            await self.outbox.send(
+                steer_failed(
+                    message,
+                    "response_not_active",
+                    "No response of this client with that id is running on this connection.",
+                )
+            )
+            return
+        if not conn.submit(Notice(data, target)):
+            await self.outbox.send(
+                steer_failed(message, "response_not_active", "The response's socket is closing.")
+            )
+
+    async def _relay_unknown(self, kind: Any, data: bytes) -> None:
+        """An event this proxy does not know goes upstream as it came, on the session's
+        socket; the answers come back as they come. Managed mode relays only what it can
+        check for scope, so there it is refused."""
+        if self.scope is not None:
+            await self.outbox.send(error_frame(_unsupported(kind)))
+            return
+        conn = self.conn if self.conn is not None and (self.on_conn or self.held) else None
+        if conn is None:
+            try:
+                conn = await self.proxy.hold_socket(self.headers, self.target, self.scope)
+            except ApiError as exc:
+                await self.outbox.send(error_frame(exc))
+                return
+            self._let_go()
+            self.conn, self.held = conn, True
+            conn.attach(self.sink)
+        if not conn.submit(Notice(data)):
+            await self.outbox.send(error_frame(errors.upstream_closed("socket closing")))
+
+
+def _unsupported(kind: Any) -> ApiError:
+    return ApiError(
+        400,
+        f"`{kind}` is not relayed in managed mode: only `response.create` and "
+        "`response.steer` are.",
+        type="invalid_request_error",
+        code="unsupported_event",
+    )
 
 
 def parse_request_event(data: bytes) -> dict[str, Any]:
@@ -179,17 +360,19 @@ def parse_request_event(data: bytes) -> dict[str, Any]:
     return message
 
 
-async def relay(stream: TurnStream) -> None:
+async def relay(
+    stream: TurnStream, outbox: trio.MemorySendChannel[str], lane: str | None = None
+) -> None:
     """The turn's events as text frames, then its end: the upstream's terminal event as it
-    came, or a nested `error` for an end the proxy had to make."""
+    came (unless steering already passed it on), or a nested `error` the proxy made."""
     try:
         async for event in stream:
-            await websocket.send(event.raw)
+            await outbox.send(event.raw)
         end = stream.end
-        if end.event is not None:
-            await websocket.send(end.event.raw)
-        elif end.error is not None:
-            await websocket.send(error_frame(end.error))
+        if end.event is not None and not end.delivered:
+            await outbox.send(end.event.raw)
+        elif end.error is not None and end.event is None:
+            await outbox.send(error_frame(end.error, lane))
     finally:
         stream.abandon()  # a client gone mid-response: cancel it, evict the socket
 

@@ -1,0 +1,277 @@
+"""WebSocket clients that use lanes (`stream_id`), steering and events the proxy does not know.
+
+A client's lanes run at once as lanes of one upstream socket (so a lane can fork from another's
+response), each lane first-in first-out, their events interleaved on the client's socket and
+each lane's events echoing its `stream_id`. Steering reaches the socket its target runs on; the
+turn stays open until the upstream's successor response commits it. A client that stops reading
+stops the upstream's reading, with a bounded amount held in between.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from openai import AsyncOpenAI
+from openai.lib.responses_websocket import (
+    AsyncResponsesWebSocketSession,
+    ResponsesWebSocketLimits,
+)
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from tests.conftest import ProxyServer, nothing_left, start_proxy, wait_until
+from trioproxy.fake import FakeUpstream
+from trioproxy.fake.script import Reply
+
+LIMITS = ResponsesWebSocketLimits(
+    max_lanes=4,
+    max_events_per_lane=4096,
+    max_events=8192,
+    max_bytes_per_lane=1 << 24,
+    max_bytes=1 << 25,
+)
+TERMINALS = ("response.completed", "response.failed", "response.incomplete", "error")
+
+
+def ws_url(server: ProxyServer) -> str:
+    return server.base_url.replace("http://", "ws://") + "/responses"
+
+
+def session(name: str) -> list[tuple[str, str]]:
+    return [("authorization", "Bearer sk-test-key"), ("session-id", name)]
+
+
+async def send(ws: WebSocketConnection, **message: Any) -> None:
+    await ws.send_message(json.dumps(message))
+
+
+async def until(ws: WebSocketConnection, done: Any) -> list[dict[str, Any]]:
+    """Events until `done(event)` is true (that one included)."""
+    events = []
+    with trio.fail_after(10):
+        while True:
+            event = json.loads(await ws.get_message())
+            events.append(event)
+            if done(event):
+                return events
+
+
+def terminal_of(lane: str | None) -> Any:
+    return lambda e: e["type"] in TERMINALS and e.get("stream_id") == lane
+
+
+async def test_two_sdk_lanes_run_at_once_on_one_upstream_socket(server: ProxyServer) -> None:
+    """`openai.lib.responses_websocket`: two named lanes, concurrently, each collecting its
+    own final response; one upstream socket carries both."""
+    client = AsyncOpenAI(base_url=server.base_url, api_key="sk-test-key", max_retries=0)
+
+    async def run() -> tuple[Any, Any]:
+        async with (
+            client.responses.connect(extra_headers={"session-id": "lanes"}) as connection,
+            AsyncResponsesWebSocketSession(connection, limits=LIMITS) as session,
+        ):
+            a, b = session.lane("a"), session.lane("b")
+            await a.send({"type": "response.create", "model": "m", "input": "fake: slow 0.02\nA"})
+            await b.send({"type": "response.create", "model": "m", "input": "fake: slow 0.02\nB"})
+            first, second = await a.get_final_response(), await b.get_final_response()
+            # A fork: lane b continues lane a's response on the same connection.
+            await b.send(
+                {
+                    "type": "response.create",
+                    "model": "m",
+                    "input": "fork",
+                    "previous_response_id": first.id,
+                }
+            )
+            forked = await b.get_final_response()
+            return (first, second), forked
+
+    import asyncio  # the SDK's session is asyncio code: run it in a thread of its own
+
+    (first, second), forked = await trio.to_thread.run_sync(lambda: asyncio.run(run()))
+    assert first.status == second.status == forked.status == "completed"
+    assert first.output[-1].content[0].text.endswith("A")
+    assert second.output[-1].content[0].text.endswith("B")
+    fake = server.fake
+    assert fake.sockets_opened == 1
+    creates = fake.creates()
+    assert [c.message.get("stream_id") for c in creates] == ["a", "b", "b"]
+    assert creates[2].message["previous_response_id"] == first.id
+    assert server.proxy.placements["lane"] >= 1
+    await nothing_left(server)
+
+
+async def test_lanes_interleave_and_each_lane_is_first_in_first_out(server: ProxyServer) -> None:
+    async with open_websocket_url(ws_url(server), extra_headers=session("fifo")) as ws:
+        await send(
+            ws, type="response.create", model="m", input="fake: slow 0.01\none", stream_id="x"
+        )
+        await send(
+            ws, type="response.create", model="m", input="fake: slow 0.01\ntwo", stream_id="x"
+        )
+        await send(
+            ws, type="response.create", model="m", input="fake: slow 0.01\nthree", stream_id="y"
+        )
+        events: list[dict[str, Any]] = []
+        with trio.fail_after(10):
+            while sum(e["type"] == "response.completed" for e in events) < 3:
+                events.append(json.loads(await ws.get_message()))
+    lanes = [e.get("stream_id") for e in events]
+    assert set(lanes) == {"x", "y"}  # every event names its lane
+    # Lane y ran while lane x did: their events interleave.
+    first_y, last_x = lanes.index("y"), len(lanes) - 1 - lanes[::-1].index("x")
+    assert first_y < last_x
+    # Lane x's second response starts only after its first ended.
+    x_events = [e for e in events if e.get("stream_id") == "x"]
+    types = [e["type"] for e in x_events]
+    assert types.index("response.completed") < len(types) - 1 - types[::-1].index(
+        "response.created"
+    )
+    texts = [
+        e["response"]["output"][-1]["content"][0]["text"]
+        for e in x_events
+        if e["type"] == "response.completed"
+    ]
+    assert texts[0].endswith("one") and texts[1].endswith("two")
+    assert server.fake.sockets_opened == 1
+    await nothing_left(server)
+
+
+@pytest.mark.parametrize("lane", [None, "steered-lane"])
+async def test_steering_a_running_response_commits_in_its_successor(
+    server: ProxyServer, lane: str | None
+) -> None:
+    """`response.steer` reaches the socket its target runs on; the upstream ends the response
+    as steered and starts a successor; the client sees it all as one turn of the proxy's, and
+    the socket stays pooled for the chain that goes on from the successor."""
+    on_lane = {"stream_id": lane} if lane else {}
+    async with open_websocket_url(ws_url(server), extra_headers=session("steer")) as ws:
+        await send(
+            ws,
+            type="response.create",
+            model="m",
+            input="fake: slow 0.05\nfake: long 40",
+            **on_lane,
+        )
+        created = await until(ws, lambda e: e["type"] == "response.created")
+        target = created[-1]["response"]["id"]
+        await send(ws, type="response.steer", previous_response_id=target, input="shorter please")
+        events = await until(ws, lambda e: e["type"] == "response.completed")
+        assert {e.get("stream_id") for e in events} == {lane}
+        types = [e["type"] for e in events]
+        assert "response.steer.accepted" in types
+        incomplete = next(e for e in events if e["type"] == "response.incomplete")
+        assert incomplete["response"]["incomplete_details"]["reason"] == "steered"
+        assert types.index("response.incomplete") < len(types) - 1  # not the turn's end
+        successor = [e for e in events if e["type"] == "response.created"][-1]["response"]
+        assert successor["id"] != target
+        final = events[-1]["response"]
+        assert final["id"] == successor["id"]
+        await send(
+            ws,
+            type="response.create",
+            model="m",
+            input="next",
+            previous_response_id=final["id"],
+            **on_lane,
+        )
+        after = await until(ws, lambda e: e["type"] in TERMINALS)
+    assert after[-1]["type"] == "response.completed"
+    fake = server.fake
+    assert fake.sockets_opened == 1
+    assert [r.message["type"] for r in fake.received] == [
+        "response.create",
+        "response.steer",
+        "response.create",
+    ]
+    assert server.proxy.telemetry.clients == {"websocket-in": 2}  # the steered one is one turn
+    await nothing_left(server)
+
+
+async def test_steering_nothing_running_fails_at_the_proxy(server: ProxyServer) -> None:
+    async with open_websocket_url(ws_url(server), extra_headers=session("s2")) as ws:
+        await send(ws, type="response.steer", previous_response_id="resp_nobody", input="hi")
+        failed = json.loads(await ws.get_message())
+        await send(ws, type="response.create", model="m", input="still fine")
+        done = await until(ws, lambda e: e["type"] in TERMINALS)
+    assert failed["type"] == "response.steer.failed"
+    assert failed["error"]["code"] == "response_not_active"
+    assert failed["steer"]["input"] == "hi"  # the input comes back to the client
+    assert done[-1]["type"] == "response.completed"
+    assert all(r.message["type"] == "response.create" for r in server.fake.received)
+
+
+async def test_an_unknown_event_is_relayed_and_its_answer_comes_back(server: ProxyServer) -> None:
+    async with open_websocket_url(ws_url(server), extra_headers=session("u")) as ws:
+        await send(ws, type="session.future_thing", value=1)
+        answer = json.loads(await ws.get_message())
+        await send(ws, type="response.create", model="m", input="after")
+        done = await until(ws, lambda e: e["type"] in TERMINALS)
+    fake = server.fake
+    assert fake.received[0].message["type"] == "session.future_thing"  # it went upstream
+    assert answer["type"] == "error" and answer["error"]["code"] == "unknown_event"
+    assert done[-1]["type"] == "response.completed"
+    assert fake.sockets_opened == 1  # the socket it was relayed on took the turn
+    await nothing_left(server)
+
+
+async def test_managed_mode_relays_no_unknown_event(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    from tests.test_managed import KEY_A, gateway_for
+
+    gateway = await gateway_for(nursery, fake, tmp_path)
+    url = ws_url(gateway)
+    headers = [("authorization", f"Bearer {KEY_A}"), ("session-id", "m")]
+    async with open_websocket_url(url, extra_headers=headers) as ws:
+        await send(ws, type="session.future_thing")
+        answer = json.loads(await ws.get_message())
+    assert answer["error"]["code"] == "unsupported_event"
+    assert not fake.received
+
+
+async def test_a_client_cut_mid_lanes_cancels_them_and_evicts_the_socket(
+    server: ProxyServer,
+) -> None:
+    async with open_websocket_url(ws_url(server), extra_headers=session("cut")) as ws:
+        for lane in ("p", "q"):
+            await send(
+                ws,
+                type="response.create",
+                model="m",
+                input="fake: slow 0.05\nfake: long 200",
+                stream_id=lane,
+            )
+        await until(ws, lambda e: e["type"] == "response.output_text.delta")
+    await wait_until(lambda: server.registry.evictions["abandoned"] == 1)
+    await nothing_left(server)
+    assert server.fake.open_sockets == 0
+
+
+async def test_a_client_that_stops_reading_stops_the_upstream_read(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    """Back-pressure: nothing piles up without bound in the proxy. The client reads nothing;
+    the proxy holds at most its per-turn byte bound (plus a few frames) and the upstream's
+    sending stalls long before the reply's end."""
+    limit = 256 * 1024
+    server = await start_proxy(nursery, fake, event_buffer_bytes=limit)
+    word = "w" * 4096
+    fake.queue(Reply.message(" ".join([word] * 12000)))  # ~50 MB of deltas
+    async with open_websocket_url(ws_url(server), extra_headers=session("bp")) as ws:
+        await send(ws, type="response.create", model="m", input="go")
+        await ws.get_message()  # response.created: the turn runs
+        # Wait until the upstream's sending stalls (TCP buffers full all the way back).
+        last = -1
+        with trio.fail_after(20):
+            while fake.events_sent != last:
+                last = fake.events_sent
+                await trio.sleep(0.3)
+        held = server.registry.buffered_bytes
+        assert held <= limit + 2 * (len(word) + 512)
+        assert fake.events_sent < 12000 / 2
+    await wait_until(lambda: server.registry.evictions["abandoned"] == 1)
+    await nothing_left(server)
