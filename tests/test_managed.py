@@ -346,3 +346,46 @@ async def test_a_managed_client_sees_the_model_not_the_channels_account_or_limit
     assert reply.headers["openai-model"] == "gpt-5-served"
     assert "openai-organization" not in reply.headers
     assert "x-ratelimit-remaining-tokens" not in reply.headers
+
+
+# -- several instances: ids this instance never saw ------------------------------------------------
+async def test_an_id_this_instance_never_saw_is_refused_in_managed_mode(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """Behind a balancer a scope's request may reach an instance that did not make the id it
+    chains from (or one restarted since). Fail closed: refused as not found, nothing sent, so
+    no scope chains from an id it learnt elsewhere; the client starts the chain again."""
+    first = await gateway_for(nursery, fake, tmp_path)
+    async with first.client() as client:
+        made = await ask(client, KEY_A, request_body([user("on instance one")]))
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    second = await gateway_for(nursery, fake, second_dir)
+    async with second.client() as client:
+        sent = len(fake.received)
+        chained = await ask(
+            client, KEY_A, request_body([user("next")], previous_response_id=made.json()["id"])
+        )
+        fresh = await ask(client, KEY_A, request_body([user("on instance one"), user("again")]))
+    assert chained.status_code == 400
+    assert chained.json()["error"]["code"] == "previous_response_not_found"
+    assert len(fake.received) == sent + 1  # only the fresh request went upstream
+    assert fresh.status_code == 200
+
+
+async def test_unseen_ids_go_upstream_when_the_operator_allows_them(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    path = tmp_path / "trioproxy.toml"
+    path.write_text(config_text(fake.url))
+    values, keys = managed.load(str(path), ENV)
+    assert keys is not None
+    gateway = await start_managed(nursery, fake, keys, **values, refuse_unseen_chains=False)
+    async with gateway.client() as client:
+        made = await ask(client, KEY_A, request_body([user("stored")], store=True))
+        gateway.proxy.ownership = Ownership()  # as after a restart: the id is unseen
+        chained = await ask(
+            client, KEY_A, request_body([user("next")], previous_response_id=made.json()["id"])
+        )
+    assert chained.status_code == 200
+    assert fake.creates()[-1].message["previous_response_id"] == made.json()["id"]

@@ -126,6 +126,11 @@ class Settings:
     # A client WebSocket that sends nothing for this long is closed (1000); its upstream socket
     # stays pooled for the session, so a reconnect continues the chain.
     websocket_idle_timeout: float = 50 * 60.0
+    # Managed mode: a client's `previous_response_id` this instance did not see its scope make
+    # (made on another instance behind a balancer, or before a restart) is refused as not
+    # found: fail closed, so no scope can chain from another's id it learnt. Off, such an id
+    # goes to the upstream, which judges it by its own rules (the API key's, not the scope's).
+    refuse_unseen_chains: bool = True
     # A key /healthz and /metrics require ("" = open to anyone who can reach the port, as for
     # a proxy on loopback or a private network a balancer and a scraper share).
     metrics_key: str = ""

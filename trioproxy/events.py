@@ -83,6 +83,7 @@ class TurnTracker:
     steers_accepted: set[str] = field(default_factory=set)
     held_end: tuple[EndKind, UpstreamEvent] | None = None  # a terminal passed on, end pending
     successors: int = 0  # responses the upstream started after a steered one, in this turn
+    earlier: list[str] = field(default_factory=list)  # ids of this turn's steered responses
 
     def feed(self, event: UpstreamEvent) -> EndKind | None:
         """Record `event`; return how the turn ended if this event ends it.
@@ -144,6 +145,8 @@ class TurnTracker:
         """A response the upstream started after this turn's one ended: it commits the
         accepted steering, and is this turn's from now on."""
         self.successors += 1
+        if self.response is not None and isinstance(self.response.get("id"), str):
+            self.earlier.append(self.response["id"])
         self.held_end = None
         self.steers_accepted.clear()
         self.response = None

@@ -108,12 +108,14 @@ class Managed:
 
 class Ownership:
     """Which scope made which response id (most recent first out): a scope may only chain
-    from its own responses. Bounded: ids older than the bound are forgotten, and an id the
-    proxy never saw (made before a restart) is left to the upstream to judge."""
+    from its own responses. Bounded: ids older than the bound are forgotten. An id the proxy
+    never saw (another instance's, or made before a restart) is refused when `strict` (the
+    default in managed mode), else left to the upstream to judge."""
 
-    def __init__(self, size: int = 100_000) -> None:
+    def __init__(self, size: int = 100_000, *, strict: bool = False) -> None:
         self._owners: OrderedDict[str, str] = OrderedDict()
         self._size = size
+        self.strict = strict
 
     def record(self, response_id: str, scope: str) -> None:
         self._owners[response_id] = scope
@@ -122,8 +124,11 @@ class Ownership:
             self._owners.popitem(last=False)
 
     def foreign(self, response_id: str, scope: str) -> bool:
+        """Whether `scope` may not chain from `response_id`."""
         owner = self._owners.get(response_id)
-        return owner is not None and owner != scope
+        if owner is None:
+            return self.strict
+        return owner != scope
 
 
 # -- loading ---------------------------------------------------------------------------------------

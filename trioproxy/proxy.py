@@ -112,7 +112,7 @@ class Proxy:
         self.settings = settings
         self.registry = registry
         self.telemetry = telemetry or Telemetry()
-        self.ownership = Ownership()
+        self.ownership = Ownership(strict=settings.refuse_unseen_chains)
         self.fallback = FallbackPolicy(
             settings.fallback_after, settings.fallback_cooldown, enabled=settings.http_fallback
         )
@@ -316,9 +316,14 @@ class Proxy:
 
     def _turn_ended(self, carrier: Carrier, turn: Turn, end: TurnEnd) -> None:
         """Who owns the response (managed scopes), and how this session's sockets fare."""
-        rid = response_id(end.event) if end.event is not None else None
-        if turn.tenant is not None and rid is not None:
-            self.ownership.record(rid, turn.tenant)
+        if turn.tenant is not None:
+            # Every response the client saw begin is its scope's to chain from: the final
+            # one, a steered one before it, one cut short.
+            rid = response_id(end.event) if end.event is not None else None
+            begun = end.begun.get("id") if end.begun is not None else None
+            for made in (*turn.tracker.earlier, begun, rid):
+                if isinstance(made, str):
+                    self.ownership.record(made, turn.tenant)
         if turn.transport != "websocket":
             return
         if end.kind in ("socket", "timeout"):
