@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import getpass
 import logging
 import os
@@ -107,7 +108,20 @@ async def run_server(settings: Settings, keys: Managed | None = None) -> None:
     if settings.codex_auth:
         log.info("using the ChatGPT login in %s for /v1/responses", settings.codex_auth)
     trigger = partial(_drained, proxy.registry, settings.shutdown_grace)
+    tune_gc(settings.gc_gen0)
     await hypercorn_serve(app, config, shutdown_trigger=trigger)
+
+
+def tune_gc(gen0: int) -> None:
+    """Freeze what start-up built (modules, the app: never garbage, no longer scanned by every
+    old-generation pass) and collect the young generation every `gen0` allocations (see
+    `Settings.gc_gen0`; 0 leaves Python's defaults)."""
+    if gen0 <= 0:
+        return
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(gen0, older, oldest)
 
 
 async def run_fake(host: str, port: int, event_delay: float, reencrypt: bool = True) -> None:
