@@ -117,7 +117,8 @@ def test_handshake_rejection_keeps_openai_body_or_summarises() -> None:
     err = from_handshake_rejection(401, body)
     assert (err.status, err.code, err.message) == (401, "invalid_api_key", "bad key")
     other = from_handshake_rejection(503, b"<html>down</html>")
-    assert other.status == 503 and other.code == "upstream_handshake_rejected"
+    # The upstream's 503 is relayed as 502: a 503 of the proxy's means draining.
+    assert other.status == 502 and other.code == "upstream_handshake_rejected"
 
 
 # -- validation -----------------------------------------------------------------------------

@@ -72,10 +72,17 @@ class ServerConfig(Config):
 
 
 def hypercorn_config(
-    host: str, port: int, write_timeout: float = 0.0, max_message: int = 32 * 1024 * 1024
+    host: str,
+    port: int,
+    write_timeout: float = 0.0,
+    max_message: int = 32 * 1024 * 1024,
+    keep_alive: float = 75.0,
 ) -> ServerConfig:
     config = ServerConfig()
     config.write_timeout = write_timeout
+    # Longer than a balancer's own idle keep-alive to us (nginx, HAProxy: docs/deploy.md), so
+    # the balancer is the side that closes an idle connection, never mid-reuse.
+    config.keep_alive_timeout = keep_alive
     # Client WebSockets: pinged so a dead peer is noticed between turns; a message larger
     # than a request body may be is closed with 1009 (hypercorn offers them permessage-deflate).
     config.websocket_ping_interval = 20.0
@@ -83,7 +90,10 @@ def hypercorn_config(
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # through our formatter, not its own
-    config.graceful_timeout = 10.0
+    # After the drain (`_drained`: running turns finished or cut) only connections are left to
+    # close; hypercorn's ping task of a client WebSocket, even one long closed, would otherwise
+    # hold the exit for the whole timeout.
+    config.graceful_timeout = 2.0
     # hypercorn's default listen backlog is 100: 256 clients connecting at once overflowed it
     # and some had their connection reset mid-request (the bench's 256-session row).
     config.backlog = 4096
@@ -96,7 +106,11 @@ async def run_server(settings: Settings, keys: Managed | None = None) -> None:
     app = create_app(settings, managed=keys)
     proxy: Proxy = app.extensions["trioproxy"]
     config = hypercorn_config(
-        settings.host, settings.port, settings.write_timeout, settings.max_body_bytes
+        settings.host,
+        settings.port,
+        settings.write_timeout,
+        settings.max_body_bytes,
+        settings.keep_alive_timeout,
     )
     # The channels' upstreams in managed mode (--upstream is unused there); never an
     # `?api-key=` or userinfo in the log.

@@ -131,6 +131,9 @@ class Settings:
     # found: fail closed, so no scope can chain from another's id it learnt. Off, such an id
     # goes to the upstream, which judges it by its own rules (the API key's, not the scope's).
     refuse_unseen_chains: bool = True
+    # Idle seconds before the server closes a client's keep-alive connection: above a
+    # balancer's own idle timeout to us (nginx keepalive_timeout, HAProxy timeout http-keep-alive).
+    keep_alive_timeout: float = 75.0
     # Allocations between young-generation garbage collections (0: Python's 700). Each relayed
     # event allocates a few containers, so at 700 the collector ran about once per 30 events and
     # took 15-20 us of each event's CPU; at 5,000 it took 2-6 us, with no loss at one session

@@ -116,8 +116,16 @@ def from_error_event(data: dict[str, Any]) -> ApiError:
     status = data.get("status")
     if not isinstance(status, int) or not 400 <= status <= 599:
         status = _STATUS_BY_CODE.get(code or "", _STATUS_BY_TYPE.get(type_, 500))
+    status = relayed_status(status)
     message = redact(_str_or_none(fields.get("message")) or "upstream reported an error")
     return ApiError(status, message, type=type_, param=_str_or_none(fields.get("param")), code=code)
+
+
+def relayed_status(status: int) -> int:
+    """The HTTP status for an upstream's error: its own, except that the upstream's 503
+    becomes 502. A 503 from this proxy means only "draining": a balancer in front takes the
+    instance out of rotation for it (docs/deploy.md), which the provider's trouble must not do."""
+    return 502 if status == 503 else status
 
 
 def from_handshake_rejection(status: int, body: bytes | None) -> ApiError:
@@ -130,10 +138,10 @@ def from_handshake_rejection(status: int, body: bytes | None) -> ApiError:
             parsed = None
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         err = from_error_event({"status": status, "error": parsed["error"]})
-        err.status = status if 400 <= status <= 599 else 502
+        err.status = relayed_status(status) if 400 <= status <= 599 else 502
         return err
     return _upstream(
-        status if 400 <= status <= 599 else 502,
+        relayed_status(status) if 400 <= status <= 599 else 502,
         "upstream_handshake_rejected",
         f"upstream refused the WebSocket handshake with HTTP {status}",
     )
