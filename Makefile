@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed
 CODEX_VERSION ?= 0.169.0
 CODEX_DIR := .tools/codex
 CODEX := $(CODEX_DIR)/node_modules/.bin/codex
+# nginx and HAProxy for the balancer tests, unpacked from Debian's packages (never installed).
+BALANCERS_DIR := .tools/balancers
+BALANCERS_DEBS := .tools/debs
+BALANCERS_STAMP := $(BALANCERS_DIR)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8787
 # The bench's own venv: LiteLLM and matplotlib stay out of the product's dependencies.
@@ -22,7 +26,7 @@ CODEX_LB_STAMP := $(CODEX_LB_VENV)/.installed
 CODEX_LB_VERSION ?= 1.24.0
 PYTHON313 ?= $(shell for p in python3.13 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python3.13; do "$$p" -c pass 2>/dev/null && echo "$$p" && break; done)
 
-.PHONY: install codex test lint format demo serve bench clean
+.PHONY: install codex balancers test lint format demo serve bench clean
 
 install: $(STAMP)
 
@@ -41,7 +45,18 @@ $(CODEX):
 	cd $(CODEX_DIR) && npm install --no-audit --no-fund --loglevel=error @openai/codex@$(CODEX_VERSION)
 	test -x $(CODEX)
 
-test: install codex
+# nginx and HAProxy from Debian's packages into $(BALANCERS_DIR) (binaries in usr/sbin): `apt-get
+# download` and `dpkg-deb -x`, plus the shared libraries the machine lacks; no service starts.
+# Refreshes empty or stale package lists first (as root). Without apt-get: skipped, or an error
+# under CI.
+balancers: $(BALANCERS_STAMP)
+
+$(BALANCERS_STAMP): deploy/fetch-balancers.sh
+	@echo "== unpacking nginx and HAProxy from Debian's packages into $(BALANCERS_DIR) (the balancer tests)"
+	sh deploy/fetch-balancers.sh $(BALANCERS_DIR) $(BALANCERS_DEBS)
+	@if [ -x $(BALANCERS_DIR)/usr/sbin/nginx ]; then touch $(BALANCERS_STAMP); fi
+
+test: install codex balancers
 	TRIOPROXY_CODEX_BIN="$(abspath $(CODEX))" $(VENV)/bin/pytest -q
 
 lint: install
