@@ -9,6 +9,15 @@ Contenders differ only in how a turn travels:
 
 Per turn it records the time to first event and the events received; the run's wall time
 gives turns/s and events/s.
+
+By default the load is a closed loop: every session sends its next turn as soon as its last one
+ended, so at saturation the time to first event is mostly queueing. With `rate` it is an open
+loop over established sessions: every session sends its first turn (the full request and the
+upstream handshake) at once and uncounted, then the later turns' starts are scheduled at a fixed
+rate for the run as a whole (turn j >= 1 of session n at `((j - 1) * sessions + n) / rate`
+seconds after the last first turn ended), whatever the contender's pace; a session still waits
+for its own previous turn (a conversation cannot send its next turn before the last one ends),
+and the starts that came late for that reason are counted.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import functools
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +56,7 @@ class Result:
     chunks: int = 0  # HTTP body reads: about one per write the server made
     first_error: str = ""
     frames: list[bytes] | None = None  # direct only, when asked: every frame it sent
+    late: int = 0  # open loop: turns that started late, their session still busy
 
     def record_error(self, detail: str) -> None:
         self.errors += 1
@@ -97,8 +108,22 @@ async def http_turn(
     return list(response.get("output", []))
 
 
+# Waits until turn j of a session may start (the open loop's schedule).
+Pace = Callable[[int], Awaitable[None]]
+
+
+async def unpaced(turn: int) -> None:
+    return None
+
+
 async def http_session(
-    contender: str, base: str, n: int, turns: int, r: Result, client: httpx.AsyncClient
+    contender: str,
+    base: str,
+    n: int,
+    turns: int,
+    r: Result,
+    client: httpx.AsyncClient,
+    pace: Pace = unpaced,
 ) -> None:
     body = first_request(turns, n)
     body["stream"] = True
@@ -109,7 +134,8 @@ async def http_session(
     }
     if contender == "litellm":
         body["model"] = "gpt-bench"
-    for _ in range(turns):
+    for j in range(turns):
+        await pace(j)
         output = await http_turn(client, f"{base}/responses", body, headers, r)
         r.turns += 1
         if not output:
@@ -117,7 +143,7 @@ async def http_session(
         body["input"] = [*body["input"], *continuation(output)]
 
 
-async def direct_session(ws_url: str, n: int, turns: int, r: Result) -> None:
+async def direct_session(ws_url: str, n: int, turns: int, r: Result, pace: Pace = unpaced) -> None:
     """The physical limit: the client itself keeps the socket and sends suffixes."""
     body = first_request(turns, n)
     params = {k: v for k, v in body.items() if k not in ("input", "stream")}
@@ -125,7 +151,8 @@ async def direct_session(ws_url: str, n: int, turns: int, r: Result) -> None:
         ws_url, extra_headers=[(b"authorization", b"Bearer sk-bench")], max_message_size=2**26
     ) as ws:
         message: dict[str, Any] = {"type": "response.create", **params, "input": body["input"]}
-        for _ in range(turns):
+        for j in range(turns):
+            await pace(j)
             started = time.perf_counter()
             frame_out = orjson.dumps(message)
             if r.frames is not None:
@@ -170,20 +197,61 @@ async def run(
     *,
     keep_frames: bool = False,
     budget: float = float("inf"),
+    rate: float | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> Result:
     """`sessions` sessions of `turns` turns at once; `target` is a base URL or, for direct,
     the fake upstream's WebSocket URL.
 
     A contender too slow to finish within `budget` seconds is cut there: its rates are the
     turns it completed over the budget, so a slow gateway cannot stretch the whole bench.
+
+    With `rate` (turns/s for the whole run) the starts follow the open loop's fixed schedule
+    (see the module's docstring) instead of each session's last turn; the result counts only
+    the scheduled turns, its wall time from the schedule's start, when `on_start` is called.
     """
     r = Result(contender, sessions, frames=[] if keep_frames else None)
     started = time.perf_counter()
+    origin = trio.current_time()
+    unprimed = set(range(sessions))  # open loop: sessions still in their first turn
+    primed = trio.Event()
+
+    def prime(n: int) -> None:
+        """Session `n` is past its first turn; the last one starts the clock."""
+        nonlocal started, origin
+        if n not in unprimed:
+            return
+        unprimed.discard(n)
+        if unprimed:
+            return
+        r.ttfe.clear()
+        r.events = r.turns = r.chunks = 0
+        started, origin = time.perf_counter(), trio.current_time()
+        if on_start is not None:
+            on_start()
+        primed.set()
+
+    def pacer(n: int) -> Pace:
+        if rate is None:
+            return unpaced
+
+        async def pace(turn: int) -> None:
+            if turn == 0:
+                return
+            if turn == 1:
+                prime(n)
+                await primed.wait()
+            due = origin + ((turn - 1) * sessions + n) / rate
+            if trio.current_time() > due + 0.001:  # still busy with its own last turn
+                r.late += 1
+            await trio.sleep_until(due)
+
+        return pace
 
     async def one(n: int) -> None:
         try:
             if contender == "direct":
-                await direct_session(target, n, turns, r)
+                await direct_session(target, n, turns, r, pacer(n))
                 return
             # A client per session, as a user's own process would have: httpcore's shared
             # pool scans every connection (a poll each) to place each request, under one
@@ -192,9 +260,12 @@ async def run(
             # context is shared: building one costs ~35 ms of CPU, which 64 clients starting
             # at once would have charged to the contenders' first turns.
             async with httpx.AsyncClient(verify=_tls(), timeout=httpx.Timeout(300.0)) as client:
-                await http_session(contender, target, n, turns, r, client)
+                await http_session(contender, target, n, turns, r, client, pacer(n))
         except Exception as exc:  # a load run reports failures, it does not stop on them
             r.record_error(f"{type(exc).__name__}: {exc}")
+        finally:
+            if rate is not None:
+                prime(n)  # a session that ended in its first turn holds no one up
 
     with trio.move_on_after(budget) as scope:
         async with trio.open_nursery() as nursery:
