@@ -7,10 +7,16 @@ afterwards that no socket task and no upstream socket is left but the idle poole
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import pytest
 import trio
+import trio.testing
+from trio_websocket import wrap_server_stream
 
 from tests.conftest import (
+    AUTH,
     ProxyServer,
     nothing_left,
     post,
@@ -21,6 +27,8 @@ from tests.conftest import (
     wait_until,
 )
 from trioproxy.fake import FakeUpstream, Reply
+from trioproxy.upstream import Connector
+from trioproxy.wsclient import ClientSocket, open_websocket
 
 
 # -- handshake -----------------------------------------------------------------------------------
@@ -300,3 +308,92 @@ async def test_a_slow_client_slows_its_socket_instead_of_growing_memory(
     events = sse_events(body.decode())
     assert events[-1][0] == "response.completed" and len(events) == fake.events_sent
     await nothing_left(server)
+
+
+class _StopsReading(trio.abc.Stream):
+    """An upstream's side of the connection that reads `after` bytes, then nothing more."""
+
+    def __init__(self, inner: trio.abc.Stream, after: int) -> None:
+        self.inner, self.after, self.got = inner, after, 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.got >= self.after:
+            await trio.sleep_forever()
+        data = await self.inner.receive_some(min(max_bytes or 65536, 4096))
+        self.got += len(data)
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _upstream_that_stops_reading() -> Connector:
+    @asynccontextmanager
+    async def connect(url: str, headers: list[tuple[bytes, bytes]]) -> AsyncIterator[ClientSocket]:
+        async with trio.open_nursery() as nursery:
+
+            async def opener(target: object) -> trio.abc.Stream:
+                client, server = trio.testing.lockstep_stream_pair()
+
+                async def serve_one() -> None:
+                    request = await wrap_server_stream(nursery, _StopsReading(server, 8192))
+                    await request.accept()
+                    await trio.sleep_forever()
+
+                nursery.start_soon(serve_one)
+                return client
+
+            async with open_websocket(
+                url,
+                headers,
+                deflate=False,
+                connect_timeout=5,
+                close_timeout=0.1,
+                max_message_size=1 << 26,
+                opener=opener,
+            ) as sock:
+                yield sock
+            nursery.cancel_scope.cancel()
+
+    return connect
+
+
+async def test_an_upstream_that_stops_reading_cannot_hold_a_turn_past_its_timeout(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    """Sending the request is part of the turn: bounded by `turn_timeout` like its events."""
+    server = await start_proxy(
+        nursery,
+        fake,
+        connector=_upstream_that_stops_reading(),
+        turn_timeout=0.5,
+        read_timeout=0.3,
+        http_fallback=False,
+    )
+    async with server.client() as client:
+        with trio.fail_after(5):
+            reply = await post(client, request_body([user("x" * 200_000)]), session="stall")
+    assert reply.status_code == 504
+    await wait_until(lambda: server.registry.live == 0)
+
+
+async def test_a_client_that_stops_reading_cannot_hold_a_turn_past_its_timeout(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    """Back-pressure stops the upstream read, and the turn's own deadline still runs."""
+    server = await start_proxy(nursery, fake, turn_timeout=0.5, event_buffer_bytes=64 * 1024)
+    fake.queue(Reply.message(" ".join(["w" * 4096] * 3000)))  # ~12 MB of deltas
+    async with server.client() as client:
+        headers = {**AUTH, "session-id": "unread"}
+        body = request_body("go", stream=True)
+        async with client.stream("POST", "/responses", json=body, headers=headers) as reply:
+            chunks = reply.aiter_raw()  # kept: a dropped iterator would close the response
+            await chunks.__anext__()  # the turn runs; then nothing is read
+            await wait_until(lambda: server.registry.evictions["timeout"] == 1)
+            assert server.fake.events_sent < 3000

@@ -20,7 +20,7 @@ from openai.lib.responses_websocket import (
     AsyncResponsesWebSocketSession,
     ResponsesWebSocketLimits,
 )
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from tests.conftest import ProxyServer, nothing_left, start_proxy, wait_until
 from trioproxy.fake import FakeUpstream
@@ -275,3 +275,137 @@ async def test_a_client_that_stops_reading_stops_the_upstream_read(
         assert fake.events_sent < 12000 / 2
     await wait_until(lambda: server.registry.evictions["abandoned"] == 1)
     await nothing_left(server)
+
+
+# -- hostile and unlucky cases (an independent review's findings, each pinned) --------------------
+async def test_a_lane_refused_while_another_runs_keeps_the_socket_and_its_chains(
+    server: ProxyServer,
+) -> None:
+    """A named lane's request error leaves the connection as it was (the protocol keeps the
+    other lanes' state): the pool keeps the socket, the other lane's `store: false` chain
+    continues on it, and nothing is left busy or half-pooled."""
+    async with open_websocket_url(ws_url(server), extra_headers=session("soft")) as ws:
+        await send(ws, type="response.create", model="m", input="first", store=False, stream_id="a")
+        first = (await until(ws, terminal_of("a")))[-1]["response"]["id"]
+        await send(
+            ws,
+            type="response.create",
+            model="m",
+            input="fake: slow 0.02\nfake: long 30",
+            store=False,
+            stream_id="a",
+            previous_response_id=first,
+        )
+        await send(
+            ws, type="response.create", model="m", input="fake: error bad_thing 400", stream_id="b"
+        )
+        refused = (await until(ws, terminal_of("b")))[-1]
+        second = (await until(ws, terminal_of("a")))[-1]
+        await send(
+            ws,
+            type="response.create",
+            model="m",
+            input="third",
+            store=False,
+            stream_id="a",
+            previous_response_id=second["response"]["id"],
+        )
+        third = (await until(ws, terminal_of("a")))[-1]
+    assert refused["type"] == "error" and refused["stream_id"] == "b"
+    assert second["type"] == third["type"] == "response.completed"
+    assert server.fake.sockets_opened == 1 and not server.registry.evictions
+    await nothing_left(server)
+
+
+async def test_seventeen_lanes_all_complete(server: ProxyServer) -> None:
+    """16 run at once (the protocol's limit), the 17th waits its turn: nobody is refused."""
+    async with open_websocket_url(ws_url(server), extra_headers=session("many")) as ws:
+        for n in range(17):
+            await send(
+                ws,
+                type="response.create",
+                model="m",
+                input=f"fake: slow 0.01\n{n}",
+                stream_id=f"l{n}",
+            )
+        ends: list[dict[str, Any]] = []
+        with trio.fail_after(10):
+            while len(ends) < 17:
+                event = json.loads(await ws.get_message())
+                if event["type"] in TERMINALS:
+                    ends.append(event)
+    assert {e["type"] for e in ends} == {"response.completed"}
+    assert server.fake.max_active <= 16 and server.fake.sockets_opened == 1
+    await nothing_left(server)
+
+
+async def test_an_unknown_event_waits_for_the_default_lane(server: ProxyServer) -> None:
+    """The upstream answers an unknown event on the default lane, so relaying one while the
+    client's default-lane response runs would end that response with the answer: refused
+    with a clear error instead, and the response completes."""
+    async with open_websocket_url(ws_url(server), extra_headers=session("busy")) as ws:
+        await send(ws, type="response.create", model="m", input="fake: slow 0.02\nfake: long 20")
+        await until(ws, lambda e: e["type"] == "response.created")
+        await send(ws, type="session.future_thing")
+        events = await until(ws, lambda e: e["type"] in TERMINALS and e.get("status") != 409)
+    refusal = next(e for e in events if e["type"] == "error")
+    assert refusal["error"]["code"] == "response_in_progress"
+    assert events[-1]["type"] == "response.completed"
+    assert all(r.message["type"] == "response.create" for r in server.fake.received)
+
+
+async def test_a_client_that_reads_none_of_its_answers_is_closed_not_stalling_the_socket(
+    server: ProxyServer,
+) -> None:
+    """Answers to relayed events never make the socket's task wait on the client: past the
+    bound the client is closed (1008), and the session's next client finds a working socket."""
+    headers = session("flood")
+    async with open_websocket_url(ws_url(server), extra_headers=headers) as ws:
+        with trio.move_on_after(5):
+            for _ in range(2000):
+                await send(ws, type="session.future_thing")
+        with trio.fail_after(5):
+            while True:  # drain until the proxy's close
+                try:
+                    await ws.get_message()
+                except ConnectionClosed as closed:
+                    assert closed.reason.code == 1008
+                    break
+    async with open_websocket_url(ws_url(server), extra_headers=headers) as ws:
+        await send(ws, type="response.create", model="m", input="after the flood")
+        done = await until(ws, lambda e: e["type"] in TERMINALS)
+    assert done[-1]["type"] == "response.completed"
+    await nothing_left(server)
+
+
+async def test_an_error_from_a_steered_successor_reaches_the_client(server: ProxyServer) -> None:
+    async with open_websocket_url(ws_url(server), extra_headers=session("succ")) as ws:
+        await send(ws, type="response.create", model="m", input="fake: slow 0.05\nfake: long 40")
+        target = (await until(ws, lambda e: e["type"] == "response.created"))[-1]["response"]["id"]
+        await send(
+            ws, type="response.steer", previous_response_id=target, input="fake: error boom 500"
+        )
+        events = await until(ws, lambda e: e["type"] == "error")
+    assert events[-1]["error"]["code"] == "boom"
+    assert "response.incomplete" in [e["type"] for e in events]
+
+
+async def test_one_dropped_socket_under_three_lanes_is_one_failure(server: ProxyServer) -> None:
+    async with open_websocket_url(ws_url(server), extra_headers=session("drop3")) as ws:
+        for lane in ("x", "y"):
+            await send(
+                ws,
+                type="response.create",
+                model="m",
+                input="fake: slow 0.05\nfake: long 40",
+                stream_id=lane,
+            )
+        await send(ws, type="response.create", model="m", input="fake: drop 3", stream_id="z")
+        with trio.fail_after(10):
+            ends = 0
+            while ends < 3:
+                if json.loads(await ws.get_message())["type"] in TERMINALS:
+                    ends += 1
+    # One socket failed, once: three lanes on it are not three failures in a row (which
+    # would send the session over HTTP for the cool-down).
+    assert not server.proxy.fallback._sessions

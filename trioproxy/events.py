@@ -32,7 +32,7 @@ TERMINAL: dict[str, EndKind] = {
 # would let an upstream forge events).
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 # Events that open a response and name it.
-_OPENERS = frozenset({"response.created", "response.in_progress"})
+_OPENERS = frozenset({"response.created", "response.queued", "response.in_progress"})
 # Steering's answers (`response.steer`): about a response, never a response's own event.
 STEER_EVENTS = frozenset(
     {"response.steer.accepted", "response.steer.failed", "response.steer.pending"}

@@ -14,7 +14,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 import trio
@@ -39,7 +39,7 @@ from trioproxy.registry import Registry, Reusable
 from trioproxy.targets import Target, Upstream, http_url
 from trioproxy.telemetry import Carrier, Telemetry
 from trioproxy.turn import Turn, TurnEnd
-from trioproxy.upstream import UpstreamConnection
+from trioproxy.upstream import Sink, UpstreamConnection
 
 log = logging.getLogger("trioproxy.proxy")
 T = TypeVar("T")
@@ -103,6 +103,13 @@ class TurnStream:
         self.abandon()
 
 
+class WebSocketClient(Protocol):
+    """A client of ours on a WebSocket (wsturns.py): owns its jobs, hears loose frames."""
+
+    @property
+    def sink(self) -> Sink: ...
+
+
 class Proxy:
     """Runs turns for the HTTP layer; counts what it sent so the savings can be shown."""
 
@@ -134,11 +141,14 @@ class Proxy:
         scope: str | None = None,
         client: str = "http-in",
         beside: UpstreamConnection | None = None,
+        owner: WebSocketClient | None = None,
     ) -> TurnStream:
         """Start a turn and wait for its first event (or its end); raises `ApiError`.
-        `client`: how the request came in, `http-in` or `websocket-in`. `beside`: a socket
-        this client's other responses run on now (WebSocket lanes): the turn goes there too,
-        as another lane of the same connection, planned against what that socket holds."""
+        `client`: how the request came in, `http-in` or `websocket-in`. `owner`: the
+        WebSocket client of ours that sent it (it hears the socket's loose frames while its
+        jobs run there). `beside`: a socket that client's other responses run on now
+        (lanes): the turn goes there too, as another lane of the same connection, planned
+        against what that socket holds, if the client's own jobs are still pending there."""
         about: dict[str, Any] = {
             "request_id": request_id,
             "request_bytes": request_bytes,
@@ -151,7 +161,8 @@ class Proxy:
             self.check_chain(chained, scope)
         token = await self.token(target)
         upstream = target.upstream(headers, token, scope, body.get("prompt_cache_key"))
-        if beside is not None and beside.accepting:
+        about["owner"] = owner
+        if beside is not None and owner is not None and beside.owned_by(owner):
             about["placement"] = "lane"
             stream = await self._start(beside, body, beside.memory, about)
             if stream.first is not None or not self._retryable(stream):
@@ -173,8 +184,9 @@ class Proxy:
             if chained is not None:
 
                 def reusable(memory: Conversation | None, answered: Collection[str]) -> bool:
-                    # Its last response, or one it finished recently (a steered turn's
-                    # successor leaves no item memory, only the id).
+                    # Its last response or one it finished recently (another lane's, a
+                    # steered turn's successor). An id it never made goes to a fresh socket:
+                    # refused here, it would evict the session's socket and its chain.
                     return (memory is not None and memory.response_id == chained) or (
                         chained in answered
                     )
@@ -217,14 +229,20 @@ class Proxy:
         return await self._start(conn, body, None, about, digested)
 
     async def hold_socket(
-        self, headers: list[tuple[str, str]], target: Target, scope: str | None
+        self,
+        headers: list[tuple[str, str]],
+        target: Target,
+        scope: str | None,
+        owner: WebSocketClient,
     ) -> UpstreamConnection:
         """The session's upstream socket, leased with no turn (a WebSocket client relays an
-        event this proxy does not know): held until `Registry.release`."""
+        event this proxy does not know): held until `Registry.release`, its loose frames
+        going to `owner`."""
         token = await self.token(target)
         upstream = target.upstream(headers, token, scope)
         conn, _ = await self._lease(target, upstream, headers, None, scope)
-        conn.pending += 1
+        conn.hold(owner)
+        conn.attach(owner.sink)
         return conn
 
     def check_chain(self, chained: str | None, scope: str) -> None:
@@ -327,7 +345,11 @@ class Proxy:
         if turn.transport != "websocket":
             return
         if end.kind in ("socket", "timeout"):
-            self.fallback.socket_failed(carrier.key, trio.current_time())
+            # Once per socket: the lanes a drop ends are one failure, not one each.
+            if not getattr(carrier, "failure_counted", False):
+                self.fallback.socket_failed(carrier.key, trio.current_time())
+            if isinstance(carrier, UpstreamConnection):
+                carrier.failure_counted = True
         elif end.kind == "completed":
             self.fallback.socket_ok(carrier.key)
 
@@ -366,13 +388,17 @@ class Proxy:
             **about,
         )
         turn.response_headers = conn.response_headers
+        owner: WebSocketClient | None = about.get("owner")
         submitted = trio.current_time()
         self.turns["one_turn" if conn.one_turn else plan.mode] += 1
         self.placements[about["placement"]] += 1
         self.upstream_bytes += turn.sent_bytes
-        if not conn.submit(turn):
+        joining = owner if about["placement"] == "lane" else None
+        if not conn.submit(turn, joining=joining):
             turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket task ended")))
             return TurnStream(turn, None)
+        if owner is not None:
+            conn.attach(owner.sink)
         return await self._first(turn, submitted, conn)
 
     async def _first(

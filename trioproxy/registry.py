@@ -260,12 +260,22 @@ class Registry:
         self._notify()
         ended = end.kind
         conn.last_used = trio.current_time()
-        if conn.one_turn or ended != "completed":
+        # A named lane's refused or failed response leaves the socket accepting (upstream.py).
+        if conn.one_turn or (ended != "completed" and not conn.accepting):
             if not conn.one_turn and conn in self._by_age:  # once per socket, not per lane
                 self.evictions[ended] += 1
             self._forget(conn)
             return
         if conn.pending:  # other lanes still run on it (a WebSocket client's), or it is held
+            return
+        self._settled(conn)
+
+    def _settled(self, conn: UpstreamConnection) -> None:
+        """Nothing pending on a socket: idle in the pool again, if it still belongs there."""
+        if self._pooled.get(conn.key or "") is not conn or not conn.accepting:
+            # Forgotten while a lane still ran (evicted, replaced, shutdown): it goes.
+            self._forget(conn)
+            conn.retire()
             return
         conn.busy = False
         if self._closing:
@@ -281,17 +291,16 @@ class Registry:
             self.unnamed.add(conn)
         self._wake.set()
 
-    def release(self, conn: UpstreamConnection) -> None:
+    def release(self, conn: UpstreamConnection, owner: object) -> None:
         """A socket held with no turn (`Proxy.hold_socket`) is let go: idle again once
         nothing else runs on it, closed if it is closing or no session can reuse it."""
-        conn.pending -= 1
+        conn.unhold(owner)
         if conn.pending or not conn.busy:
             return
-        if not conn.accepting:
-            self._forget(conn)
-            conn.retire()
+        if conn.one_turn:
+            self._retire(conn, "unused")
             return
-        self.give_back(conn)
+        self._settled(conn)
 
     def give_back(self, conn: UpstreamConnection) -> None:
         """A leased socket whose turn was never submitted: idle again as it was (a one-turn
@@ -338,7 +347,8 @@ class Registry:
         self.unnamed.remove(conn)
         if conn.key is not None and self._pooled.get(conn.key) is conn:
             del self._pooled[conn.key]
-            self._idle.pop(conn.key, None)
+        if conn.key is not None and self._idle.get(conn.key) is conn:
+            del self._idle[conn.key]
         self._by_age.pop(conn, None)
 
     def _retire(self, conn: UpstreamConnection, reason: str) -> None:

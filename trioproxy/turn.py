@@ -42,6 +42,10 @@ class TurnEnd:
     delivered: bool = False
 
 
+class TurnOverdue(Exception):
+    """The turn's deadline passed while its client was not reading."""
+
+
 class Turn:
     """One request's turn: the message to send, its event channel, and its cancel scope."""
 
@@ -59,6 +63,7 @@ class Turn:
         buffer_bytes: int = 4 * 1024 * 1024,
         client: str = "http-in",
         channel: str | None = None,
+        owner: object | None = None,
     ) -> None:
         self.plan = plan
         self.client = client  # how the request came in: `http-in` or `websocket-in`
@@ -82,6 +87,7 @@ class Turn:
         self.wire_bytes = self.sent_bytes if transport == "http" else 0
         self.payload = encoded  # UTF-8 JSON: a text frame's content, or the HTTP body
         self.scope = trio.CancelScope()
+        self.owner = owner  # the WebSocket client of ours that sent it, if any
         # Its WebSocket lane: the client's `stream_id`, None for the default lane.
         lane = plan.message.get("stream_id")
         self.lane: str | None = lane if isinstance(lane, str) else None
@@ -107,14 +113,22 @@ class Turn:
                 raise trio.BrokenResourceError
             self._taken = trio.Event()
             try:
-                await self._taken.wait()
+                with trio.move_on_at(self.deadline) as waited:
+                    await self._taken.wait()
             finally:
                 self._taken = None
+            if waited.cancelled_caught:
+                raise TurnOverdue
         self.buffered_bytes += size
         try:
             self._send.send_nowait(event)
+            return
         except trio.WouldBlock:
+            pass
+        with trio.move_on_at(self.deadline):
             await self._send.send(event)
+            return
+        raise TurnOverdue
 
     async def receive(self) -> UpstreamEvent:
         """The client's side: the next event (`trio.EndOfChannel` after the last)."""

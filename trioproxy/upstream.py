@@ -12,12 +12,13 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
+import orjson
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -32,7 +33,7 @@ from trioproxy.delta import Conversation
 from trioproxy.errors import ApiError
 from trioproxy.events import STEER_EVENTS, UpstreamEvent, parse_frame, response_id
 from trioproxy.metadata import client_metadata
-from trioproxy.turn import EndKind, Turn, TurnEnd, broken_end, terminal_end
+from trioproxy.turn import EndKind, Turn, TurnEnd, TurnOverdue, broken_end, terminal_end
 from trioproxy.wsclient import ClientSocket, open_websocket
 
 log = logging.getLogger("trioproxy.upstream")
@@ -44,6 +45,8 @@ Connector = Callable[[str, Headers], AbstractAsyncContextManager[ClientSocket]]
 _HANDSHAKE_SLACK = 0.5
 # Ends after which the socket's state is unknown: close it at once, without a close handshake.
 _ABRUPT = frozenset({"socket", "timeout", "abandoned"})
+# Upstream ends of one response that leave the connection as it was (on a named lane).
+_SOFT = frozenset({"error", "failed", "incomplete", "cancelled"})
 
 
 def websocket_connector(settings: Settings) -> Connector:
@@ -106,18 +109,24 @@ class UpstreamConnection:
         self.last_used = self.born
         self.busy = True
         self.memory: Conversation | None = None
-        self.answered: deque[str] = deque(maxlen=8)  # ids of the last responses completed here
+        # Ids of the last responses completed here: what a client may chain from on this
+        # socket (lanes each have their own latest; 32 named lanes per connection).
+        self.answered: deque[str] = deque(maxlen=32)
         self.turns = 0
         # Turns in progress by lane (None: the default lane), each lane first-in first-out.
         self._lanes: dict[str | None, deque[Turn]] = {}
         self.pending = 0  # jobs submitted and not finished: the pool keeps the socket busy
         self._queued = 0  # jobs submitted and not yet taken by the task
-        self.sink: trio.MemorySendChannel[UpstreamEvent] | None = None
+        # Whose jobs are pending (a WebSocket client of ours): only that client may join it.
+        self._owners: Counter[object] = Counter()
+        self.sink: Sink | None = None
         self._wake: trio.CancelScope | None = None
+        self._sending: trio.CancelScope | None = None  # while a message goes out
         self._left = False  # a turn's client left: look for abandoned turns
         self._ending = False  # takes no more jobs; closes once its turns end
         self._last_frame = self.born
         self._abrupt = False  # its state is unknown: close without a close handshake
+        self.failure_counted = False  # the HTTP fallback heard of its failure already
         self.deflate = False  # whether the upstream accepted permessage-deflate
         # The upgrade answer's headers a client reads (rate limits, model): every turn's too.
         self.response_headers: list[tuple[str, str]] = []
@@ -130,32 +139,58 @@ class UpstreamConnection:
         kind = "one-turn" if self.one_turn else f"key={self.key}"
         return f"<UpstreamConnection #{self.id} {kind} turns={self.turns}>"
 
-    def submit(self, job: Job) -> bool:
+    def submit(self, job: Job, *, joining: object | None = None) -> bool:
         """Hand a turn (or a notice) to the socket's task; False when it takes no more.
 
         A socket may carry several turns at once, one per WebSocket lane (the client's
-        `stream_id`): a client of ours that runs lanes submits the next while one runs."""
-        if self._ending:
+        `stream_id`): a client of ours that runs lanes submits the next while one runs.
+        `joining`: only while that owner's own jobs are still pending here (otherwise the
+        pool may already have lent the socket to someone else)."""
+        if self._ending or (joining is not None and not self._owners[joining]):
             return False
         try:
             self._jobs_send.send_nowait(job)
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             return False
-        self.pending += 1
+        self._pend(job.owner)
         self._queued += 1
         self._wake_up()
         return True
 
-    def attach(self, sink: trio.MemorySendChannel[UpstreamEvent]) -> None:
+    def owned_by(self, owner: object) -> bool:
+        """Whether `owner` has jobs pending here (or holds it)."""
+        return self.accepting and self._owners[owner] > 0
+
+    def hold(self, owner: object) -> None:
+        """Leased with no turn (a client relays an event): busy until `unhold`."""
+        self._pend(owner)
+
+    def unhold(self, owner: object) -> None:
+        self._settle(owner)
+
+    def _pend(self, owner: object | None) -> None:
+        self.pending += 1
+        if owner is not None:
+            self._owners[owner] += 1
+
+    def _settle(self, owner: object | None) -> None:
+        """A job is over. Once none is pending the attached client is let go at once, in step
+        with the pool taking the socket back: an idle socket's frames are no client's."""
+        self.pending -= 1
+        if owner is not None:
+            self._owners[owner] -= 1
+            if self._owners[owner] <= 0:
+                del self._owners[owner]
+        if not self.pending and self.sink is not None:
+            self.sink = None
+            self._wake_up()
+
+    def attach(self, sink: Sink) -> None:
         """A WebSocket client of ours receives the frames that belong to no running turn
         (answers to its steering and to events this proxy does not know, connection-level
-        errors) for as long as it is attached; the socket's task then reads all the time."""
-        self.sink = sink
-        self._wake_up()
-
-    def detach(self, sink: trio.MemorySendChannel[UpstreamEvent]) -> None:
-        if self.sink is sink:
-            self.sink = None
+        errors) while its jobs are pending here; the socket's task then reads all the time."""
+        if self.pending:
+            self.sink = sink
             self._wake_up()
 
     @property
@@ -193,9 +228,11 @@ class UpstreamConnection:
             self._wake.cancel()
 
     def _abandoned(self) -> None:
-        """A turn's client left: its waker."""
+        """A turn's client left: its waker (a message half sent is cut too)."""
         self._left = True
         self._wake_up()
+        if self._sending is not None:
+            self._sending.cancel()
 
     async def run(
         self, connector: Connector, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -283,42 +320,65 @@ class UpstreamConnection:
                 else errors.upstream_protocol("a frame arrived while the socket was idle")
             )
             if turn is None:
-                self.pending -= 1
+                self._notice_failed(job, error)
                 self._abrupt = True
             else:
                 self._end(turn, TurnEnd("socket", error=error))
             return False
-        if turn is not None and turn.scope.cancel_called:
-            self._end(turn, TurnEnd("abandoned"))  # its client left before it was sent
-            return False
         if turn is None:
             assert isinstance(job, Notice)
-            self.pending -= 1
             for running in self.running_turns():
                 if job.target is not None and _named(running.tracker.response) == job.target:
                     running.tracker.steer_sent()
-            try:
-                await sock.send_text(job.payload)
-            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-                self._break_all("socket", errors.upstream_closed("closed while sending"))
-                return False
-            return True
+            deadline = trio.current_time() + self._settings.turn_timeout
+            sent = await self._send(sock, job.payload, deadline)
+            if sent:
+                self._settle(job.owner)
+            else:
+                self._notice_failed(job, errors.upstream_closed("closed while sending"))
+            return sent
+        if turn.scope.cancel_called:
+            self._end(turn, TurnEnd("abandoned"))  # its client left before it was sent
+            return False
         turn.tracker.stale = self.answered
         turn.waker = self._abandoned
         turn.deadline = trio.current_time() + self._settings.turn_timeout
         self._last_frame = trio.current_time()  # silence counts from the request
         self._lanes.setdefault(turn.lane, deque()).append(turn)
-        try:
-            before = sock.wire.sent
-            await sock.send_text(turn.payload)
-            turn.wire_bytes = sock.wire.sent - before
-        except ConnectionClosed as exc:
-            self._break_all("socket", errors.upstream_closed(_close_detail(exc)))
+        before = sock.wire.sent
+        if not await self._send(sock, turn.payload, turn.deadline):
             return False
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._break_all("socket", errors.upstream_closed("closed while sending"))
-            return False
+        turn.wire_bytes = sock.wire.sent - before
         return True
+
+    async def _send(self, sock: ClientSocket, payload: bytes, deadline: float) -> bool:
+        """One message out, bounded by `deadline` and cut by a client leaving: an upstream
+        that stops reading cannot hold a turn past its `turn_timeout`. A message cut halfway
+        leaves the socket unusable, so every turn on it ends."""
+        with trio.CancelScope(deadline=deadline) as sending:
+            self._sending = sending
+            try:
+                await sock.send_text(payload)
+                return True
+            except ConnectionClosed as exc:
+                self._break_all("socket", errors.upstream_closed(_close_detail(exc)))
+                return False
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._break_all("socket", errors.upstream_closed("closed while sending"))
+                return False
+            finally:
+                self._sending = None
+        if self._left:
+            self._drop_abandoned()
+        self._break_all("timeout", errors.turn_timeout(self._settings.turn_timeout))
+        return False
+
+    def _notice_failed(self, job: Job, error: ApiError) -> None:
+        """A relayed message that could not go: its client hears why, never silence."""
+        if self.sink is not None:
+            frame = orjson.dumps({"type": "error", "status": error.status, **error.body()})
+            self.sink.offer(UpstreamEvent("error", frame.decode(), {}))
+        self._settle(job.owner)
 
     async def _pump(self, sock: ClientSocket) -> bool:
         """Read frames and hand each to its lane's turn until no turn runs and no client is
@@ -431,7 +491,8 @@ class UpstreamConnection:
         except ValueError as exc:
             self._break_all("socket", errors.upstream_protocol(str(exc)))
             return False
-        if kind is None or event.type in STEER_EVENTS:
+        released = kind is not None and event.type in STEER_EVENTS
+        if kind is None or released:
             try:
                 await turn.deliver(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -439,14 +500,18 @@ class UpstreamConnection:
                 self._end(turn, TurnEnd("abandoned"))  # the client closed its end
                 self._break_all("socket", errors.upstream_closed("socket closed by the proxy"))
                 return False
+            except TurnOverdue:
+                # Its client stopped reading: the turn's own deadline still holds.
+                self._break_all("timeout", errors.turn_timeout(self._settings.turn_timeout))
+                return False
             if kind is None:
                 return True
             held = turn.tracker.held_end
             assert held is not None
-            event = held[1]
+            event = held[1]  # steering settled: the end passed on earlier is the turn's end
         self._remove(turn)
         end = terminal_end(kind, event, turn.tracker, turn.plan)
-        if turn.tracker.held_end is not None:
+        if released:
             end = replace(end, delivered=True)
         return self._end(turn, end)
 
@@ -458,10 +523,7 @@ class UpstreamConnection:
         kind = event.type
         stray = kind == "error" or (kind.startswith("response.") and kind not in STEER_EVENTS)
         if self.sink is not None:
-            try:
-                await self.sink.send(event)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.sink = None
+            self.sink.offer(event)  # never waits: a client that stops reading is closed
             if kind.startswith("response.") and kind not in STEER_EVENTS:
                 self.retire()
             return True
@@ -483,7 +545,6 @@ class UpstreamConnection:
         """Record a turn's end (the pool learns first, then the client); False when the
         socket must close now."""
         turn.waker = None
-        self.pending -= 1
         self.turns += 1
         keep = end.kind == "completed" and not self.one_turn
         if keep:
@@ -491,9 +552,12 @@ class UpstreamConnection:
             rid = response_id(end.event) if end.event is not None else None
             if rid is not None:
                 self.answered.append(rid)
-        else:
+        elif turn.lane is None or self.one_turn or end.kind not in _SOFT:
             self._ending = True  # no more jobs; the turns running finish first
             self._jobs_send.close()
+        # else: a named lane's response refused or failed; the protocol keeps the connection
+        # and the other lanes' state (openai responses_websocket README), so does the pool.
+        self._settle(turn.owner)
         # By the time a client sees the end and sends its next request, this socket is
         # already idle and reusable.
         self._on_turn_end(self, turn, end)
@@ -501,7 +565,7 @@ class UpstreamConnection:
         if end.kind in _ABRUPT:
             self._abrupt = True
             return False
-        return keep or bool(self._lanes)
+        return keep or not self._ending or bool(self._lanes)
 
     def _break_all(self, kind: EndKind, error: ApiError) -> None:
         """End every running turn with `error` (the socket is closing)."""
@@ -541,11 +605,18 @@ def _named(response: dict[str, Any] | None) -> str | None:
 @dataclass(frozen=True, slots=True)
 class Notice:
     """A client's message that is no turn (`response.steer`, an event this proxy does not
-    know): sent as it came on the socket its responses run on. `target`: the response a
-    steer names, so that turn waits for the steering's outcome before it ends."""
+    know), sent on the socket its responses run on. `target`: the response a steer names, so
+    that turn waits for the steering's outcome before it ends."""
 
     payload: bytes
     target: str | None = None
+    owner: object | None = None
+
+
+class Sink(Protocol):
+    """Where an attached client's loose frames go; `offer` never waits (see wsturns.py)."""
+
+    def offer(self, event: UpstreamEvent) -> None: ...
 
 
 Job = Turn | Notice

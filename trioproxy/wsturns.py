@@ -40,6 +40,7 @@ from trioproxy.events import UpstreamEvent
 from trioproxy.proxy import Proxy, TurnStream, off_loop
 from trioproxy.targets import Target
 from trioproxy.telemetry import request_id
+from trioproxy.turn import Turn
 from trioproxy.upstream import Notice, UpstreamConnection
 from trioproxy.validate import check_body, check_headers, require_unstored
 
@@ -48,8 +49,12 @@ log = logging.getLogger("trioproxy.wsturns")
 # Close codes (RFC 6455): refused credentials or a client past its limits; a proxy fault.
 CLOSE_POLICY = 1008
 CLOSE_FAULT = 1011
-# Messages a client may send ahead of its running turns (Codex and the SDK send none).
+# Messages a client may send ahead of its running turns (Codex and the SDK send none), and
+# its lanes running at once (the protocol's own limit of active responses per connection).
 _QUEUED = 16
+_RUNNING = 16
+# Loose frames (see `Loose`) a client may leave unread.
+_LOOSE = 64
 # Frames on their way to the client: with each turn's own bounded buffer, all a client that
 # stops reading can make the proxy hold before the upstream's reading stops.
 _OUTBOX = 16
@@ -103,11 +108,38 @@ async def serve(proxy: Proxy, gate: access.Gate, route: access.Route) -> None:
         proxy.telemetry.websocket_clients -= 1
 
 
+class Loose:
+    """The upstream's frames that belong to no running turn of a client (steering answers
+    for a finished response, answers to relayed events, connection-level errors), on their
+    way to it. The socket's task hands them over without waiting: a client that leaves
+    `_LOOSE` of them unread is closed (1008) rather than stalling the socket."""
+
+    def __init__(self, overflow: trio.CancelScope) -> None:
+        self._send, self.frames = trio.open_memory_channel[UpstreamEvent](_LOOSE)
+        self._overflow = overflow
+        self.overflowed = False
+
+    def offer(self, event: UpstreamEvent) -> None:
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            self.overflowed = True
+            self._overflow.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client has gone
+
+    def close(self) -> None:
+        self._send.close()
+        self.frames.close()
+
+
 class ClientSession:
     """One client socket: its lanes, the upstream socket its responses run on, its outbox.
 
-    Tasks: the reader (this one), a writer that owns sending to the client, one task per busy
-    lane, and one that relays the upstream's frames that belong to no turn.
+    Tasks: the reader (this one), a writer that owns sending to the client, one task per
+    busy lane (at most `_RUNNING` run at once), and one for the loose frames. The client owns
+    its jobs on the upstream socket: it joins that socket with another lane, steers or relays
+    only while its own jobs are pending there (the pool cannot have lent it to anyone else).
     """
 
     def __init__(
@@ -118,26 +150,32 @@ class ClientSession:
         self.scope = scope
         self.headers = headers
         self.outbox, self._outbox_recv = trio.open_memory_channel[str](_OUTBOX)
-        self.sink, self._sink_recv = trio.open_memory_channel[UpstreamEvent](_OUTBOX)
+        self._cancel = trio.CancelScope()
+        self.sink = Loose(self._cancel)
         self.waiting: dict[str | None, deque[dict[str, Any]]] = {}
         self.waiting_bytes = 0
-        self.waiting_count = 0
+        self.waiting_count = 0  # messages not started yet
         self.conn: UpstreamConnection | None = None  # where its responses run now
-        self.on_conn = 0  # its turns running (or being placed) there
-        self.held = False  # leased to relay an event, with no turn yet
+        self.held: UpstreamConnection | None = None  # leased to relay an event
+        self.mine: set[Turn] = set()  # its turns not yet ended
+        self._running = trio.Semaphore(_RUNNING)
         self._placing: trio.Event | None = None  # a turn is finding its socket
         self._nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._write)
-                nursery.start_soon(self._loose)
-                await self._read()
-                nursery.cancel_scope.cancel()
+            with self._cancel:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._write)
+                    nursery.start_soon(self._loose)
+                    await self._read()
+                    nursery.cancel_scope.cancel()
         finally:
             self._let_go()
+            self.sink.close()
+        if self.sink.overflowed:
+            await websocket.close(CLOSE_POLICY, "too many unread events")
 
     async def _write(self) -> None:
         """The one task that sends to the client: frames of every lane, in arrival order."""
@@ -145,9 +183,7 @@ class ClientSession:
             await websocket.send(frame)
 
     async def _loose(self) -> None:
-        """The upstream's frames that belong to no running turn (steering answers for a
-        finished response, answers to relayed events, connection-level errors)."""
-        async for event in self._sink_recv:
+        async for event in self.sink.frames:
             await self.outbox.send(event.raw)
 
     async def _read(self) -> None:
@@ -157,13 +193,16 @@ class ClientSession:
             with trio.move_on_after(idle):
                 raw = await websocket.receive()
             if raw is None:
-                if self.on_conn or self.waiting:
+                if self._active():
                     continue  # only a client with nothing running is idle
                 await websocket.close(1000, "idle")
                 return
             data = raw.encode() if isinstance(raw, str) else raw
             if not await self._message(data):
                 return
+
+    def _active(self) -> bool:
+        return bool(self.waiting or any(turn.end is None for turn in self.mine))
 
     async def _message(self, data: bytes) -> bool:
         """Dispatch one client message; False once the client has been closed."""
@@ -176,9 +215,9 @@ class ClientSession:
         if kind == "response.create":
             return await self._create(message, len(data))
         if kind == "response.steer":
-            await self._steer(message, data)
+            await self._steer(message)
             return True
-        await self._relay_unknown(kind, data)
+        await self._relay_unknown(message)
         return True
 
     async def _create(self, message: dict[str, Any], size: int) -> bool:
@@ -211,25 +250,30 @@ class ClientSession:
         """Run one lane's messages in order until none waits."""
         queue = self.waiting[lane]
         while queue:
-            message = queue[0]
-            try:
-                await self._turn(lane, message)
-            finally:
-                queue.popleft()
+            message = queue.popleft()
+            async with self._running:
                 self.waiting_count -= 1
                 self.waiting_bytes -= message["_size"]
+                await self._turn(lane, message)
         del self.waiting[lane]
+
+    def _beside(self) -> UpstreamConnection | None:
+        """The socket its own jobs are pending on, if any (never a one-turn socket held to
+        relay an event: no session continues on that one)."""
+        conn = self.conn
+        if conn is None or not conn.owned_by(self) or conn.one_turn:
+            return None
+        return conn
 
     async def _turn(self, lane: str | None, message: dict[str, Any]) -> None:
         size = message["_size"]
         body = {k: v for k, v in message.items() if k not in ("type", "_size")}
         while self._placing is not None:  # another lane is finding the socket: join it there
             await self._placing.wait()
-        beside = self.conn if self.conn is not None and (self.on_conn or self.held) else None
+        beside = self._beside()
         placing = None
         if beside is None:
             placing = self._placing = trio.Event()
-        self.on_conn += 1 if beside is not None else 0
         try:
             if self.target.chatgpt:
                 body = require_unstored(body)
@@ -243,95 +287,84 @@ class ClientSession:
                 scope=self.scope,
                 client="websocket-in",
                 beside=beside,
+                owner=self,
             )
         except ApiError as exc:
-            if beside is not None:
-                self._done_on(beside)
             await self.outbox.send(error_frame(exc, lane))
             return
         finally:
             if placing is not None:
                 self._placing = None
                 placing.set()
-        conn = stream.conn
-        if conn is not beside:
-            if beside is not None:
-                self._done_on(beside)
-            if conn is not None:
-                self._use(conn)
+        if stream.conn is not None and stream.conn is not self.conn:
+            self._let_go()
+            self.conn = stream.conn
+        self.mine.add(stream.turn)
         try:
             await relay(stream, self.outbox, lane)
         finally:
-            if conn is not None:
-                self._done_on(conn)
-
-    def _use(self, conn: UpstreamConnection) -> None:
-        """Its responses run on `conn` now: it hears that socket's loose frames."""
-        if conn is not self.conn:
-            self._let_go()
-            self.conn = conn
-        self.on_conn += 1
-        conn.attach(self.sink)
-
-    def _done_on(self, conn: UpstreamConnection) -> None:
-        if conn is not self.conn:
-            return
-        self.on_conn -= 1
-        if not self.on_conn and not self.held:
-            conn.detach(self.sink)
+            self.mine.discard(stream.turn)
 
     def _let_go(self) -> None:
-        """Detach from the socket it used; a socket it held for relaying goes back."""
-        conn = self.conn
-        if conn is None:
-            return
-        conn.detach(self.sink)
-        if self.held:
-            self.held = False
-            self.proxy.registry.release(conn)
-        self.conn = None
-        self.on_conn = 0
+        """A socket it held to relay an event goes back to the pool."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.proxy.registry.release(held, self)
 
-    async def _steer(self, message: dict[str, Any], data: bytes) -> None:
-        """Steering goes to the socket where its target runs, if that is one of this
-        client's own responses; otherwise it fails here (never reaching another's)."""
+    async def _steer(self, message: dict[str, Any]) -> None:
+        """Steering goes to the socket where its target runs, only if that is one of this
+        client's own running responses; otherwise it fails here (never reaching another's)."""
         target = message.get("previous_response_id")
+        running = {
+            turn.tracker.response.get("id"): turn
+            for turn in self.mine
+            if turn.end is None and turn.tracker.response is not None
+        }
         conn = self.conn
-        running = conn.running_turns() if conn is not None and self.on_conn else []
-        ids = {turn.tracker.response.get("id") for turn in running if turn.tracker.response}
-        if conn is None or not isinstance(target, str) or target not in ids:
-            await self.outbox.send(
-                steer_failed(
-                    message,
-                    "response_not_active",
-                    "No response of this client with that id is running on this connection.",
-                )
-            )
+        if conn is None or not isinstance(target, str) or target not in running:
+            text = "No response of this client with that id is running on this connection."
+            await self.outbox.send(steer_failed(message, "response_not_active", text))
             return
-        if not conn.submit(Notice(data, target)):
-            await self.outbox.send(
-                steer_failed(message, "response_not_active", "The response's socket is closing.")
-            )
+        payload = orjson.dumps(message)  # as parsed: what was checked is what goes
+        if not conn.submit(Notice(payload, target, owner=self), joining=self):
+            text = "The response's socket is closing."
+            await self.outbox.send(steer_failed(message, "response_not_active", text))
 
-    async def _relay_unknown(self, kind: Any, data: bytes) -> None:
-        """An event this proxy does not know goes upstream as it came, on the session's
-        socket; the answers come back as they come. Managed mode relays only what it can
-        check for scope, so there it is refused."""
+    async def _relay_unknown(self, message: dict[str, Any]) -> None:
+        """An event this proxy does not know goes upstream on the session's socket, and the
+        answers come back as they come. Not while a response of this client runs on the
+        default lane: the upstream answers such events there, and its `error` would end that
+        response. Managed mode relays only what it can check for scope."""
+        kind = message.get("type")
         if self.scope is not None:
             await self.outbox.send(error_frame(_unsupported(kind)))
             return
-        conn = self.conn if self.conn is not None and (self.on_conn or self.held) else None
-        if conn is None:
-            try:
-                conn = await self.proxy.hold_socket(self.headers, self.target, self.scope)
-            except ApiError as exc:
-                await self.outbox.send(error_frame(exc))
-                return
-            self._let_go()
-            self.conn, self.held = conn, True
-            conn.attach(self.sink)
-        if not conn.submit(Notice(data)):
+        if any(turn.end is None and turn.lane is None for turn in self.mine):
+            await self.outbox.send(error_frame(_not_now(kind)))
+            return
+        payload = orjson.dumps(message)
+        conn = self._beside() or self.held
+        if conn is not None and conn.submit(Notice(payload, owner=self), joining=self):
+            return
+        self._let_go()
+        try:
+            conn = await self.proxy.hold_socket(self.headers, self.target, self.scope, self)
+        except ApiError as exc:
+            await self.outbox.send(error_frame(exc))
+            return
+        self.held = self.conn = conn
+        if not conn.submit(Notice(payload, owner=self), joining=self):
             await self.outbox.send(error_frame(errors.upstream_closed("socket closing")))
+
+
+def _not_now(kind: Any) -> ApiError:
+    return ApiError(
+        409,
+        f"`{kind}` is relayed only while no response of this client runs on the default "
+        "lane (the upstream answers it there); send it again after that response ends.",
+        type="invalid_request_error",
+        code="response_in_progress",
+    )
 
 
 def _unsupported(kind: Any) -> ApiError:
