@@ -409,3 +409,37 @@ async def test_one_dropped_socket_under_three_lanes_is_one_failure(server: Proxy
     # One socket failed, once: three lanes on it are not three failures in a row (which
     # would send the session over HTTP for the cool-down).
     assert not server.proxy.fallback._sessions
+
+
+async def test_a_relayed_event_then_a_create_each_get_their_own_answer(server: ProxyServer) -> None:
+    """The upstream takes messages in order: the `error` answering a relayed event arrives
+    before anything of the create sent after it, and goes to the client as that answer; the
+    create's response is not ended by it, and the socket stays the session's."""
+    async with open_websocket_url(ws_url(server), extra_headers=session("rc")) as ws:
+        await send(ws, type="response.create", model="m", input="warm up")
+        await until(ws, lambda e: e["type"] in TERMINALS)
+        await send(ws, type="session.future_thing")
+        await send(ws, type="response.create", model="m", input="hello")
+        events = await until(ws, lambda e: e["type"] == "response.completed")
+    assert events[0]["type"] == "error" and events[0]["error"]["code"] == "unknown_event"
+    assert server.fake.sockets_opened == 1 and not server.registry.evictions
+    await nothing_left(server)
+
+
+async def test_a_held_socket_goes_back_when_its_last_relayed_event_settles(
+    server: ProxyServer,
+) -> None:
+    """A client relays an event and leaves before the answer: once the answer comes (or the
+    wait for one ends), the session's socket is idle again, and the next client continues on
+    it."""
+    async with open_websocket_url(ws_url(server), extra_headers=session("h")) as ws:
+        await send(ws, type="response.create", model="m", input="hi")
+        await until(ws, lambda e: e["type"] in TERMINALS)
+    async with open_websocket_url(ws_url(server), extra_headers=session("h")) as ws:
+        await send(ws, type="session.future_thing")
+    await wait_until(lambda: server.registry.busy == 0)
+    async with open_websocket_url(ws_url(server), extra_headers=session("h")) as ws:
+        await send(ws, type="response.create", model="m", input="again")
+        await until(ws, lambda e: e["type"] in TERMINALS)
+    assert server.fake.sockets_opened == 1 and server.proxy.turns["one_turn"] == 0
+    await nothing_left(server)

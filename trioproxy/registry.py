@@ -209,6 +209,7 @@ class Registry:
             settings=self._settings,
             on_turn_end=self._turn_ended,
             on_exit=self._exited,
+            on_settled=self._nothing_pending,
         )
         conn.group = group if key is not None else None
         if key is not None:
@@ -293,14 +294,19 @@ class Registry:
 
     def release(self, conn: UpstreamConnection, owner: object) -> None:
         """A socket held with no turn (`Proxy.hold_socket`) is let go: idle again once
-        nothing else runs on it, closed if it is closing or no session can reuse it."""
+        nothing else runs on it (`_nothing_pending`)."""
         conn.unhold(owner)
-        if conn.pending or not conn.busy:
+
+    def _nothing_pending(self, conn: UpstreamConnection) -> None:
+        """The last job on a socket ended without a turn's end to say so (a relayed event
+        answered, a hold released): idle again, or closed if no session can reuse it."""
+        if not conn.busy or conn.pending:
             return
         if conn.one_turn:
             self._retire(conn, "unused")
             return
         self._settled(conn)
+        self._notify()
 
     def give_back(self, conn: UpstreamConnection) -> None:
         """A leased socket whose turn was never submitted: idle again as it was (a one-turn

@@ -94,6 +94,7 @@ class UpstreamConnection:
         settings: Settings,
         on_turn_end: Callable[[UpstreamConnection, Turn, TurnEnd], None],
         on_exit: Callable[[UpstreamConnection], None],
+        on_settled: Callable[[UpstreamConnection], None] = lambda conn: None,
     ) -> None:
         self.id = next(_ids)
         self.key = key
@@ -105,6 +106,7 @@ class UpstreamConnection:
         self._settings = settings
         self._on_turn_end = on_turn_end
         self._on_exit = on_exit
+        self._on_settled = on_settled
         self.born = trio.current_time()
         self.last_used = self.born
         self.busy = True
@@ -122,6 +124,9 @@ class UpstreamConnection:
         self.sink: Sink | None = None
         self._wake: trio.CancelScope | None = None
         self._sending: trio.CancelScope | None = None  # while a message goes out
+        # Relayed events the upstream may still answer (on the default lane, in order), each
+        # with the time after which it is taken as answered by silence.
+        self._awaiting: deque[tuple[Notice, float]] = deque()
         self._left = False  # a turn's client left: look for abandoned turns
         self._ending = False  # takes no more jobs; closes once its turns end
         self._last_frame = self.born
@@ -173,17 +178,21 @@ class UpstreamConnection:
         if owner is not None:
             self._owners[owner] += 1
 
-    def _settle(self, owner: object | None) -> None:
+    def _settle(self, owner: object | None, *, tell: bool = True) -> None:
         """A job is over. Once none is pending the attached client is let go at once, in step
-        with the pool taking the socket back: an idle socket's frames are no client's."""
+        with the pool taking the socket back (told here unless a turn's end tells it): an
+        idle socket's frames are no client's."""
         self.pending -= 1
         if owner is not None:
             self._owners[owner] -= 1
             if self._owners[owner] <= 0:
                 del self._owners[owner]
-        if not self.pending and self.sink is not None:
-            self.sink = None
-            self._wake_up()
+        if not self.pending:
+            if self.sink is not None:
+                self.sink = None
+                self._wake_up()
+            if tell:
+                self._on_settled(self)
 
     def attach(self, sink: Sink) -> None:
         """A WebSocket client of ours receives the frames that belong to no running turn
@@ -330,12 +339,16 @@ class UpstreamConnection:
             for running in self.running_turns():
                 if job.target is not None and _named(running.tracker.response) == job.target:
                     running.tracker.steer_sent()
-            deadline = trio.current_time() + self._settings.turn_timeout
-            sent = await self._send(sock, job.payload, deadline)
-            if sent:
-                self._settle(job.owner)
-            else:
+            sent = await self._send(sock, job.payload, self._send_deadline())
+            if not sent:
                 self._notice_failed(job, errors.upstream_closed("closed while sending"))
+            elif job.target is None:
+                # An event this proxy does not know: its answer, if any, comes on the default
+                # lane before anything sent after it; it stays the client's until then.
+                expiry = trio.current_time() + self._settings.read_timeout
+                self._awaiting.append((job, expiry))
+            else:
+                self._settle(job.owner)
             return sent
         if turn.scope.cancel_called:
             self._end(turn, TurnEnd("abandoned"))  # its client left before it was sent
@@ -346,10 +359,16 @@ class UpstreamConnection:
         self._last_frame = trio.current_time()  # silence counts from the request
         self._lanes.setdefault(turn.lane, deque()).append(turn)
         before = sock.wire.sent
-        if not await self._send(sock, turn.payload, turn.deadline):
+        if not await self._send(sock, turn.payload, self._send_deadline()):
             return False
         turn.wire_bytes = sock.wire.sent - before
         return True
+
+    def _send_deadline(self) -> float:
+        """A send may last until the earliest running turn's deadline (a new turn's own, or
+        `turn_timeout` from now): never past a deadline already set."""
+        default = trio.current_time() + self._settings.turn_timeout
+        return min([default, *(turn.deadline for turn in self.running_turns())])
 
     async def _send(self, sock: ClientSocket, payload: bytes, deadline: float) -> bool:
         """One message out, bounded by `deadline` and cut by a client leaving: an upstream
@@ -389,7 +408,7 @@ class UpstreamConnection:
         each turn's deadline) and woken early by a new job or a client leaving: a slow
         client's back-pressure is not upstream silence.
         """
-        while self._lanes or self.sink is not None:
+        while self._lanes or self.sink is not None or self._awaiting:
             if self._queued and not await self._take_jobs(sock):
                 return False
             if self._left and not self._drop_abandoned():
@@ -430,6 +449,8 @@ class UpstreamConnection:
         if self._lanes:
             deadline = trio.current_time() + self._settings.read_timeout
             deadline = min([deadline, *(t.deadline for t in self.running_turns())])
+        if self._awaiting:
+            deadline = min(deadline, self._awaiting[0][1])
         with trio.CancelScope(deadline=deadline) as wait:
             self._wake = wait
             try:
@@ -446,6 +467,9 @@ class UpstreamConnection:
         """After a wait came back empty: a turn past its deadline, or an upstream silent past
         `read_timeout`, ends every turn (the socket's state is unknown)."""
         now = trio.current_time()
+        while self._awaiting and self._awaiting[0][1] <= now:
+            notice, _ = self._awaiting.popleft()  # answered by silence
+            self._settle(notice.owner)
         late = [turn for turn in self.running_turns() if turn.deadline <= now]
         if late:
             self._break_all("timeout", errors.turn_timeout(self._settings.turn_timeout))
@@ -482,6 +506,8 @@ class UpstreamConnection:
             self._break_all("socket", errors.upstream_protocol(str(exc)))
             return False
         lane = event.data.get("stream_id")
+        if self._awaiting and not isinstance(lane, str) and self._answered(event):
+            return True
         queue = self._lanes.get(lane if isinstance(lane, str) else None)
         if not queue:
             return await self._unrouted(event)
@@ -514,6 +540,22 @@ class UpstreamConnection:
         if released:
             end = replace(end, delivered=True)
         return self._end(turn, end)
+
+    def _answered(self, event: UpstreamEvent) -> bool:
+        """A default-lane frame while relayed events await their answers: the upstream takes
+        messages in order, so an `error` or a frame about no response answers the oldest
+        (to its client); a response's event means they were taken without an answer."""
+        kind = event.type
+        if kind == "error" or not kind.startswith("response."):
+            notice, _ = self._awaiting.popleft()
+            if self.sink is not None:
+                self.sink.offer(event)
+            self._settle(notice.owner)
+            return True
+        while self._awaiting:
+            notice, _ = self._awaiting.popleft()
+            self._settle(notice.owner)
+        return False
 
     async def _unrouted(self, event: UpstreamEvent) -> bool:
         """A frame no running turn owns. An attached client gets it as it came; without one a
@@ -557,7 +599,7 @@ class UpstreamConnection:
             self._jobs_send.close()
         # else: a named lane's response refused or failed; the protocol keeps the connection
         # and the other lanes' state (openai responses_websocket README), so does the pool.
-        self._settle(turn.owner)
+        self._settle(turn.owner, tell=False)  # the pool hears of it with the end, next
         # By the time a client sees the end and sends its next request, this socket is
         # already idle and reusable.
         self._on_turn_end(self, turn, end)
@@ -574,6 +616,9 @@ class UpstreamConnection:
         for turn in self.running_turns():
             self._end(turn, broken_end(kind, error, turn.tracker))
         self._lanes.clear()
+        while self._awaiting:
+            notice, _ = self._awaiting.popleft()
+            self._settle(notice.owner)
         self._abrupt = True
 
     @staticmethod

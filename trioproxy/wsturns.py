@@ -157,7 +157,8 @@ class ClientSession:
         self.waiting_count = 0  # messages not started yet
         self.conn: UpstreamConnection | None = None  # where its responses run now
         self.held: UpstreamConnection | None = None  # leased to relay an event
-        self.mine: set[Turn] = set()  # its turns not yet ended
+        # Its turns in progress, and the socket each runs on (None over HTTP).
+        self.mine: dict[Turn, UpstreamConnection | None] = {}
         self._running = trio.Semaphore(_RUNNING)
         self._placing: trio.Event | None = None  # a turn is finding its socket
         self._nursery: trio.Nursery | None = None
@@ -299,11 +300,11 @@ class ClientSession:
         if stream.conn is not None and stream.conn is not self.conn:
             self._let_go()
             self.conn = stream.conn
-        self.mine.add(stream.turn)
+        self.mine[stream.turn] = stream.conn
         try:
             await relay(stream, self.outbox, lane)
         finally:
-            self.mine.discard(stream.turn)
+            del self.mine[stream.turn]
 
     def _let_go(self) -> None:
         """A socket it held to relay an event goes back to the pool."""
@@ -316,12 +317,12 @@ class ClientSession:
         client's own running responses; otherwise it fails here (never reaching another's)."""
         target = message.get("previous_response_id")
         running = {
-            turn.tracker.response.get("id"): turn
-            for turn in self.mine
+            turn.tracker.response.get("id"): conn
+            for turn, conn in self.mine.items()
             if turn.end is None and turn.tracker.response is not None
         }
-        conn = self.conn
-        if conn is None or not isinstance(target, str) or target not in running:
+        conn = running.get(target) if isinstance(target, str) else None  # where it runs
+        if conn is None:
             text = "No response of this client with that id is running on this connection."
             await self.outbox.send(steer_failed(message, "response_not_active", text))
             return
@@ -339,12 +340,15 @@ class ClientSession:
         if self.scope is not None:
             await self.outbox.send(error_frame(_unsupported(kind)))
             return
-        if any(turn.end is None and turn.lane is None for turn in self.mine):
+        if None in self.waiting or any(t.end is None and t.lane is None for t in self.mine):
             await self.outbox.send(error_frame(_not_now(kind)))
             return
         payload = orjson.dumps(message)
         conn = self._beside() or self.held
         if conn is not None and conn.submit(Notice(payload, owner=self), joining=self):
+            return
+        if conn is not None and conn.accepting:  # its queue of jobs is full
+            await self.outbox.send(error_frame(_too_many(kind)))
             return
         self._let_go()
         try:
@@ -357,11 +361,20 @@ class ClientSession:
             await self.outbox.send(error_frame(errors.upstream_closed("socket closing")))
 
 
+def _too_many(kind: Any) -> ApiError:
+    return ApiError(
+        429,
+        f"Too many messages in flight on this connection; send `{kind}` again later.",
+        type="invalid_request_error",
+        code="too_many_messages",
+    )
+
+
 def _not_now(kind: Any) -> ApiError:
     return ApiError(
         409,
-        f"`{kind}` is relayed only while no response of this client runs on the default "
-        "lane (the upstream answers it there); send it again after that response ends.",
+        f"`{kind}` is relayed only while no response of this client runs or waits on the "
+        "default lane (the upstream answers it there); send it again after that response ends.",
         type="invalid_request_error",
         code="response_in_progress",
     )
