@@ -358,19 +358,18 @@ async def test_a_client_that_reads_none_of_its_answers_is_closed_not_stalling_th
     server: ProxyServer,
 ) -> None:
     """Answers to relayed events never make the socket's task wait on the client: past the
-    bound the client is closed (1008), and the session's next client finds a working socket."""
+    bounds (64 unread answers, 64 events awaiting theirs) the client is closed (1008), and
+    the session's next client finds a working socket."""
     headers = session("flood")
     async with open_websocket_url(ws_url(server), extra_headers=headers) as ws:
-        with trio.move_on_after(5):
-            for _ in range(2000):
-                await send(ws, type="session.future_thing")
-        with trio.fail_after(5):
-            while True:  # drain until the proxy's close
-                try:
+        with trio.fail_after(10):
+            try:
+                for _ in range(2000):
+                    await send(ws, type="session.future_thing")
+                while True:  # drain until the proxy's close
                     await ws.get_message()
-                except ConnectionClosed as closed:
-                    assert closed.reason.code == 1008
-                    break
+            except ConnectionClosed as closed:
+                assert closed.reason.code == 1008
     async with open_websocket_url(ws_url(server), extra_headers=headers) as ws:
         await send(ws, type="response.create", model="m", input="after the flood")
         done = await until(ws, lambda e: e["type"] in TERMINALS)
@@ -442,4 +441,60 @@ async def test_a_held_socket_goes_back_when_its_last_relayed_event_settles(
         await send(ws, type="response.create", model="m", input="again")
         await until(ws, lambda e: e["type"] in TERMINALS)
     assert server.fake.sockets_opened == 1 and server.proxy.turns["one_turn"] == 0
+    await nothing_left(server)
+
+
+async def test_a_notice_before_a_relayed_events_answer_is_not_taken_for_it(
+    server: ProxyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an `error` answers a relayed event: a `codex.rate_limits` notice the upstream
+    sends on its own just before must not be taken for the answer (the real answer would
+    then end the create sent after the event)."""
+    send_all = FakeUpstream._send_all
+
+    async def notice_first(self: FakeUpstream, sock: Any, events: Any, *args: Any) -> None:
+        if any((e.get("error") or {}).get("code") == "unknown_event" for e in events):
+            await sock.ws.send_message(json.dumps({"type": "codex.rate_limits"}))
+        await send_all(self, sock, events, *args)
+
+    monkeypatch.setattr(FakeUpstream, "_send_all", notice_first)
+    async with open_websocket_url(ws_url(server), extra_headers=session("n")) as ws:
+        await send(ws, type="response.create", model="m", input="warm up")
+        await until(ws, lambda e: e["type"] in TERMINALS)
+        await send(ws, type="session.future_thing")
+        await send(ws, type="response.create", model="m", input="hello")
+        events = await until(ws, lambda e: e["type"] == "response.completed")
+    assert [e["error"]["code"] for e in events if e["type"] == "error"] == ["unknown_event"]
+    assert not server.registry.evictions and server.fake.sockets_opened == 1
+
+
+async def test_an_event_taken_silently_lets_the_session_go_on(
+    server: ProxyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream that takes a relayed event without answering: the client that relayed it
+    leaves at once, and the same session's next client continues its `store: false` chain on
+    the same socket (the wait for an answer is no one's once its client has gone)."""
+    on_message = FakeUpstream._on_message
+
+    def silent(self: FakeUpstream, sock: Any, raw: Any, nursery: trio.Nursery) -> None:
+        if json.loads(raw).get("type") != "session.silent":
+            on_message(self, sock, raw, nursery)
+
+    monkeypatch.setattr(FakeUpstream, "_on_message", silent)
+    async with open_websocket_url(ws_url(server), extra_headers=session("r")) as ws:
+        await send(ws, type="response.create", model="m", input="warm", store=False)
+        rid = (await until(ws, lambda e: e["type"] in TERMINALS))[-1]["response"]["id"]
+        await send(ws, type="session.silent")
+    async with open_websocket_url(ws_url(server), extra_headers=session("r")) as ws:
+        await send(
+            ws,
+            type="response.create",
+            model="m",
+            input="next",
+            previous_response_id=rid,
+            store=False,
+        )
+        done = await until(ws, lambda e: e["type"] in TERMINALS)
+    assert done[-1]["type"] == "response.completed"
+    assert server.proxy.turns["one_turn"] == 0 and server.fake.sockets_opened == 1
     await nothing_left(server)

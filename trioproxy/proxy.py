@@ -377,8 +377,10 @@ class Proxy:
             plan, payload = await off_loop(about["request_bytes"], _planned, memory, body, digested)
         except BaseException:
             # Leased for a turn that never reached it (the client left while a large request
-            # was planned): the socket is unchanged, so it goes back to the pool.
-            self.registry.give_back(conn)
+            # was planned): the socket is unchanged, so it goes back to the pool. A socket the
+            # turn only joined (a lane beside the client's others) is not this turn's to give.
+            if about["placement"] != "lane":
+                self.registry.give_back(conn)
             raise
         turn = Turn(
             plan,

@@ -15,7 +15,7 @@ import math
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import orjson
@@ -45,6 +45,9 @@ Connector = Callable[[str, Headers], AbstractAsyncContextManager[ClientSocket]]
 _HANDSHAKE_SLACK = 0.5
 # Ends after which the socket's state is unknown: close it at once, without a close handshake.
 _ABRUPT = frozenset({"socket", "timeout", "abandoned"})
+# How long an event relayed for a client may take to be answered (an `error`, on the default
+# lane) before its silence is taken as acceptance; the client's default lane waits meanwhile.
+ANSWER_WAIT = 5.0
 # Upstream ends of one response that leave the connection as it was (on a named lane).
 _SOFT = frozenset({"error", "failed", "incomplete", "cancelled"})
 
@@ -127,6 +130,9 @@ class UpstreamConnection:
         # Relayed events the upstream may still answer (on the default lane, in order), each
         # with the time after which it is taken as answered by silence.
         self._awaiting: deque[tuple[Notice, float]] = deque()
+        # Answers still due for events whose client has gone: dropped when they come (until
+        # their expiry), not taken for stray frames.
+        self._orphans: deque[float] = deque()
         self._left = False  # a turn's client left: look for abandoned turns
         self._ending = False  # takes no more jobs; closes once its turns end
         self._last_frame = self.born
@@ -344,11 +350,11 @@ class UpstreamConnection:
                 self._notice_failed(job, errors.upstream_closed("closed while sending"))
             elif job.target is None:
                 # An event this proxy does not know: its answer, if any, comes on the default
-                # lane before anything sent after it; it stays the client's until then.
-                expiry = trio.current_time() + self._settings.read_timeout
-                self._awaiting.append((job, expiry))
+                # lane before anything sent after it; it stays the client's until then, or
+                # until `ANSWER_WAIT` of silence says it was taken without one.
+                self._awaiting.append((job, trio.current_time() + ANSWER_WAIT))
             else:
-                self._settle(job.owner)
+                self._settle_notice(job)
             return sent
         if turn.scope.cancel_called:
             self._end(turn, TurnEnd("abandoned"))  # its client left before it was sent
@@ -397,7 +403,10 @@ class UpstreamConnection:
         if self.sink is not None:
             frame = orjson.dumps({"type": "error", "status": error.status, **error.body()})
             self.sink.offer(UpstreamEvent("error", frame.decode(), {}))
-        self._settle(job.owner)
+        if isinstance(job, Notice):
+            self._settle_notice(job)
+        else:
+            self._settle(job.owner)
 
     async def _pump(self, sock: ClientSocket) -> bool:
         """Read frames and hand each to its lane's turn until no turn runs and no client is
@@ -469,7 +478,7 @@ class UpstreamConnection:
         now = trio.current_time()
         while self._awaiting and self._awaiting[0][1] <= now:
             notice, _ = self._awaiting.popleft()  # answered by silence
-            self._settle(notice.owner)
+            self._settle_notice(notice)
         late = [turn for turn in self.running_turns() if turn.deadline <= now]
         if late:
             self._break_all("timeout", errors.turn_timeout(self._settings.turn_timeout))
@@ -506,7 +515,11 @@ class UpstreamConnection:
             self._break_all("socket", errors.upstream_protocol(str(exc)))
             return False
         lane = event.data.get("stream_id")
-        if self._awaiting and not isinstance(lane, str) and self._answered(event):
+        if (
+            (self._awaiting or self._orphans)
+            and not isinstance(lane, str)
+            and self._answered(event)
+        ):
             return True
         queue = self._lanes.get(lane if isinstance(lane, str) else None)
         if not queue:
@@ -543,18 +556,43 @@ class UpstreamConnection:
 
     def _answered(self, event: UpstreamEvent) -> bool:
         """A default-lane frame while relayed events await their answers: the upstream takes
-        messages in order, so an `error` or a frame about no response answers the oldest
-        (to its client); a response's event means they were taken without an answer."""
-        kind = event.type
-        if kind == "error" or not kind.startswith("response."):
-            notice, _ = self._awaiting.popleft()
-            if self.sink is not None:
-                self.sink.offer(event)
-            self._settle(notice.owner)
+        messages in order, so an `error` answers the oldest (it goes to its client). Any other
+        frame is routed as usual (a notice such as `codex.rate_limits` is no answer). The
+        client sends nothing on the default lane meanwhile (wsturns.py), so no response's
+        refusal can be taken for an answer."""
+        if event.type != "error":
+            return False
+        if self._orphan_answered():
             return True
-        while self._awaiting:
-            notice, _ = self._awaiting.popleft()
-            self._settle(notice.owner)
+        if not self._awaiting:
+            return False
+        notice, _ = self._awaiting.popleft()
+        if self.sink is not None:
+            self.sink.offer(event)
+        self._settle_notice(notice)
+        return True
+
+    def _settle_notice(self, notice: Notice) -> None:
+        notice.settled.set()
+        self._settle(notice.owner)
+
+    def forget(self, owner: object) -> None:
+        """`owner` has gone: answers its relayed events are still waiting for are no one's,
+        and must not keep the socket from the session's next client."""
+        mine = [entry for entry in self._awaiting if entry[0].owner is owner]
+        for entry in mine:
+            self._awaiting.remove(entry)
+            self._orphans.append(entry[1])
+            self._settle_notice(entry[0])
+
+    def _orphan_answered(self) -> bool:
+        """Whether an `error` just read is the due answer of a gone client's event."""
+        now = trio.current_time()
+        while self._orphans and self._orphans[0] <= now:
+            self._orphans.popleft()
+        if self._orphans:
+            self._orphans.popleft()
+            return True
         return False
 
     async def _unrouted(self, event: UpstreamEvent) -> bool:
@@ -618,11 +656,10 @@ class UpstreamConnection:
         self._lanes.clear()
         while self._awaiting:
             notice, _ = self._awaiting.popleft()
-            self._settle(notice.owner)
+            self._notice_failed(notice, error)  # its client hears the socket went
         self._abrupt = True
 
-    @staticmethod
-    def _spoke_while_idle(sock: ClientSocket) -> bool:
+    def _spoke_while_idle(self, sock: ClientSocket) -> bool:
         """Whether the upstream sent anything about a response since the last turn ended:
         a `response.*` event, an `error`, anything unreadable. A notice that concerns no
         response (`codex.rate_limits`, say) is dropped: it would otherwise turn every reuse
@@ -638,6 +675,8 @@ class UpstreamConnection:
                 kind = parse_frame(frame).type
             except ValueError:
                 return True
+            if kind == "error" and self._orphan_answered():
+                continue  # the answer to a gone client's relayed event
             if kind == "error" or kind.startswith("response."):
                 return True
 
@@ -656,6 +695,7 @@ class Notice:
     payload: bytes
     target: str | None = None
     owner: object | None = None
+    settled: trio.Event = field(default_factory=trio.Event)  # sent, and answered if it may be
 
 
 class Sink(Protocol):

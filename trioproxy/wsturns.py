@@ -159,6 +159,8 @@ class ClientSession:
         self.held: UpstreamConnection | None = None  # leased to relay an event
         # Its turns in progress, and the socket each runs on (None over HTTP).
         self.mine: dict[Turn, UpstreamConnection | None] = {}
+        # Events it relayed whose answers may still come on the default lane.
+        self.relayed: list[Notice] = []
         self._running = trio.Semaphore(_RUNNING)
         self._placing: trio.Event | None = None  # a turn is finding its socket
         self._nursery: trio.Nursery | None = None
@@ -173,6 +175,9 @@ class ClientSession:
                     await self._read()
                     nursery.cancel_scope.cancel()
         finally:
+            for conn in {self.conn, *self.mine.values()}:
+                if conn is not None:
+                    conn.forget(self)
             self._let_go()
             self.sink.close()
         if self.sink.overflowed:
@@ -218,8 +223,7 @@ class ClientSession:
         if kind == "response.steer":
             await self._steer(message)
             return True
-        await self._relay_unknown(message)
-        return True
+        return await self._relay_unknown(message)
 
     async def _create(self, message: dict[str, Any], size: int) -> bool:
         lane = message.get("stream_id")
@@ -269,6 +273,11 @@ class ClientSession:
     async def _turn(self, lane: str | None, message: dict[str, Any]) -> None:
         size = message["_size"]
         body = {k: v for k, v in message.items() if k not in ("type", "_size")}
+        if lane is None:
+            # An answer to an event it relayed would land on this response: wait for it (or
+            # for `ANSWER_WAIT` of silence) before starting anything on the default lane.
+            while self.relayed:
+                await self.relayed.pop(0).settled.wait()
         while self._placing is not None:  # another lane is finding the socket: join it there
             await self._placing.wait()
         beside = self._beside()
@@ -331,7 +340,7 @@ class ClientSession:
             text = "The response's socket is closing."
             await self.outbox.send(steer_failed(message, "response_not_active", text))
 
-    async def _relay_unknown(self, message: dict[str, Any]) -> None:
+    async def _relay_unknown(self, message: dict[str, Any]) -> bool:
         """An event this proxy does not know goes upstream on the session's socket, and the
         answers come back as they come. Not while a response of this client runs on the
         default lane: the upstream answers such events there, and its `error` would end that
@@ -339,26 +348,35 @@ class ClientSession:
         kind = message.get("type")
         if self.scope is not None:
             await self.outbox.send(error_frame(_unsupported(kind)))
-            return
+            return True
         if None in self.waiting or any(t.end is None and t.lane is None for t in self.mine):
             await self.outbox.send(error_frame(_not_now(kind)))
-            return
+            return True
+        self.relayed = [n for n in self.relayed if not n.settled.is_set()]
+        if len(self.relayed) >= _LOOSE:  # events still awaiting their answers: bounded
+            await websocket.close(CLOSE_POLICY, "too many events awaiting answers")
+            return False
         payload = orjson.dumps(message)
         conn = self._beside() or self.held
-        if conn is not None and conn.submit(Notice(payload, owner=self), joining=self):
-            return
+        notice = Notice(payload, owner=self)
+        if conn is not None and conn.submit(notice, joining=self):
+            self.relayed.append(notice)
+            return True
         if conn is not None and conn.accepting:  # its queue of jobs is full
             await self.outbox.send(error_frame(_too_many(kind)))
-            return
+            return True
         self._let_go()
         try:
             conn = await self.proxy.hold_socket(self.headers, self.target, self.scope, self)
         except ApiError as exc:
             await self.outbox.send(error_frame(exc))
-            return
+            return True
         self.held = self.conn = conn
-        if not conn.submit(Notice(payload, owner=self), joining=self):
+        if conn.submit(notice, joining=self):
+            self.relayed.append(notice)
+        else:
             await self.outbox.send(error_frame(errors.upstream_closed("socket closing")))
+        return True
 
 
 def _too_many(kind: Any) -> ApiError:
