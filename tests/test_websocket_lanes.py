@@ -23,6 +23,7 @@ from openai.lib.responses_websocket import (
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from tests.conftest import ProxyServer, nothing_left, start_proxy, wait_until
+from trioproxy import upstream
 from trioproxy.fake import FakeUpstream
 from trioproxy.fake.script import Reply
 
@@ -468,12 +469,13 @@ async def test_a_notice_before_a_relayed_events_answer_is_not_taken_for_it(
     assert not server.registry.evictions and server.fake.sockets_opened == 1
 
 
-async def test_an_event_taken_silently_lets_the_session_go_on(
+async def test_an_event_taken_silently_holds_the_socket_only_for_the_answer_wait(
     server: ProxyServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An upstream that takes a relayed event without answering: the client that relayed it
-    leaves at once, and the same session's next client continues its `store: false` chain on
-    the same socket (the wait for an answer is no one's once its client has gone)."""
+    """An upstream that takes a relayed event without answering, and a client that leaves at
+    once: the socket waits for the answer (`ANSWER_WAIT`) and no longer, then the session's
+    next client continues its `store: false` chain on it. An answer is only ever matched to
+    the event that asked for it, never to the next client's response."""
     on_message = FakeUpstream._on_message
 
     def silent(self: FakeUpstream, sock: Any, raw: Any, nursery: trio.Nursery) -> None:
@@ -481,10 +483,12 @@ async def test_an_event_taken_silently_lets_the_session_go_on(
             on_message(self, sock, raw, nursery)
 
     monkeypatch.setattr(FakeUpstream, "_on_message", silent)
+    monkeypatch.setattr(upstream, "ANSWER_WAIT", 0.2)
     async with open_websocket_url(ws_url(server), extra_headers=session("r")) as ws:
         await send(ws, type="response.create", model="m", input="warm", store=False)
         rid = (await until(ws, lambda e: e["type"] in TERMINALS))[-1]["response"]["id"]
         await send(ws, type="session.silent")
+    await wait_until(lambda: server.registry.busy == 0)
     async with open_websocket_url(ws_url(server), extra_headers=session("r")) as ws:
         await send(
             ws,

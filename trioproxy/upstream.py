@@ -130,9 +130,6 @@ class UpstreamConnection:
         # Relayed events the upstream may still answer (on the default lane, in order), each
         # with the time after which it is taken as answered by silence.
         self._awaiting: deque[tuple[Notice, float]] = deque()
-        # Answers still due for events whose client has gone: dropped when they come (until
-        # their expiry), not taken for stray frames.
-        self._orphans: deque[float] = deque()
         self._left = False  # a turn's client left: look for abandoned turns
         self._ending = False  # takes no more jobs; closes once its turns end
         self._last_frame = self.born
@@ -275,6 +272,9 @@ class UpstreamConnection:
             for turn in self.running_turns():
                 turn.finish(broken_end("socket", closed, turn.tracker))
             self._lanes.clear()
+            for notice, _ in self._awaiting:
+                notice.settled.set()  # no answer will come: nobody waits for one
+            self._awaiting.clear()
             self._fail_queued()
             self._jobs_recv.close()
             self._on_exit(self)
@@ -289,6 +289,8 @@ class UpstreamConnection:
                 return
             if isinstance(job, Turn):
                 job.finish(TurnEnd("socket", error=errors.upstream_closed("socket closed")))
+            else:
+                job.settled.set()
 
     async def _serve(self, sock: ClientSocket) -> None:
         """Idle: wait for a job without reading (a stray frame is judged when one comes).
@@ -515,11 +517,7 @@ class UpstreamConnection:
             self._break_all("socket", errors.upstream_protocol(str(exc)))
             return False
         lane = event.data.get("stream_id")
-        if (
-            (self._awaiting or self._orphans)
-            and not isinstance(lane, str)
-            and self._answered(event)
-        ):
+        if self._awaiting and not isinstance(lane, str) and self._answered(event):
             return True
         queue = self._lanes.get(lane if isinstance(lane, str) else None)
         if not queue:
@@ -562,10 +560,6 @@ class UpstreamConnection:
         refusal can be taken for an answer."""
         if event.type != "error":
             return False
-        if self._orphan_answered():
-            return True
-        if not self._awaiting:
-            return False
         notice, _ = self._awaiting.popleft()
         if self.sink is not None:
             self.sink.offer(event)
@@ -575,25 +569,6 @@ class UpstreamConnection:
     def _settle_notice(self, notice: Notice) -> None:
         notice.settled.set()
         self._settle(notice.owner)
-
-    def forget(self, owner: object) -> None:
-        """`owner` has gone: answers its relayed events are still waiting for are no one's,
-        and must not keep the socket from the session's next client."""
-        mine = [entry for entry in self._awaiting if entry[0].owner is owner]
-        for entry in mine:
-            self._awaiting.remove(entry)
-            self._orphans.append(entry[1])
-            self._settle_notice(entry[0])
-
-    def _orphan_answered(self) -> bool:
-        """Whether an `error` just read is the due answer of a gone client's event."""
-        now = trio.current_time()
-        while self._orphans and self._orphans[0] <= now:
-            self._orphans.popleft()
-        if self._orphans:
-            self._orphans.popleft()
-            return True
-        return False
 
     async def _unrouted(self, event: UpstreamEvent) -> bool:
         """A frame no running turn owns. An attached client gets it as it came; without one a
@@ -675,8 +650,6 @@ class UpstreamConnection:
                 kind = parse_frame(frame).type
             except ValueError:
                 return True
-            if kind == "error" and self._orphan_answered():
-                continue  # the answer to a gone client's relayed event
             if kind == "error" or kind.startswith("response."):
                 return True
 

@@ -175,9 +175,6 @@ class ClientSession:
                     await self._read()
                     nursery.cancel_scope.cancel()
         finally:
-            for conn in {self.conn, *self.mine.values()}:
-                if conn is not None:
-                    conn.forget(self)
             self._let_go()
             self.sink.close()
         if self.sink.overflowed:
