@@ -272,9 +272,9 @@ class UpstreamConnection:
             for turn in self.running_turns():
                 turn.finish(broken_end("socket", closed, turn.tracker))
             self._lanes.clear()
-            for notice, _ in self._awaiting:
-                notice.settled.set()  # no answer will come: nobody waits for one
-            self._awaiting.clear()
+            while self._awaiting:  # no answer will come: their clients hear why
+                notice, _ = self._awaiting.popleft()
+                self._notice_failed(notice, closed)
             self._fail_queued()
             self._jobs_recv.close()
             self._on_exit(self)
@@ -287,10 +287,11 @@ class UpstreamConnection:
                 job = self._jobs_recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
+            closed = errors.upstream_closed("socket closed")
             if isinstance(job, Turn):
-                job.finish(TurnEnd("socket", error=errors.upstream_closed("socket closed")))
+                job.finish(TurnEnd("socket", error=closed))
             else:
-                job.settled.set()
+                self._notice_failed(job, closed)  # never sent: its client hears so
 
     async def _serve(self, sock: ClientSocket) -> None:
         """Idle: wait for a job without reading (a stray frame is judged when one comes).
