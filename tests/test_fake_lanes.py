@@ -489,3 +489,28 @@ async def test_the_sdks_websocket_session_runs_two_lanes_and_steers(fake: FakeUp
     assert successor.status == "completed" and successor.previous_response_id == steered.id
     assert successor.output_text == "You said: y"
     assert fake.max_active == 2
+
+
+async def test_a_refused_same_lane_continuation_evicts_its_parent_a_fork_does_not(
+    fake: FakeUpstream,
+) -> None:
+    """responses_websocket README: "A same-lane continuation returning a 4xx or 5xx evicts
+    its referenced cached parent; an errored cross-lane fork preserves the shared parent"."""
+    async with connect(fake) as client:
+        await client.create("parent", store=False, stream_id="a")
+        parent = (await client.terminals(1))[-1]["response"]["id"]
+        # A fork from lane b that fails: the parent stays.
+        await client.create(
+            "fake: error bad_fork 400", store=False, stream_id="b", previous_response_id=parent
+        )
+        assert (await client.terminals(1))[-1]["error"]["code"] == "bad_fork"
+        await client.create("still there", store=False, stream_id="b", previous_response_id=parent)
+        assert (await client.terminals(1))[-1]["type"] == "response.completed"
+        # A same-lane continuation that fails: the parent is gone from the cache.
+        await client.create(
+            "fake: error bad_step 400", store=False, stream_id="a", previous_response_id=parent
+        )
+        assert (await client.terminals(1))[-1]["error"]["code"] == "bad_step"
+        await client.create("again", store=False, stream_id="a", previous_response_id=parent)
+        gone = (await client.terminals(1))[-1]
+    assert gone["type"] == "error" and gone["error"]["code"] == "previous_response_not_found"

@@ -502,3 +502,40 @@ async def test_an_event_taken_silently_holds_the_socket_only_for_the_answer_wait
     assert done[-1]["type"] == "response.completed"
     assert server.proxy.turns["one_turn"] == 0 and server.fake.sockets_opened == 1
     await nothing_left(server)
+
+
+async def test_after_a_refused_same_lane_step_the_socket_no_longer_counts_on_its_parent(
+    server: ProxyServer,
+) -> None:
+    """The upstream evicts the parent of a refused same-lane continuation. The proxy forgets
+    it too, so the client's full resend of that conversation goes in full on the same socket
+    (not as a suffix from the evicted parent, which would cost a fresh socket)."""
+    first = [{"role": "user", "content": "one"}]
+    async with open_websocket_url(ws_url(server), extra_headers=session("evict")) as ws:
+        await send(ws, type="response.create", model="m", input=first, store=False, stream_id="a")
+        done = (await until(ws, terminal_of("a")))[-1]["response"]
+        history = [*first, *done["output"]]
+        await send(
+            ws,
+            type="response.create",
+            model="m",
+            input=[{"role": "user", "content": "fake: error bad_step 400"}],
+            store=False,
+            stream_id="a",
+            previous_response_id=done["id"],
+        )
+        assert (await until(ws, terminal_of("a")))[-1]["type"] == "error"
+        await send(
+            ws,
+            type="response.create",
+            model="m",
+            input=[*history, {"role": "user", "content": "two"}],
+            store=False,
+            stream_id="a",
+        )
+        last = (await until(ws, terminal_of("a")))[-1]
+    assert last["type"] == "response.completed"
+    creates = server.fake.creates()
+    assert server.fake.sockets_opened == 1
+    assert "previous_response_id" not in creates[-1].message  # in full, on the same socket
+    await nothing_left(server)

@@ -611,8 +611,13 @@ class UpstreamConnection:
         elif turn.lane is None or self.one_turn or end.kind not in _SOFT:
             self._ending = True  # no more jobs; the turns running finish first
             self._jobs_send.close()
-        # else: a named lane's response refused or failed; the protocol keeps the connection
-        # and the other lanes' state (openai responses_websocket README), so does the pool.
+        else:
+            # A named lane's response refused or failed: the protocol keeps the connection
+            # and the other lanes' state (openai responses_websocket README), so does the pool.
+            # But a refused same-lane continuation evicts its parent from the upstream's cache:
+            # the socket no longer counts on the id it chained from (a fork's parent survives;
+            # forgetting it too only costs a full send later, never a broken chain).
+            self._forget_response(turn.plan.message.get("previous_response_id"))
         self._settle(turn.owner, tell=False)  # the pool hears of it with the end, next
         # By the time a client sees the end and sends its next request, this socket is
         # already idle and reusable.
@@ -622,6 +627,14 @@ class UpstreamConnection:
             self._abrupt = True
             return False
         return keep or not self._ending or bool(self._lanes)
+
+    def _forget_response(self, rid: Any) -> None:
+        if not isinstance(rid, str):
+            return
+        if self.memory is not None and self.memory.response_id == rid:
+            self.memory = None
+        if rid in self.answered:
+            self.answered.remove(rid)
 
     def _break_all(self, kind: EndKind, error: ApiError) -> None:
         """End every running turn with `error` (the socket is closing)."""

@@ -575,6 +575,12 @@ class FakeUpstream:
         reply, rid, events, conversation, output = self._prepare(
             request, history or [], lost, scripted=not auto
         )
+        # A same-lane continuation refused with a 4xx/5xx evicts its parent from the
+        # connection's cache; a fork from another lane leaves it (responses_websocket README,
+        # "Continuation and service state").
+        same_lane = isinstance(previous, str) and self.response_lanes.get(previous, "") == sid
+        if reply.kind == "error" and lost is None and same_lane:
+            sock.responses.pop(str(previous), None)
         if reply.kind == "garbage":
             await sock.ws.send_message("this is not an event")
             return None
