@@ -210,18 +210,8 @@ class UpstreamConnection:
         """Whether it takes more jobs (not retired, not closing)."""
         return not self._ending
 
-    @property
-    def running(self) -> int:
-        """Turns in progress on this socket, over all its lanes."""
-        return sum(len(queue) for queue in self._lanes.values())
-
-    @property
-    def current(self) -> Turn | None:
-        """The default lane's turn in progress (the only one an HTTP client ever has)."""
-        queue = self._lanes.get(None)
-        return queue[0] if queue else None
-
     def running_turns(self) -> list[Turn]:
+        """Turns in progress on this socket, over all its lanes."""
         return [turn for queue in self._lanes.values() for turn in queue]
 
     def retire(self) -> None:
