@@ -120,16 +120,16 @@ async def test_models_are_relayed_over_http_with_the_query_and_credentials(
 async def test_models_relay_reports_an_unreachable_upstream(
     nursery: trio.Nursery, fake: FakeUpstream
 ) -> None:
-    with trio.socket.socket() as sock:  # a port with nobody listening
+    with trio.socket.socket() as sock:  # a port bound and kept, nobody listening: refused
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = await start_proxy(
-        nursery, fake, chatgpt_upstream=f"ws://127.0.0.1:{port}/backend-api/codex/responses"
-    )
-    async with httpx.AsyncClient(base_url=root(server), timeout=30) as client:
-        reply = await client.get(
-            "/backend-api/codex/models", headers=chatgpt_headers("t", "acct-1")
+        server = await start_proxy(
+            nursery, fake, chatgpt_upstream=f"ws://127.0.0.1:{port}/backend-api/codex/responses"
         )
+        async with httpx.AsyncClient(base_url=root(server), timeout=30) as client:
+            reply = await client.get(
+                "/backend-api/codex/models", headers=chatgpt_headers("t", "acct-1")
+            )
     assert reply.status_code == 502
     assert reply.json()["error"]["code"] == "upstream_unreachable"
 

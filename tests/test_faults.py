@@ -33,12 +33,15 @@ from trioproxy.wsclient import ClientSocket, open_websocket
 
 # -- handshake -----------------------------------------------------------------------------------
 async def test_handshake_refused_at_tcp_is_a_502(nursery: trio.Nursery, fake: FakeUpstream) -> None:
-    with trio.socket.socket() as sock:  # a port with nobody listening
+    # A port bound and kept, with nobody listening: connections are refused. (A port closed
+    # again could be the next server's: once it was the proxy's own, which then served its
+    # own upgrade, hop after hop.)
+    with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = await start_proxy(nursery, fake, upstream=f"ws://127.0.0.1:{port}/v1/responses")
-    async with server.client() as client:
-        reply = await post(client, request_body("x", stream=True))
+        server = await start_proxy(nursery, fake, upstream=f"ws://127.0.0.1:{port}/v1/responses")
+        async with server.client() as client:
+            reply = await post(client, request_body("x", stream=True))
     assert reply.status_code == 502
     assert reply.json()["error"]["code"] == "upstream_unreachable"
     await nothing_left(server)
