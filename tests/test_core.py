@@ -223,7 +223,8 @@ def test_pool_key_separates_what_changes_upstream_meaning() -> None:
 
 def test_header_values_that_cannot_go_on_the_wire_are_trimmed_or_dropped() -> None:
     headers = [("x-a", "  padded "), ("x-b", " "), ("x-c", "in\tner ok"), ("x-d", "bad\x01")]
-    assert keys.relayed(headers) == [("x-a", "padded"), ("x-c", "in\tner ok")]
+    mark = keys.via([])  # every upstream request carries the proxy's loop mark
+    assert keys.relayed(headers) == [("x-a", "padded"), ("x-c", "in\tner ok"), mark]
     assert ("x-b", " ") not in keys.forwarded(headers, BETA)
 
 
@@ -245,7 +246,13 @@ def test_forwarded_headers_add_the_beta_and_drop_hop_by_hop() -> None:
         "session-id": "s",
         "originator": "codex_exec",
         "openai-beta": BETA,
+        keys.VIA_HEADER: keys.INSTANCE,
     }
+    # A client's own mark never passes as written: only proxies' ids, then this one's.
+    hops = dict(keys.forwarded([(keys.VIA_HEADER, "abc, bad id!, def")], BETA))
+    assert hops[keys.VIA_HEADER] == f"abc, def, {keys.INSTANCE}"
+    assert keys.looped([(keys.VIA_HEADER, hops[keys.VIA_HEADER])])
+    assert not keys.looped([(keys.VIA_HEADER, "abc, def")])
     merged = dict(keys.forwarded(H(openai_beta="assistants=v2"), BETA))
     assert merged["openai-beta"] == f"assistants=v2, {BETA}"
     already = dict(keys.forwarded(H(openai_beta=BETA), BETA))

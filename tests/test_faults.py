@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -400,3 +401,30 @@ async def test_a_client_that_stops_reading_cannot_hold_a_turn_past_its_timeout(
             await chunks.__anext__()  # the turn runs; then nothing is read
             await wait_until(lambda: server.registry.evictions["timeout"] == 1)
             assert server.fake.events_sent < 3000
+
+
+async def test_an_upstream_that_leads_back_to_the_proxy_is_refused_not_looped(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    """Misconfigured: the proxy's upstream is the proxy itself. Every request it sends upstream
+    carries its loop mark, and a request that comes back with it gets 508 at once, over HTTP
+    and WebSocket alike: one clear error instead of one more socket per hop."""
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    from functools import partial
+
+    from hypercorn.trio import serve as hypercorn_serve
+
+    from trioproxy.app import create_app
+    from trioproxy.cli import hypercorn_config
+    from trioproxy.config import Settings
+
+    settings = Settings(upstream=f"ws://127.0.0.1:{port}/v1/responses", http_fallback=False)
+    app = create_app(settings)
+    await nursery.start(partial(hypercorn_serve, app, hypercorn_config("127.0.0.1", port)))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1", timeout=10) as client:
+        with trio.fail_after(5):
+            reply = await post(client, request_body("x"))
+    assert reply.status_code == 508
+    assert reply.json()["error"]["code"] == "proxy_loop"

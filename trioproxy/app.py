@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 
 import trio
-from quart import Response, g, request
+from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioproxy import access, errors, http_turns, relays, status, wsturns
+from trioproxy import access, errors, http_turns, keys, relays, status, wsturns
 from trioproxy.answers import error_response, has_body
 from trioproxy.codex_auth import held_login
 from trioproxy.config import Settings
@@ -86,6 +86,20 @@ def create_app(
             refused = error_response(errors.shutting_down())
             refused.headers["Connection"] = "close"
             return refused
+        return None
+
+    @app.before_request
+    async def refuse_loops() -> Response | None:
+        """A request this proxy already sent upstream (its upstream leads back to it): 508
+        at once, instead of one more upstream socket per hop until everything times out."""
+        if keys.looped(keys.normalise(request.headers.items())):
+            return error_response(errors.proxy_loop())
+        return None
+
+    @app.before_websocket
+    async def refuse_websocket_loops() -> Response | None:
+        if keys.looped(keys.normalise(websocket.headers.items())):
+            return error_response(errors.proxy_loop())
         return None
 
     @app.after_request

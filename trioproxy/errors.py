@@ -152,6 +152,16 @@ def _upstream(status: int, code: str, message: str) -> ApiError:
     return ApiError(status, redact(message), type="upstream_error", code=code)
 
 
+def proxy_loop() -> ApiError:
+    return ApiError(
+        508,
+        "This request already went through this proxy: its upstream leads back to it. "
+        "Point the upstream (TRIOPROXY_UPSTREAM, a channel's upstream) at the provider.",
+        type="server_error",
+        code="proxy_loop",
+    )
+
+
 def upstream_unreachable(detail: str) -> ApiError:
     return _upstream(
         502, "upstream_unreachable", f"could not open the upstream WebSocket: {detail}"

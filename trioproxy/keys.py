@@ -8,6 +8,7 @@ The key is a hash of all of that, so neither secrets nor raw header values sit i
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterable
 from hashlib import sha256
 
@@ -142,9 +143,37 @@ def _forwardable(name: str) -> bool:
     return name not in _NOT_FORWARDED and not name.startswith(_NOT_FORWARDED_PREFIXES)
 
 
+# Loop mark: every upstream request carries the ids of the proxies it went through (a client's
+# own `x-trioproxy-*` is never forwarded, so only proxies write it). A request that comes back
+# to a proxy already on it is refused (508) instead of opening socket after socket to itself.
+VIA_HEADER = "x-trioproxy-via"
+INSTANCE = uuid.uuid4().hex[:12]
+_VIA_HOPS = 16  # ids kept: enough for any real chain, bounded for a hostile one
+_HOP_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def via(headers: list[tuple[str, str]]) -> tuple[str, str]:
+    """This proxy's loop mark for a request that came with `headers`."""
+    hops = [h.strip() for name, value in headers if name == VIA_HEADER for h in value.split(",")]
+    kept = [hop for hop in hops if _HOP_ID.fullmatch(hop)][-_VIA_HOPS + 1 :]
+    return VIA_HEADER, ", ".join([*kept, INSTANCE])
+
+
+def looped(headers: list[tuple[str, str]]) -> bool:
+    """Whether a request already went through this proxy (its upstream leads back to it)."""
+    return any(
+        hop.strip() == INSTANCE
+        for name, value in headers
+        if name == VIA_HEADER
+        for hop in value.split(",")
+    )
+
+
 def forwarded(headers: list[tuple[str, str]], beta: str) -> list[tuple[str, str]]:
-    """The headers sent on the upstream handshake, with the WebSocket-mode beta flag added."""
+    """The headers sent on the upstream handshake, with the WebSocket-mode beta flag and the
+    loop mark added."""
     out = [(name, value) for name, value in sendable(headers) if _forwardable(name)]
+    out.append(via(headers))
     betas = [value for name, value in out if name == BETA_HEADER]
     out = [(name, value) for name, value in out if name != BETA_HEADER]
     merged = ", ".join(betas)
@@ -163,14 +192,16 @@ _NOT_RELAYED = frozenset(
 
 
 def relayed(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The headers sent on a relayed HTTP call (model list, compaction): the client's own."""
-    return [
+    """The headers sent on a relayed HTTP call (model list, compaction): the client's own,
+    and the loop mark."""
+    own = [
         (name, value)
         for name, value in sendable(headers)
         if name not in _NOT_RELAYED
         and not name.startswith(_NOT_FORWARDED_PREFIXES)
         and name not in _HOP
     ]
+    return [*own, via(headers)]
 
 
 def _meaningful(name: str) -> bool:
