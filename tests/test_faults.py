@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import httpx
 import pytest
 import trio
 import trio.testing
+from hypercorn.trio import serve as hypercorn_serve
 from trio_websocket import wrap_server_stream
 
 from tests.conftest import (
@@ -27,6 +29,9 @@ from tests.conftest import (
     user,
     wait_until,
 )
+from trioproxy.app import create_app
+from trioproxy.cli import hypercorn_config
+from trioproxy.config import Settings
 from trioproxy.fake import FakeUpstream, Reply
 from trioproxy.upstream import Connector
 from trioproxy.wsclient import ClientSocket, open_websocket
@@ -412,13 +417,6 @@ async def test_an_upstream_that_leads_back_to_the_proxy_is_refused_not_looped(
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    from functools import partial
-
-    from hypercorn.trio import serve as hypercorn_serve
-
-    from trioproxy.app import create_app
-    from trioproxy.cli import hypercorn_config
-    from trioproxy.config import Settings
 
     settings = Settings(upstream=f"ws://127.0.0.1:{port}/v1/responses", http_fallback=False)
     app = create_app(settings)

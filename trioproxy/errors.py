@@ -152,6 +152,38 @@ def _upstream(status: int, code: str, message: str) -> ApiError:
     return ApiError(status, redact(message), type="upstream_error", code=code)
 
 
+def too_many_messages(kind: object) -> ApiError:
+    """A WebSocket client's message refused (wsturns.py)."""
+    return ApiError(
+        429,
+        f"Too many messages in flight on this connection; send `{kind}` again later.",
+        type="invalid_request_error",
+        code="too_many_messages",
+    )
+
+
+def response_in_progress(kind: object) -> ApiError:
+    """A WebSocket client's message refused (wsturns.py)."""
+    return ApiError(
+        409,
+        f"`{kind}` is relayed only while no response of this client runs or waits on the "
+        "default lane (the upstream answers it there); send it again after that response ends.",
+        type="invalid_request_error",
+        code="response_in_progress",
+    )
+
+
+def unsupported_event(kind: object) -> ApiError:
+    """A WebSocket client's message refused (wsturns.py)."""
+    return ApiError(
+        400,
+        f"`{kind}` is not relayed in managed mode: only `response.create` and "
+        "`response.steer` are.",
+        type="invalid_request_error",
+        code="unsupported_event",
+    )
+
+
 def proxy_loop() -> ApiError:
     return ApiError(
         508,

@@ -344,10 +344,10 @@ class ClientSession:
         response. Managed mode relays only what it can check for scope."""
         kind = message.get("type")
         if self.scope is not None:
-            await self.outbox.send(error_frame(_unsupported(kind)))
+            await self.outbox.send(error_frame(errors.unsupported_event(kind)))
             return True
         if None in self.waiting or any(t.end is None and t.lane is None for t in self.mine):
-            await self.outbox.send(error_frame(_not_now(kind)))
+            await self.outbox.send(error_frame(errors.response_in_progress(kind)))
             return True
         self.relayed = [n for n in self.relayed if not n.settled.is_set()]
         if len(self.relayed) >= _LOOSE:  # events still awaiting their answers: bounded
@@ -360,7 +360,7 @@ class ClientSession:
             self.relayed.append(notice)
             return True
         if conn is not None and conn.accepting:  # its queue of jobs is full
-            await self.outbox.send(error_frame(_too_many(kind)))
+            await self.outbox.send(error_frame(errors.too_many_messages(kind)))
             return True
         self._let_go()
         try:
@@ -374,35 +374,6 @@ class ClientSession:
         else:
             await self.outbox.send(error_frame(errors.upstream_closed("socket closing")))
         return True
-
-
-def _too_many(kind: Any) -> ApiError:
-    return ApiError(
-        429,
-        f"Too many messages in flight on this connection; send `{kind}` again later.",
-        type="invalid_request_error",
-        code="too_many_messages",
-    )
-
-
-def _not_now(kind: Any) -> ApiError:
-    return ApiError(
-        409,
-        f"`{kind}` is relayed only while no response of this client runs or waits on the "
-        "default lane (the upstream answers it there); send it again after that response ends.",
-        type="invalid_request_error",
-        code="response_in_progress",
-    )
-
-
-def _unsupported(kind: Any) -> ApiError:
-    return ApiError(
-        400,
-        f"`{kind}` is not relayed in managed mode: only `response.create` and "
-        "`response.steer` are.",
-        type="invalid_request_error",
-        code="unsupported_event",
-    )
 
 
 def parse_request_event(data: bytes) -> dict[str, Any]:
