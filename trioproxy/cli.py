@@ -216,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="offer permessage-deflate on upstream sockets (default on)",
     )
     serve.add_argument(
+        "--lanes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="put sessions on named lanes of shared upstream sockets (default off)",
+    )
+    serve.add_argument(
         "--chatgpt-upstream",
         help="Codex backend WebSocket URL (wss://chatgpt.com/backend-api/codex/responses)",
     )
@@ -293,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             read_timeout=args.read_timeout,
             max_sockets=args.max_sockets,
             permessage_deflate=args.permessage_deflate,
+            lanes=args.lanes,
             chatgpt_upstream=args.chatgpt_upstream,
             codex_auth=args.codex_auth,
             api_key=args.api_key,

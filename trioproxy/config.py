@@ -139,6 +139,11 @@ class Settings:
     # took 15-20 us of each event's CPU; at 5,000 it took 2-6 us, with no loss at one session
     # (bench/README.md, "Hot path"). Start-up's objects are also frozen out of collection.
     gc_gen0: int = 5000
+    # Lanes: sessions share upstream sockets, each on a named lane (`stream_id`) of its own,
+    # per credential, scope and upstream (lanes.py). Off until tried against the live API.
+    lanes: bool = False
+    # Named lanes a shared socket gives sessions (the protocol accepts 32 per connection).
+    lanes_per_socket: int = 32
     # A key /healthz and /metrics require ("" = open to anyone who can reach the port, as for
     # a proxy on loopback or a private network a balancer and a scraper share).
     metrics_key: str = ""
@@ -173,6 +178,8 @@ class Settings:
             raise ValueError("deflate_hold must be >= 0")
         if self.fallback_after < 1 or self.fallback_cooldown < 0:
             raise ValueError("fallback_after must be at least 1 and fallback_cooldown >= 0")
+        if not 1 <= self.lanes_per_socket <= 32:
+            raise ValueError("lanes_per_socket must be 1-32 (the protocol's named lanes)")
         if self.max_sockets < 1 or self.event_buffer < 1:
             raise ValueError("max_sockets and event_buffer must be at least 1")
         for name in ("upstream", "chatgpt_upstream"):
@@ -202,6 +209,12 @@ class Settings:
     def usable_lifetime(self) -> float:
         """Age after which a socket can no longer take a turn it is sure to finish."""
         return self.max_lifetime - self.turn_timeout
+
+    @property
+    def rotation_window(self) -> float:
+        """The last stretch of a shared socket's usable life: it takes no new sessions, and
+        its sessions move off one by one, spread over the window (lanes.py)."""
+        return self.usable_lifetime / 4
 
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})

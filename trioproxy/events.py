@@ -65,6 +65,14 @@ def parse_frame(frame: str | bytes) -> UpstreamEvent:
     return UpstreamEvent(data["type"], raw, data)
 
 
+def without_lane(event: UpstreamEvent) -> UpstreamEvent:
+    """The event without its `stream_id`: a lane the proxy chose is no client's business."""
+    if "stream_id" not in event.data:
+        return event
+    del event.data["stream_id"]
+    return UpstreamEvent(event.type, orjson.dumps(event.data).decode(), event.data)
+
+
 @dataclass(slots=True)
 class TurnTracker:
     """Follows one turn's events: output items, last sequence number, and how it ended."""

@@ -204,6 +204,12 @@ def relayed(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [*own, via(headers)]
 
 
+def shared(sent: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A shared socket's handshake (lanes): what every session of its group sends alike,
+    without any one session's id or per-request tracing, and with the loop mark."""
+    return [(name, value) for name, value in sent if _meaningful(name) or name == VIA_HEADER]
+
+
 def _meaningful(name: str) -> bool:
     """Part of the socket's identity: not per-request tracing, not the session (hashed on
     its own, so the group of a session is the group of the same request without it)."""

@@ -20,7 +20,7 @@ from trioproxy.upstream import UpstreamConnection
 
 # How a turn found its socket: a session header's or cache key's own socket, a header-less
 # conversation recognised by its content or chained id, a warm idle socket, a new one.
-Placement = Literal["header", "cache_key", "inferred", "warm", "new", "lane"]
+Placement = Literal["header", "cache_key", "inferred", "warm", "new", "lane", "fork"]
 # How many new items a header-less continuation may add and still be recognised.
 _NEW_ITEMS_SEARCHED = 4096
 _SAME_ENDINGS_TRIED = 8

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 import trio
 
-from trioproxy import bigjson, errors
+from trioproxy import bigjson, errors, keys
 from trioproxy.codex_auth import CodexAuthError
 from trioproxy.config import Settings
 from trioproxy.delta import (
@@ -34,6 +34,7 @@ from trioproxy.delta import (
 from trioproxy.errors import ApiError
 from trioproxy.events import UpstreamEvent, response_id
 from trioproxy.fallback import REFUSALS, FallbackPolicy
+from trioproxy.lanes import Seat
 from trioproxy.managed import Ownership
 from trioproxy.registry import Registry, Reusable
 from trioproxy.targets import Target, Upstream, http_url
@@ -50,6 +51,10 @@ OFF_LOOP_BYTES = 1 << 20
 
 # Upstream error codes that a fresh socket with the full input cures.
 _RETRY_CODES = frozenset({"previous_response_not_found", "websocket_connection_limit_reached"})
+# ... and with lanes on, refusals of a lane that another lane or socket cures.
+_LANE_CODES = frozenset(
+    {"websocket_stream_limit_reached", "websocket_connection_limit_reached", "invalid_stream_id"}
+)
 
 
 class TurnStream:
@@ -129,6 +134,9 @@ class Proxy:
         self.retries: Counter[str] = Counter()
         self.request_bytes = 0  # what clients sent: what the upstream would get without us
         self.upstream_bytes = 0
+        # Credential groups whose upstream refused a lane name of ours (`invalid_stream_id`):
+        # their sessions get sockets of their own.
+        self._laneless: set[str] = set()
 
     async def open_turn(
         self,
@@ -191,18 +199,17 @@ class Proxy:
                         chained in answered
                     )
 
+        if self._on_lanes(upstream, owner):
+            try:
+                return await self._laned(
+                    body, headers, target, upstream, scope, about, reusable, placement
+                )
+            except ApiError as exc:
+                return await self._not_leased(exc, body, headers, target, upstream, scope, about)
         try:
             conn, upstream = await self._lease(target, upstream, headers, reusable, scope)
         except ApiError as exc:
-            if self.fallback.enabled and exc.status in REFUSALS:
-                # The upstream does not take WebSocket here: HTTP for a while, starting now.
-                self.fallback.websocket_refused(upstream.group, trio.current_time())
-                self.retries["websocket_refused"] += 1
-                log.info("upstream refused the WebSocket upgrade (%d): HTTP for now", exc.status)
-                return await self._over_http(body, headers, target, upstream, scope, about)
-            if exc.code == "upstream_unreachable":
-                self.fallback.socket_failed(upstream.key, trio.current_time())
-            raise
+            return await self._not_leased(exc, body, headers, target, upstream, scope, about)
         about["placement"] = "new" if conn.turns == 0 else placement
         stream = await self._start(conn, body, conn.memory, about, digested)
         if stream.first is not None:
@@ -227,6 +234,120 @@ class Proxy:
         )
         about["placement"] = "new"
         return await self._start(conn, body, None, about, digested)
+
+    async def _not_leased(
+        self,
+        exc: ApiError,
+        body: dict[str, Any],
+        headers: list[tuple[str, str]],
+        target: Target,
+        upstream: Upstream,
+        scope: str | None,
+        about: dict[str, Any],
+    ) -> TurnStream:
+        """No socket could be had: over HTTP if the upstream refuses WebSocket, else `exc`."""
+        if self.fallback.enabled and exc.status in REFUSALS:
+            # The upstream does not take WebSocket here: HTTP for a while, starting now.
+            self.fallback.websocket_refused(upstream.group, trio.current_time())
+            self.retries["websocket_refused"] += 1
+            log.info("upstream refused the WebSocket upgrade (%d): HTTP for now", exc.status)
+            return await self._over_http(body, headers, target, upstream, scope, about)
+        if exc.code == "upstream_unreachable":
+            self.fallback.socket_failed(upstream.key, trio.current_time())
+        raise exc
+
+    def _on_lanes(self, upstream: Upstream, owner: WebSocketClient | None) -> bool:
+        """Whether a turn takes a seat on a shared socket: lanes on, a session named by the
+        client (header or cache key), and not a WebSocket client of ours (it already has a
+        socket whose lanes are its own)."""
+        return (
+            self.settings.lanes
+            and owner is None
+            and upstream.session is not None
+            and upstream.group not in self._laneless
+        )
+
+    async def _laned(
+        self,
+        body: dict[str, Any],
+        headers: list[tuple[str, str]],
+        target: Target,
+        upstream: Upstream,
+        scope: str | None,
+        about: dict[str, Any],
+        reusable: Reusable | None,
+        placement: str,
+    ) -> TurnStream:
+        """A named session's turn with lanes on: on its seat, as a fork beside it while it is
+        busy, or (busy, no lane free) on a socket of its own. A refusal another lane or socket
+        cures is retried once, with the full input, unseen by the client."""
+        seat, upstream = await self._seat(target, upstream, headers, scope, reusable=reusable)
+        about["placement"] = "fork" if seat.fork else "new" if seat.fresh else placement
+        stream = await self._start(seat.conn, body, seat.memory, about, seat=seat)
+        if stream.first is not None:
+            return stream
+        end = stream.end
+        code = end.error.code if end.kind == "error" and end.error is not None else None
+        avoid: UpstreamConnection | None = seat.conn
+        if _unauthorized(end) and upstream.token is not None:
+            self.registry.lanes.drop(seat.conn, "unauthorized")  # its token lapsed for all
+            upstream = await self._refreshed(target, upstream, headers, scope)
+            cause = "unauthorized"
+        elif code in _LANE_CODES:
+            self.registry.lanes.refused(seat, code)
+            cause = code or ""
+        elif self._retryable(stream):
+            cause = code or end.kind
+            if code == "previous_response_not_found":
+                avoid = None  # the socket is sound; only the chain is gone
+        else:
+            return stream
+        self.retries[cause] += 1
+        log.info("lane turn refused before its first event (%s); retrying", cause)
+        if code == "invalid_stream_id":
+            # The upstream takes no lane names of ours: this group's sessions get sockets of
+            # their own from now on.
+            self._laneless.add(upstream.group)
+            conn, upstream = await self._lease(target, upstream, headers, None, scope)
+            about["placement"] = "new"
+            return await self._start(conn, body, None, about)
+        seat, upstream = await self._seat(target, upstream, headers, scope, fresh=True, avoid=avoid)
+        about["placement"] = "fork" if seat.fork else "new"
+        return await self._start(seat.conn, body, None, about, seat=seat)
+
+    async def _seat(
+        self,
+        target: Target,
+        upstream: Upstream,
+        headers: list[tuple[str, str]],
+        scope: str | None,
+        *,
+        reusable: Reusable | None = None,
+        fresh: bool = False,
+        avoid: UpstreamConnection | None = None,
+    ) -> tuple[Seat, Upstream]:
+        """The session's seat; a held login refused at the handshake is refreshed, then
+        retried. The shared socket's handshake carries no session's own headers."""
+        assert upstream.key is not None
+        for attempt in (1, 2):
+            try:
+                seat = await self.registry.seat(
+                    upstream.key,
+                    upstream.group,
+                    upstream.url,
+                    keys.shared(upstream.headers),
+                    reusable=reusable,
+                    fresh=fresh,
+                    avoid=avoid,
+                )
+                return seat, upstream
+            except ApiError as exc:
+                if exc.status != 401 or upstream.token is None or attempt == 2:
+                    raise
+            self.retries["unauthorized"] += 1
+            upstream = await self._refreshed(target, upstream, headers, scope)
+            fresh = True
+        raise AssertionError("unreachable")
 
     async def hold_socket(
         self,
@@ -372,15 +493,19 @@ class Proxy:
         memory: Conversation | None,
         about: dict[str, Any],
         digested: tuple[bytes, Sent] | None = None,
+        *,
+        seat: Seat | None = None,
     ) -> TurnStream:
+        lane = seat.lane if seat is not None else None
         try:
-            plan, payload = await off_loop(about["request_bytes"], _planned, memory, body, digested)
+            plan, payload = await off_loop(
+                about["request_bytes"], _planned, memory, body, digested, lane
+            )
         except BaseException:
             # Leased for a turn that never reached it (the client left while a large request
             # was planned): the socket is unchanged, so it goes back to the pool. A socket the
             # turn only joined (a lane beside the client's others) is not this turn's to give.
-            if about["placement"] != "lane":
-                self.registry.give_back(conn)
+            self._give_back(conn, seat, about)
             raise
         turn = Turn(
             plan,
@@ -390,6 +515,7 @@ class Proxy:
             **about,
         )
         turn.response_headers = conn.response_headers
+        turn.seat = seat
         owner: WebSocketClient | None = about.get("owner")
         submitted = trio.current_time()
         self.turns["one_turn" if conn.one_turn else plan.mode] += 1
@@ -397,11 +523,20 @@ class Proxy:
         self.upstream_bytes += turn.sent_bytes
         joining = owner if about["placement"] == "lane" else None
         if not conn.submit(turn, joining=joining):
+            self._give_back(conn, seat, about)
             turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket task ended")))
             return TurnStream(turn, None)
         if owner is not None:
             conn.attach(owner.sink)
         return await self._first(turn, submitted, conn)
+
+    def _give_back(
+        self, conn: UpstreamConnection, seat: Seat | None, about: dict[str, Any]
+    ) -> None:
+        if seat is not None and seat.lane is not None:
+            self.registry.lanes.give_back(seat)
+        elif about["placement"] != "lane":
+            self.registry.give_back(conn)
 
     async def _first(
         self, turn: Turn, submitted: float, conn: UpstreamConnection | None = None
@@ -420,10 +555,16 @@ class Proxy:
 
 
 def _planned(
-    memory: Conversation | None, body: dict[str, Any], digested: tuple[bytes, Sent] | None
+    memory: Conversation | None,
+    body: dict[str, Any],
+    digested: tuple[bytes, Sent] | None,
+    lane: str | None = None,
 ) -> tuple[TurnPlan, bytes]:
-    """The turn's plan and the frame it sends (both proportional to the input's size)."""
+    """The turn's plan and the frame it sends (both proportional to the input's size), on
+    the proxy's lane `lane` when the socket is shared."""
     plan = plan_turn(memory, body, digested)
+    if lane is not None:
+        plan.message["stream_id"] = lane
     return plan, bigjson.dumps_message(plan.message)
 
 

@@ -25,6 +25,8 @@ from trioproxy import errors, httpturn
 from trioproxy.config import Settings
 from trioproxy.delta import Conversation
 from trioproxy.httpturn import HttpExchange
+from trioproxy.lanepool import LanePool
+from trioproxy.lanes import Seat
 from trioproxy.placement import IdleIndex, Placement
 from trioproxy.telemetry import Carrier, Telemetry
 from trioproxy.turn import Turn, TurnEnd
@@ -60,15 +62,18 @@ class Registry:
         self.opened = 0
         # Idle sockets of header-less requests, for `place` (placement.py).
         self.unnamed = IdleIndex()
+        # Sessions on lanes of shared sockets (the `lanes` setting; lanepool.py).
+        self.lanes = LanePool(settings, self._open_shared, self._retire)
 
     # -- what tests, metrics and the health check read --------------------------------------
     @property
     def pooled(self) -> int:
-        return len(self._pooled)
+        """Sockets kept for sessions: their own, and shared ones (lanes)."""
+        return len(self._pooled) + self.lanes.sockets
 
     @property
     def idle(self) -> int:
-        return len(self._idle)
+        return len(self._idle) + self.lanes.idle_sockets
 
     @property
     def live(self) -> int:
@@ -86,6 +91,9 @@ class Registry:
             "idle": self.idle,
             "live": self.live,
             "opened": self.opened,
+            "seats": len(self.lanes.sessions),
+            "forks": self.lanes.forks,
+            "seats_moved": dict(self.lanes.moved),
             "evictions": dict(self.evictions),
             "buffered_events": self.buffered_events,
             "buffered_bytes": self.buffered_bytes,
@@ -146,7 +154,7 @@ class Registry:
                 expired.append(conn)
         for conn in expired:
             self._retire(conn, "max_lifetime")
-        return next_deadline
+        return min(next_deadline, self.lanes.sweep(now))
 
     def place(
         self, group: str, history: bytes, params: bytes, chained: str | None
@@ -197,8 +205,38 @@ class Registry:
             self._retire(next(iter(self._idle.values())), "lru")
         return await self._open(key, url, headers, group)
 
+    async def seat(
+        self,
+        key: str,
+        group: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        *,
+        reusable: Reusable | None = None,
+        fresh: bool = False,
+        avoid: UpstreamConnection | None = None,
+    ) -> Seat:
+        """A session's place with lanes on (lanepool.py): its seat on a shared socket, a fork
+        beside it while it is busy, or (busy, and no lane free) a one-turn socket."""
+        seat = await self.lanes.seat(
+            key, group, url, headers, reusable=reusable, fresh=fresh, avoid=avoid
+        )
+        self._wake.set()
+        if seat is None:
+            return Seat(await self._open(None, url, headers), None)
+        return seat
+
+    async def _open_shared(self, url: str, headers: list[tuple[str, str]]) -> UpstreamConnection:
+        return await self._open("lanes", url, headers, shared=True)
+
     async def _open(
-        self, key: str | None, url: str, headers: list[tuple[str, str]], group: str | None = None
+        self,
+        key: str | None,
+        url: str,
+        headers: list[tuple[str, str]],
+        group: str | None = None,
+        *,
+        shared: bool = False,
     ) -> UpstreamConnection:
         if self._nursery is None or self._closing or self.draining:
             raise errors.shutting_down()
@@ -210,9 +248,10 @@ class Registry:
             on_turn_end=self._turn_ended,
             on_exit=self._exited,
             on_settled=self._nothing_pending,
+            shared=shared,
         )
         conn.group = group if key is not None else None
-        if key is not None:
+        if key is not None and not shared:
             self._pooled[key] = conn
             self._by_age[conn] = None
         self._live.add(conn)
@@ -261,6 +300,10 @@ class Registry:
         self._notify()
         ended = end.kind
         conn.last_used = trio.current_time()
+        if conn.shared:
+            self.lanes.turn_ended(conn, turn, end)
+            self._wake.set()
+            return
         # A named lane's refused or failed response leaves the socket accepting (upstream.py).
         if conn.one_turn or (ended != "completed" and not conn.accepting):
             if not conn.one_turn and conn in self._by_age:  # once per socket, not per lane
@@ -300,6 +343,11 @@ class Registry:
     def _nothing_pending(self, conn: UpstreamConnection) -> None:
         """The last job on a socket ended without a turn's end to say so (a relayed event
         answered, a hold released): idle again, or closed if no session can reuse it."""
+        if conn.shared:
+            self.lanes.settled(conn)
+            self._wake.set()
+            self._notify()
+            return
         if not conn.busy or conn.pending:
             return
         if conn.one_turn:
@@ -345,6 +393,7 @@ class Registry:
         if self._pooled.get(conn.key or "") is conn and not conn.busy:
             self.evictions["closed_idle"] += 1  # the upstream went away while it sat idle
         self._forget(conn)
+        self.lanes.exited(conn)
         self._live.discard(conn)
         self._notify()
 
@@ -377,6 +426,7 @@ class Registry:
         for conn in list(self._pooled.values()):
             if not conn.busy:
                 self._retire(conn, "shutdown")
+        self.lanes.shutdown()
         with trio.move_on_after(self._settings.shutdown_grace if grace is None else grace):
             for conn in list(self._live):
                 await conn.closed.wait()

@@ -91,6 +91,10 @@ class Turn:
         # Its WebSocket lane: the client's `stream_id`, None for the default lane.
         lane = plan.message.get("stream_id")
         self.lane: str | None = lane if isinstance(lane, str) else None
+        # Its seat with lanes on (lanes.py), for the pool to update when the turn ends.
+        self.seat: object | None = None
+        # Cut from a shared socket: its client heard its end; its response runs out unseen.
+        self.discarding = False
         # Set by the socket's task while the turn runs there: wakes it when the client leaves.
         self.waker: Callable[[], None] | None = None
         self.deadline = math.inf  # `turn_timeout` after the socket's task sent it

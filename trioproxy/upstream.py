@@ -31,7 +31,7 @@ from trioproxy import errors
 from trioproxy.config import Settings
 from trioproxy.delta import Conversation
 from trioproxy.errors import ApiError
-from trioproxy.events import STEER_EVENTS, UpstreamEvent, parse_frame, response_id
+from trioproxy.events import STEER_EVENTS, UpstreamEvent, parse_frame, response_id, without_lane
 from trioproxy.metadata import client_metadata
 from trioproxy.turn import EndKind, Turn, TurnEnd, TurnOverdue, broken_end, terminal_end
 from trioproxy.wsclient import ClientSocket, open_websocket
@@ -98,9 +98,14 @@ class UpstreamConnection:
         on_turn_end: Callable[[UpstreamConnection, Turn, TurnEnd], None],
         on_exit: Callable[[UpstreamConnection], None],
         on_settled: Callable[[UpstreamConnection], None] = lambda conn: None,
+        shared: bool = False,
     ) -> None:
         self.id = next(_ids)
         self.key = key
+        # Sessions share it, each on a named lane of the proxy's (lanes.py): a turn's client
+        # leaving ends only that turn, whose response runs out on its lane unseen, and the
+        # lane names never reach a client.
+        self.shared = shared
         self.group: str | None = None  # set for sockets of requests that name no session
         self.url = url
         self.one_turn = key is None
@@ -213,6 +218,10 @@ class UpstreamConnection:
     def running_turns(self) -> list[Turn]:
         """Turns in progress on this socket, over all its lanes."""
         return [turn for queue in self._lanes.values() for turn in queue]
+
+    def busy_lanes(self) -> set[str]:
+        """Named lanes with a response running (a cut turn's included, until it ends)."""
+        return {lane for lane in self._lanes if lane is not None}
 
     def retire(self) -> None:
         """Close gracefully once idle: the task sees its channel end and closes the socket."""
@@ -349,8 +358,11 @@ class UpstreamConnection:
             else:
                 self._settle_notice(job)
             return sent
-        if turn.scope.cancel_called:
-            self._end(turn, TurnEnd("abandoned"))  # its client left before it was sent
+        if turn.scope.cancel_called:  # its client left before it was sent
+            if self._isolated(turn):
+                turn.discarding = True  # nothing was sent: only this turn ends
+                return self._end(turn, TurnEnd("abandoned"))
+            self._end(turn, TurnEnd("abandoned"))
             return False
         turn.tracker.stale = self.answered
         turn.waker = self._abandoned
@@ -473,6 +485,13 @@ class UpstreamConnection:
             notice, _ = self._awaiting.popleft()  # answered by silence
             self._settle_notice(notice)
         late = [turn for turn in self.running_turns() if turn.deadline <= now]
+        if late and all(turn.discarding for turn in late):
+            # A cut turn's response never ended: its lane's state is unknown, the others'
+            # are not. No more turns here; the ones running finish.
+            for turn in late:
+                self._remove(turn)
+            self.retire()
+            late = []
         if late:
             self._break_all("timeout", errors.turn_timeout(self._settings.turn_timeout))
             return False
@@ -490,8 +509,16 @@ class UpstreamConnection:
         """A client left mid-turn: the upstream's state is unknown, so the socket closes
         and the other turns on it end with a clear error."""
         self._left = False
-        gone = [turn for turn in self.running_turns() if turn.scope.cancel_called]
+        gone = [
+            turn
+            for turn in self.running_turns()
+            if turn.scope.cancel_called and not turn.discarding
+        ]
         if not gone:
+            return True
+        if all(self._isolated(turn) for turn in gone):
+            for turn in gone:
+                self._cut(turn, TurnEnd("abandoned"))
             return True
         for turn in gone:
             self._remove(turn)
@@ -514,22 +541,35 @@ class UpstreamConnection:
         if not queue:
             return await self._unrouted(event)
         turn = queue[0]
+        if self.shared and isinstance(lane, str):
+            event = without_lane(event)  # the lane is the proxy's, not the client's
         try:
             kind = turn.tracker.feed(event)
         except ValueError as exc:
             self._break_all("socket", errors.upstream_protocol(str(exc)))
             return False
+        if turn.discarding:  # its client is gone: the response runs out unseen
+            if kind is not None:
+                self._remove(turn)
+            return True
         released = kind is not None and event.type in STEER_EVENTS
         if kind is None or released:
             try:
                 await turn.deliver(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
+                if self._isolated(turn):
+                    self._cut(turn, TurnEnd("abandoned"))
+                    return True
                 self._remove(turn)
                 self._end(turn, TurnEnd("abandoned"))  # the client closed its end
                 self._break_all("socket", errors.upstream_closed("socket closed by the proxy"))
                 return False
             except TurnOverdue:
                 # Its client stopped reading: the turn's own deadline still holds.
+                if self._isolated(turn):
+                    timeout = errors.turn_timeout(self._settings.turn_timeout)
+                    self._cut(turn, broken_end("timeout", timeout, turn.tracker))
+                    return True
                 self._break_all("timeout", errors.turn_timeout(self._settings.turn_timeout))
                 return False
             if kind is None:
@@ -593,7 +633,9 @@ class UpstreamConnection:
         turn.waker = None
         self.turns += 1
         keep = end.kind == "completed" and not self.one_turn
-        if keep:
+        if turn.discarding:
+            pass  # cut from a shared socket's lane: the others' state is untouched
+        elif keep:
             self.memory = end.remembered
             rid = response_id(end.event) if end.event is not None else None
             if rid is not None:
@@ -613,10 +655,22 @@ class UpstreamConnection:
         # already idle and reusable.
         self._on_turn_end(self, turn, end)
         turn.finish(end)
-        if end.kind in _ABRUPT:
+        if end.kind in _ABRUPT and not turn.discarding:
             self._abrupt = True
             return False
         return keep or not self._ending or bool(self._lanes)
+
+    def _isolated(self, turn: Turn) -> bool:
+        """Whether a turn can end alone: on a named lane of a shared socket, where the other
+        lanes are other sessions' and the protocol keeps them apart."""
+        return self.shared and turn.lane is not None
+
+    def _cut(self, turn: Turn, end: TurnEnd) -> None:
+        """End a shared socket's turn whose client is gone, and leave it on its lane until its
+        response runs out (its frames are dropped; its lane is not given again before). The
+        WebSocket protocol has no cancel for a running response."""
+        turn.discarding = True
+        self._end(turn, end)
 
     def _forget_response(self, rid: Any) -> None:
         if not isinstance(rid, str):
@@ -631,7 +685,8 @@ class UpstreamConnection:
         self._ending = True
         self._jobs_send.close()
         for turn in self.running_turns():
-            self._end(turn, broken_end(kind, error, turn.tracker))
+            if not turn.discarding:  # a cut turn's client heard its end already
+                self._end(turn, broken_end(kind, error, turn.tracker))
         self._lanes.clear()
         while self._awaiting:
             notice, _ = self._awaiting.popleft()

@@ -281,7 +281,8 @@ class Lanes:
     """One socket's lanes, its 16 response slots, its running responses and the steering
     input waiting for a client's tool output."""
 
-    def __init__(self) -> None:
+    def __init__(self, named_limit: int = MAX_NAMED) -> None:
+        self.named_limit = named_limit
         self.lanes: dict[str | None, Lane] = {}
         self.named: list[str] = []  # distinct named ids, in order of first use
         self.slots = trio.Semaphore(MAX_ACTIVE)
@@ -298,8 +299,8 @@ class Lanes:
         """Count a named lane; the error refusing a 33rd distinct id."""
         if sid is None or sid in self.named:
             return None
-        if len(self.named) >= MAX_NAMED:
-            text = f"This connection already uses {MAX_NAMED} distinct stream ids."
+        if len(self.named) >= self.named_limit:
+            text = f"This connection already uses {self.named_limit} distinct stream ids."
             return request_error(400, "websocket_stream_limit_reached", text, sid, "stream_id")
         self.named.append(sid)
         return None

@@ -32,6 +32,7 @@ from wsproto.extensions import PerMessageDeflate
 from trioproxy.fake import backend
 from trioproxy.fake.events import compacted, new_id, response_events
 from trioproxy.fake.lanes import (
+    MAX_NAMED,
     Lane,
     Lanes,
     Running,
@@ -80,6 +81,7 @@ class _Socket:
     deflate: bool = False  # permessage-deflate negotiated
     wire: _Replay | None = None  # the counted transport, when the fake owns it
     wire_mark: int = 0  # wire bytes received up to the previous message
+    opened: float = 0.0  # trio time of its upgrade: the service ends a connection at 60 min
 
 
 class FakeUpstream:
@@ -139,6 +141,13 @@ class FakeUpstream:
         self.max_active = 0  # the most responses running at once on any one socket
         self.stream_ids: dict[int, list[str]] = {}  # socket number -> named lanes, first use first
         self.response_lanes: dict[str, str | None] = {}  # response id -> its lane (None: default)
+        # Distinct named lanes a connection accepts (the service's 32); tests lower it.
+        self.named_limit = MAX_NAMED
+        # False: a provider without lanes, refusing any `stream_id` as `invalid_stream_id`.
+        self.lanes_enabled = True
+        # The service's connection lifetime: past it every create is refused with
+        # `websocket_connection_limit_reached` (echoing its lane).
+        self.max_socket_age = 60 * 60.0
         self.port = 0
         self.events_sent = 0
         self.http_dropped = 0  # HTTP connections the client dropped before the answer ended
@@ -464,7 +473,16 @@ class FakeUpstream:
         if chatgpt:  # the Codex backend hands each socket a turn state to echo back
             metadata = [*metadata, ("x-codex-turn-state", new_id("ts"))]
         ws = await _accept(request, deflate, metadata)
-        sock = _Socket(next(self._numbers), ws, chatgpt, headers, deflate=deflate, wire=wire)
+        sock = _Socket(
+            next(self._numbers),
+            ws,
+            chatgpt,
+            headers,
+            lanes=Lanes(self.named_limit),
+            deflate=deflate,
+            wire=wire,
+            opened=trio.current_time(),
+        )
         sock.wire_mark = mark
         self._open[sock.number] = sock
         self.stream_ids[sock.number] = sock.lanes.named
@@ -509,6 +527,12 @@ class FakeUpstream:
         """Queue a `response.create` on its lane (drained by a task of its own), or refuse it
         at once with an error echoing its lane."""
         sid, refusal = requested_lane(message)
+        if refusal is None and sid is not None and not self.lanes_enabled:
+            text = "stream_id is not supported on this connection."
+            refusal = request_error(400, "invalid_stream_id", text, sid, "stream_id")
+        if refusal is None and trio.current_time() - sock.opened >= self.max_socket_age:
+            text = "This connection reached its 60 minute limit; open a new one."
+            refusal = request_error(400, "websocket_connection_limit_reached", text, sid)
         if refusal is None:
             refusal = self._refused_create(sock, message)
             if refusal is not None and sid is not None:

@@ -1,0 +1,336 @@
+"""Lanes on: sessions on named lanes of shared upstream sockets (lanes.py, lanepool.py).
+
+The proxy core talks real WebSocket protocol to the fake upstream, whose lanes behave as the
+protocol documents them (per-lane FIFO, interleaved events, `stream_id` echoed, 16 active and
+32 named per connection, one cache shared by a connection's lanes). Times run on a MockClock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from tests.conftest import AUTH, memory_connector, user
+from trioproxy.config import Settings
+from trioproxy.fake import FakeUpstream, Reply
+from trioproxy.proxy import Proxy, TurnStream
+from trioproxy.registry import Registry
+from trioproxy.targets import api_target
+from trioproxy.turn import TurnEnd
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def laned_proxy(nursery: trio.Nursery, fake: FakeUpstream, **settings: Any) -> Proxy:
+    config = Settings(upstream="ws://fake/v1/responses", lanes=True, **settings)
+    registry = Registry(config, memory_connector(fake))
+    await nursery.start(registry.run)
+    return Proxy(config, registry)
+
+
+def headers(session: str, key: str = "sk-test-key") -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}"), ("session-id", session)]
+
+
+async def start(proxy: Proxy, session: str, items: list[Any], **kw: Any) -> TurnStream:
+    body = {"model": "m", "input": items}
+    return await proxy.open_turn(body, headers(session, **kw), api_target(proxy.settings))
+
+
+async def finish(stream: TurnStream) -> tuple[TurnEnd, list[Any], list[dict[str, Any]]]:
+    events = [event.data async for event in stream]
+    end = stream.end
+    output = end.event.data.get("response", {}).get("output", []) if end.event else []
+    if end.event is not None:
+        events.append(end.event.data)
+    return end, output, events
+
+
+async def turn(proxy: Proxy, session: str, items: list[Any], **kw: Any) -> tuple[TurnEnd, list]:
+    end, output, events = await finish(await start(proxy, session, items, **kw))
+    assert all("stream_id" not in event for event in events), "a proxy lane reached a client"
+    return end, output
+
+
+class Session:
+    """A client that echoes each response's output back, as Codex does."""
+
+    def __init__(self, proxy: Proxy, name: str, **kw: Any) -> None:
+        self.proxy, self.name, self.kw = proxy, name, kw
+        self.history: list[Any] = []
+
+    async def say(self, text: str) -> TurnEnd:
+        self.history.append(user(text))
+        end, output = await turn(self.proxy, self.name, self.history, **self.kw)
+        assert end.kind == "completed", end
+        self.history.extend(output)
+        return end
+
+
+def creates_of(fake: FakeUpstream, text: str) -> list[dict[str, Any]]:
+    """The creates whose new input ends with the user message `text`."""
+    return [r.message for r in fake.creates() if r.message["input"][-1] == user(text)]
+
+
+async def test_sessions_share_sockets_each_on_its_own_lane(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake, lanes_per_socket=4)
+    sessions = [Session(proxy, f"session-{n}") for n in range(10)]
+    for s in sessions:
+        await s.say(f"{s.name} one")
+    for s in sessions:
+        await s.say(f"{s.name} two")
+    assert fake.sockets_opened == 3  # 4 + 4 + 2 sessions
+    lanes = set()
+    for s in sessions:
+        (first,) = creates_of(fake, f"{s.name} one")
+        (second,) = creates_of(fake, f"{s.name} two")
+        assert first["stream_id"] == second["stream_id"]  # its lane, both turns
+        assert "previous_response_id" not in first
+        assert second["previous_response_id"] and second["input"] == [user(f"{s.name} two")]
+        lanes.add(first["stream_id"])
+    assert lanes <= {f"tp{n}" for n in range(4)}  # the proxy's names, never a session id
+    assert all("session-id" not in h and "session_id" not in h for h in fake.handshakes)
+    assert proxy.turns["suffix"] == 10 and proxy.turns["full"] == 10
+    assert proxy.registry.stats()["seats"] == 10
+    await proxy.registry.aclose()
+
+
+async def test_a_second_request_on_a_busy_session_forks_on_another_lane(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake)
+    s = Session(proxy, "s1")
+    await s.say("hello")
+    parent = fake.creates()[-1]
+    first = await start(proxy, "s1", [*s.history, user("slow one\nfake: slow 1")])
+    second = await start(proxy, "s1", [*s.history, user("quick one")])
+    (end2, _, _), (end1, _, _) = await finish(second), await finish(first)
+    assert end1.kind == end2.kind == "completed"
+    assert fake.sockets_opened == 1
+    slow, quick = creates_of(fake, "slow one\nfake: slow 1")[0], creates_of(fake, "quick one")[0]
+    rid = proxy.registry.lanes.sessions.get(_key(proxy, "s1")).memory.response_id  # type: ignore[union-attr]
+    assert rid == end1.event.data["response"]["id"]  # type: ignore[union-attr]
+    assert slow["previous_response_id"] == quick["previous_response_id"]  # both from "hello"
+    assert quick["input"] == [user("quick one")]  # a fork: only its new items
+    assert quick["stream_id"] != slow["stream_id"] == parent.message["stream_id"]
+    assert proxy.placements["fork"] == 1 and proxy.registry.lanes.forks == 1
+    assert proxy.registry.stats()["seats"] == 1  # the fork's lane went back when it ended
+    await proxy.registry.aclose()
+
+
+def _key(proxy: Proxy, session: str) -> str:
+    upstream = api_target(proxy.settings).upstream(headers(session), None)
+    assert upstream.key is not None
+    return upstream.key
+
+
+async def test_a_client_cut_mid_turn_ends_only_its_own_lane(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake)
+    a, b = Session(proxy, "a"), Session(proxy, "b")
+    await a.say("a one")
+    await b.say("b one")
+    cut = await start(proxy, "a", [*a.history, user("a long\nfake: slow 0.5\nfake: deltas 20")])
+    other = await start(proxy, "b", [*b.history, user("b long\nfake: slow 0.5\nfake: deltas 20")])
+    await cut.__anext__()
+    await cut.aclose()  # the client went away mid-turn
+    end, output, _ = await finish(other)
+    assert end.kind == "completed"  # the other session's turn on the same socket went on
+    assert cut.turn.end is not None and cut.turn.end.kind == "abandoned"
+    assert fake.open_sockets == 1 and proxy.registry.live == 1
+    assert proxy.registry.lanes.moved["turn_abandoned"] == 1
+    b.history.extend([user("b long\nfake: slow 0.5\nfake: deltas 20"), *output])
+    await b.say("b again")  # still a suffix on its lane
+    assert creates_of(fake, "b again")[0]["input"] == [user("b again")]
+    # The cut session starts afresh (its lane forgot it), on the same socket.
+    a.history = [user("a restart")]
+    await a.say("a restart two")
+    restart = creates_of(fake, "a restart two")[0]
+    assert "previous_response_id" not in restart and fake.sockets_opened == 1
+    await proxy.registry.aclose()
+
+
+async def test_a_socket_error_ends_only_its_turns_and_sessions_continue_afresh(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake, lanes_per_socket=2)
+    a, b, c = Session(proxy, "a"), Session(proxy, "b"), Session(proxy, "c")
+    for s in (a, b, c):
+        await s.say(f"{s.name} one")
+    assert fake.sockets_opened == 2  # a and b on socket 1, c on socket 2
+    slow = await start(proxy, "b", [*b.history, user("b slow\nfake: slow 0.2")])
+    dropped = await start(proxy, "a", [*a.history, user("a drop\nfake: drop 3")])
+    elsewhere = await start(proxy, "c", [*c.history, user("c slow\nfake: slow 0.2")])
+    ends = [(await finish(s))[0] for s in (dropped, slow, elsewhere)]
+    assert ends[0].kind == ends[1].kind == "socket"
+    assert ends[0].error is not None and ends[1].error is not None  # each hears why
+    assert ends[2].kind == "completed"  # another socket's turn is untouched
+    for s in (a, b):
+        s.history.append(user(f"{s.name} again"))
+        end, _ = await turn(proxy, s.name, s.history)
+        assert end.kind == "completed"
+        assert "previous_response_id" not in creates_of(fake, f"{s.name} again")[0]
+    assert fake.sockets_opened == 3
+    await proxy.registry.aclose()
+
+
+async def test_two_credentials_never_share_a_socket(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream(require_auth=False)
+    proxy = await laned_proxy(nursery, fake)
+    await Session(proxy, "s1", key="sk-one").say("one")
+    await Session(proxy, "s2", key="sk-two").say("two")
+    await Session(proxy, "s3", key="sk-one").say("three")
+    sockets = {r.socket for r in fake.creates()}
+    assert fake.sockets_opened == 2 and len(sockets) == 2
+    assert fake.creates()[0].socket == fake.creates()[2].socket
+    await proxy.registry.aclose()
+
+
+async def test_the_stream_limit_is_cured_without_the_client_seeing_it(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    fake.named_limit = 2  # the upstream takes fewer names than the protocol says
+    proxy = await laned_proxy(nursery, fake)
+    for n in range(5):
+        await Session(proxy, f"s{n}").say(f"hello {n}")
+    assert proxy.retries["websocket_stream_limit_reached"] == 1  # once: the socket is capped
+    assert fake.sockets_opened == 3  # 2 + 2 + 1
+    await proxy.registry.aclose()
+
+
+async def test_an_upstream_without_lanes_gets_a_socket_per_session(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    fake.lanes_enabled = False
+    proxy = await laned_proxy(nursery, fake)
+    s1, s2 = Session(proxy, "s1"), Session(proxy, "s2")
+    await s1.say("one")
+    await s2.say("two")
+    await s1.say("one again")
+    assert proxy.retries["invalid_stream_id"] == 1  # once, then sockets of their own
+    assert creates_of(fake, "one again")[0]["input"] == [user("one again")]  # suffix still
+    assert sum(1 for r in fake.creates() if "stream_id" in r.message) == 1
+    await proxy.registry.aclose()
+
+
+async def test_a_connection_at_its_limit_is_left_and_its_sessions_resend_once(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    fake.max_socket_age = 100  # shorter than the proxy believes
+    proxy = await laned_proxy(nursery, fake)
+    a, b = Session(proxy, "a"), Session(proxy, "b")
+    await a.say("a one")
+    await b.say("b one")
+    await trio.sleep(150)
+    await a.say("a two")  # refused upstream, retried on a new socket with the full input
+    await b.say("b two")
+    assert proxy.retries["websocket_connection_limit_reached"] == 1
+    assert "previous_response_id" not in creates_of(fake, "a two")[-1]
+    assert "previous_response_id" not in creates_of(fake, "b two")[-1]  # moved at once
+    assert fake.sockets_opened == 2
+    await a.say("a three")
+    assert creates_of(fake, "a three")[0]["input"] == [user("a three")]
+    await proxy.registry.aclose()
+
+
+async def test_rotation_stops_new_seats_and_moves_sessions_one_by_one(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    # usable life 3400 s; the last quarter (from 2550 s) is the rotation window.
+    proxy = await laned_proxy(nursery, fake, max_lifetime=4000, turn_timeout=600, idle_ttl=3000)
+    sessions = [Session(proxy, f"s{n}") for n in range(8)]
+    for s in sessions:
+        await s.say("one")
+    await trio.sleep(2560)
+    await Session(proxy, "late").say("hello")
+    assert fake.creates()[-1].socket == 2  # the old socket takes no new session
+
+    def moved() -> int:  # full-input turns on the new socket, the late session's aside
+        full = [r for r in fake.creates() if "previous_response_id" not in r.message]
+        return sum(1 for r in full if r.socket == 2) - 1
+
+    for s in sessions:
+        await s.say("two")
+    assert moved() == 1  # tp0's time came; the others keep their chains for now
+    await trio.sleep(140)  # 2700 s: lanes 1-5 are due
+    for s in sessions:
+        await s.say("three")
+    assert moved() == 1 + 5
+    await trio.sleep(200)
+    for s in sessions:
+        await s.say("four")
+    assert moved() == 8
+    assert proxy.registry.lanes.moved["rotated"] == 8
+    await proxy.registry.aclose()
+
+
+async def test_idle_seats_expire_and_an_empty_socket_closes(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake, idle_ttl=100, max_lifetime=3600, turn_timeout=60)
+    a, b = Session(proxy, "a"), Session(proxy, "b")
+    await a.say("one")
+    await trio.sleep(50)
+    await b.say("one")
+    await trio.sleep(60)  # a's seat expired; b's not
+    assert proxy.registry.stats()["seats"] == 1 and fake.open_sockets == 1
+    await trio.sleep(100)
+    assert proxy.registry.stats()["seats"] == 0
+    await fake.wait_open_sockets(0)
+    assert proxy.registry.live == 0
+    await proxy.registry.aclose()
+
+
+async def test_a_thousand_codex_sessions_use_at_most_32_sockets(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream(keep_messages=False)
+    proxy = await laned_proxy(nursery, fake)
+
+    async def session(n: int) -> None:
+        await Session(proxy, f"codex-{n}").say("hi")
+
+    async with trio.open_nursery() as group:
+        for n in range(1000):
+            group.start_soon(session, n)
+    assert fake.sockets_opened <= 32
+    assert proxy.registry.stats()["seats"] == 1000
+    assert fake.max_active <= 16
+    await proxy.registry.aclose()
+
+
+async def test_a_refused_lane_turn_keeps_the_socket_and_the_others(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake)
+    a, b = Session(proxy, "a"), Session(proxy, "b")
+    await a.say("one")
+    await b.say("one")
+    fake.queue(Reply.error("invalid_value", 400))
+    end, _ = await turn(proxy, "a", [*a.history, user("bad")])
+    assert end.kind == "error"  # the client hears the refusal
+    await b.say("two")  # the other session's chain is intact
+    assert creates_of(fake, "two")[0]["input"] == [user("two")]
+    assert fake.sockets_opened == 1
+    await proxy.registry.aclose()
