@@ -56,8 +56,13 @@ $(BALANCERS_STAMP): deploy/fetch-balancers.sh
 	sh deploy/fetch-balancers.sh $(BALANCERS_DIR) $(BALANCERS_DEBS)
 	@if [ -x $(BALANCERS_DIR)/usr/sbin/nginx ]; then touch $(BALANCERS_STAMP); fi
 
+# The cancellation, fault and isolation suites run a second time with lanes on: sessions then
+# share upstream sockets, and a cut or a fault must still reach only its own session.
+LANES_SUITES = tests/test_cancellation.py tests/test_faults.py tests/test_managed.py
+
 test: install codex balancers
 	TRIOPROXY_CODEX_BIN="$(abspath $(CODEX))" $(VENV)/bin/pytest -q
+	TRIOPROXY_TEST_LANES=1 $(VENV)/bin/pytest -q $(LANES_SUITES)
 
 lint: install
 	$(VENV)/bin/ruff check trioproxy tests bench

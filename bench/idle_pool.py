@@ -1,6 +1,7 @@
-"""Idle pool cost: open K sessions through the proxy core, keep them idle, report RSS per socket.
+"""Idle pool cost: open K sessions through the proxy core, keep them idle, report RSS per session.
 
     .venv/bin/python bench/idle_pool.py --sessions 5000
+    .venv/bin/python bench/idle_pool.py --sessions 1000 --codex --lanes   # shared sockets
 
 The fake upstream runs in a child process so its memory is not counted. A first version of
 the idle-pool scenario; `make bench` (the bench issue) builds on it.
@@ -59,6 +60,7 @@ async def main(
     codex: bool,
     hold: float,
     events_context: bool,
+    lanes: bool,
 ) -> None:
     port = free_port()
     fake = await trio.lowlevel.open_process(
@@ -81,6 +83,7 @@ async def main(
             permessage_deflate=deflate,
             deflate_hold=hold,
             deflate_events_context=events_context,
+            lanes=lanes,
         )
         registry = Registry(settings, websocket_connector(settings))
         proxy = Proxy(settings, registry)
@@ -117,22 +120,31 @@ async def main(
             gc.collect()
             trim()
             after = rss_kib()
-            assert registry.idle == sessions + 1, registry.stats()
+            stats = registry.stats()
+            pooled = stats["seats"] if lanes else registry.idle
+            assert pooled == sessions + 1 and registry.idle == registry.live, stats
             sweep_started = time.perf_counter()
             registry._sweep(trio.current_time())
             sweep = time.perf_counter() - sweep_started
-            print(f"sessions pooled idle: {registry.idle}")
+            print(
+                f"sessions pooled idle: {pooled} on {registry.live} upstream sockets "
+                f"({registry.opened} handshakes; lanes {'on' if lanes else 'off'})"
+            )
             print(f"opened in {elapsed:.1f} s ({sessions / elapsed:.0f} sessions/s)")
             print(
                 f"RSS {before / 1024:.1f} MiB -> {busy / 1024:.1f} MiB right after the turns "
-                f"({(busy - before) / sessions:.1f} KiB per socket) -> {after / 1024:.1f} MiB "
+                f"({(busy - before) / sessions:.1f} KiB per session) -> {after / 1024:.1f} MiB "
                 f"{hold + 0.5:g} s later: {(after - before) / sessions:.1f} KiB per idle "
-                "pooled socket"
+                "pooled session"
             )
-            print(f"one registry sweep with {registry.idle} idle sockets: {sweep * 1e6:.0f} us")
+            print(f"one registry sweep with {pooled} idle sessions: {sweep * 1e6:.0f} us")
             if as_json:
                 figures = {
                     "sessions": sessions,
+                    "lanes": lanes,
+                    "sockets": registry.live,
+                    "handshakes": registry.opened,
+                    "kib_per_session": (after - before) / sessions,
                     "kib_per_socket": (after - before) / sessions,
                     "kib_per_socket_just_used": (busy - before) / sessions,
                     "deflate": deflate,
@@ -179,6 +191,12 @@ if __name__ == "__main__":
         default=False,
         help="let the upstream compress events against earlier ones (off by default)",
     )
+    parser.add_argument(
+        "--lanes",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="seat sessions on named lanes of shared sockets (the proxy's --lanes)",
+    )
     args = parser.parse_args()
     trio.run(
         main,
@@ -189,4 +207,5 @@ if __name__ == "__main__":
         args.codex,
         args.deflate_hold,
         args.events_context,
+        args.lanes,
     )

@@ -48,7 +48,16 @@ PROFILES: dict[str, dict[str, Any]] = {
     "latency": {"sweep": [1, 64], "turns": 20, "long": 100, "idle": 1_000, "delay": 0.002,
                 "budget": 30.0, "open_seconds": 10.0},
 }  # fmt: skip
-CONTENDERS = ["direct", "trioproxy", "floor", "trioproxy_x2", "full_http", "litellm", "codex_lb"]
+CONTENDERS = [
+    "direct",
+    "trioproxy",
+    "trioproxy_lanes",
+    "floor",
+    "trioproxy_x2",
+    "full_http",
+    "litellm",
+    "codex_lb",
+]
 # P1's open loop: these at a fixed rate, half the proxy's closed-loop capacity at 1 and 64
 # sessions (or the sweep's largest), measured earlier in the same run.
 OPEN_LOOP = ["direct", "floor", "trioproxy"]
@@ -333,7 +342,8 @@ async def measure(
     """One contender at one concurrency: a closed loop, or with `rate` (turns/s) P1's open
     loop. `instances`: the trioproxy instances behind it (their /healthz says how each turn
     went upstream); `balancer`: a process in front whose CPU is reported apart."""
-    instances = instances if instances is not None else ([target] if name == "trioproxy" else [])
+    own = name in ("trioproxy", "trioproxy_lanes")
+    instances = instances if instances is not None else ([target] if own else [])
     health0 = [await proxy_health(base) for base in instances]
     before, cpu0 = await fake_stats(fake), server.cpu_seconds() if server else 0.0
     lb0 = tree_cpu_seconds(balancer.proc.pid) if balancer else 0.0
@@ -389,6 +399,10 @@ async def measure(
                 for k, v in h1[key].items():
                     counts[k] = counts.get(k, 0) + v - h0.get(key, {}).get(k, 0)
             row[f"proxy_{key}"] = {k: v for k, v in counts.items() if v}
+        # Upstream sockets: handshakes during the row, and open at its end.
+        pairs = zip(health0, health1, strict=True)
+        row["handshakes"] = sum(h1["opened"] - h0["opened"] for h0, h1 in pairs)
+        row["upstream_sockets"] = sum(h1["live"] for h1 in health1)
         if len(instances) > 1:  # how the balancer spread the turns
             row["instance_turns"] = [
                 sum(h1["turns"].values()) - sum(h0["turns"].values())
@@ -448,6 +462,7 @@ async def long_session(turns: int, fake: str, fake_ws: str, proxy: str) -> dict[
 # without deflate.
 IDLE_VARIANTS = {
     "defaults": [],
+    "lanes on": ["--lanes"],
     "deflate with events_context": ["--events-context"],
     "deflate off": ["--no-deflate"],
 }
@@ -480,6 +495,7 @@ async def main(
     fake_port, proxy_port, litellm_port = free_port(), free_port(), free_port()
     codex_lb_port, floor_port, nginx_port = free_port(), free_port(), free_port()
     instance_ports = [free_port(), free_port()]
+    lanes_port = free_port()
     fake = f"http://127.0.0.1:{fake_port}"
     fake_ws = f"ws://127.0.0.1:{fake_port}/v1/responses"
     # The gateways get a fake upstream each (same code, same settings): their background calls
@@ -492,6 +508,10 @@ async def main(
     fakes = {name: f"http://127.0.0.1:{port}" for name, port in gateway_fakes.items()}
     proxy = proxy_process("trioproxy", proxy_port, fake_port)
     servers.append(proxy)
+    laned: Process | None = None
+    if "trioproxy_lanes" in contenders:  # the same proxy with sessions on shared sockets
+        laned = proxy_process("trioproxy-lanes", lanes_port, fake_port, "--lanes")
+        servers.append(laned)
     floor: Process | None = None
     if "floor" in contenders:
         floor = floor_process(floor_port, fake_port)
@@ -548,6 +568,8 @@ async def main(
         assert await wait_http(f"http://127.0.0.1:{proxy_port}/healthz"), "trioproxy did not start"
         if floor is not None:
             assert await wait_http(f"http://127.0.0.1:{floor_port}/healthz"), "no floor"
+        if laned is not None:
+            assert await wait_http(f"http://127.0.0.1:{lanes_port}/healthz"), "no lanes proxy"
         if nginx is not None:
             for port in instance_ports:
                 assert await wait_http(f"http://127.0.0.1:{port}/healthz"), "an instance failed"
@@ -566,6 +588,7 @@ async def main(
         targets: dict[str, tuple[str, Process | Group | None, dict[str, Any]]] = {
             "direct": (fake_ws, None, {}),
             "trioproxy": (f"http://127.0.0.1:{proxy_port}/v1", proxy, {}),
+            "trioproxy_lanes": (f"http://127.0.0.1:{lanes_port}/v1", laned, {}),
             "floor": (f"http://127.0.0.1:{floor_port}/v1", floor, {}),
             "trioproxy_x2": (
                 f"http://127.0.0.1:{nginx_port}/v1",
@@ -758,6 +781,7 @@ def render(data: dict[str, Any]) -> str:
         verdict = "-" if ok is None else "PASS" if ok else "FAIL"
         lines.append(f"| {name} | {verdict} | {detail} |")
     lines += ["", *floor_ratios(data), "", *open_loop_table(data), "", *two_instances(data)]
+    lines += ["", *lanes_table(data)]
     return "\n".join(lines)
 
 
@@ -870,6 +894,39 @@ def open_loop_table(data: dict[str, Any]) -> list[str]:
             f"{r['ttfe_p50_ms']:.2f} | {r['ttfe_p99_ms']:.2f} | {_added(opened, r, 'p50'):+.2f} | "
             f"{_added(opened, r, 'p99'):+.2f} | {r['late_starts']} | {cpu} | {r['errors']} |"
         )
+    return lines
+
+
+def lanes_table(data: dict[str, Any]) -> list[str]:
+    """trioproxy with `--lanes` beside its default (a socket per session), same load."""
+    rows = data["rows"]
+    laned = [r for r in rows if r["contender"] == "trioproxy_lanes" and not r.get("open_loop")]
+    if not laned:
+        return ["Lanes: not run (`--contenders` left trioproxy_lanes out)"]
+    lines = [
+        "### Lanes on beside off (sessions on named lanes of shared sockets)",
+        "",
+        "| sessions | lanes | handshakes | upstream sockets at the end | turns/s | TTFE p50 ms"
+        " | CPU s/1k events | upstream B/turn | retries | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in laned:
+        off = next(
+            (o for o in rows if o["contender"] == "trioproxy" and o["sessions"] == r["sessions"]
+             and not o.get("open_loop")),
+            None,
+        )  # fmt: skip
+        for label, row in (("off", off), ("on", r)):
+            if row is None:
+                continue
+            cpu = row["cpu_s_per_1k_events"]
+            lines.append(
+                f"| {row['sessions']} | {label} | {row.get('handshakes', '-')} | "
+                f"{row.get('upstream_sockets', '-')} | {row['turns_per_s']:.1f} | "
+                f"{row['ttfe_p50_ms']:.2f} | {'-' if cpu is None else f'{cpu:.3f}'} | "
+                f"{row['upstream_bytes_per_turn']:,.0f} | {row.get('proxy_retries') or '-'} | "
+                f"{row['errors']} |"
+            )
     return lines
 
 

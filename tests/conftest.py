@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -65,10 +66,15 @@ async def fake(nursery: trio.Nursery) -> FakeUpstream:
     return upstream
 
 
+# `make test` runs the cancellation, fault and isolation suites a second time with lanes on
+# (TRIOPROXY_TEST_LANES=1): every proxy they start then seats sessions on shared sockets.
+LANES = os.environ.get("TRIOPROXY_TEST_LANES") == "1"
+
+
 async def start_proxy(
     nursery: trio.Nursery, fake: FakeUpstream, connector: Connector | None = None, **overrides: Any
 ) -> ProxyServer:
-    settings = Settings(**{"upstream": fake.url, **overrides})
+    settings = Settings(**{"upstream": fake.url, "lanes": LANES, **overrides})
     app = create_app(settings, connector=connector)
     config = hypercorn_config("127.0.0.1", 0, settings.write_timeout, settings.max_body_bytes)
     binds = await nursery.start(partial(hypercorn_serve, app, config))

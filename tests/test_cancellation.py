@@ -1,4 +1,8 @@
-"""A client that goes away mid-turn: the turn is cancelled, its socket evicted and closed."""
+"""A client that goes away mid-turn: the turn is cancelled, its socket evicted and closed.
+
+With lanes on (`TRIOPROXY_TEST_LANES=1`, run by `make test`) the socket is shared by other
+sessions: the turn is cancelled and its session's lane evicted, the socket stays for the others,
+and its lane is given again only once the cut response has run out upstream."""
 
 from __future__ import annotations
 
@@ -8,7 +12,16 @@ import random
 import httpx
 import trio
 
-from tests.conftest import AUTH, ProxyServer, post, request_body, start_proxy, user, wait_until
+from tests.conftest import (
+    AUTH,
+    LANES,
+    ProxyServer,
+    post,
+    request_body,
+    start_proxy,
+    user,
+    wait_until,
+)
 from trioproxy.fake import FakeUpstream
 
 LONG = " ".join(f"word{i}" for i in range(300))  # ~100 deltas
@@ -39,6 +52,17 @@ async def test_disconnect_mid_stream_evicts_and_closes_within_a_second(
                 seen += line.startswith("event: response.output_text.delta")
                 if seen == 5:
                     break  # leaving the block drops the connection mid-stream
+    if LANES:
+        with trio.fail_after(1):
+            await wait_until(lambda: registry.stats()["seats"] == 0)
+        assert registry.lanes.moved["turn_abandoned"] == 1 and fake.open_sockets == 1
+        with trio.fail_after(5):  # the cut response runs out upstream; the socket stays
+            await wait_until(lambda: registry.busy == 0, 5)
+        async with server.client() as client:
+            again = await post(client, request_body([user("after")]), "s")
+        assert again.status_code == 200 and fake.sockets_opened == 1
+        assert "previous_response_id" not in fake.creates()[-1].message
+        return
     with trio.fail_after(1):
         await fake.wait_open_sockets(0)
         await wait_until(lambda: registry.live == 0)
@@ -58,6 +82,12 @@ async def test_disconnect_while_waiting_for_the_first_event(nursery: trio.Nurser
     async with server.client() as client:
         with trio.move_on_after(0.3):
             await post(client, request_body([user("x")]), "s")
+    if LANES:  # the lane is evicted; the response runs out on the shared socket
+        with trio.fail_after(1):
+            await wait_until(lambda: server.registry.stats()["seats"] == 0)
+        assert server.registry.lanes.moved["turn_abandoned"] == 1
+        assert server.registry.tasks == server.registry.live == 1
+        return
     with trio.fail_after(1):
         await fake.wait_open_sockets(0)
         await wait_until(lambda: server.registry.live == 0)
@@ -82,6 +112,12 @@ async def test_many_disconnects_leave_nothing_behind(nursery: trio.Nursery) -> N
     async with trio.open_nursery() as inner:
         for i in range(20):
             inner.start_soon(client_that_leaves, i)
+    if LANES:  # 20 lanes of one socket evicted; it stays, idle once the responses ran out
+        registry = server.registry
+        await wait_until(lambda: registry.busy == 0 and registry.stats()["seats"] == 0, 10)
+        assert registry.lanes.moved["turn_abandoned"] == 20
+        assert registry.live == registry.tasks == server.fake.open_sockets == 1
+        return
     with trio.fail_after(2):
         await server.fake.wait_open_sockets(0)
         await wait_until(lambda: server.registry.live == 0)
@@ -145,7 +181,11 @@ async def test_a_thousand_streams_half_cut_at_random_points_leave_nothing_behind
     with trio.fail_after(10):
         await fake.wait_open_sockets(registry.live)
     left = registry.live
-    assert left == registry.idle == registry.pooled == len(completed) + finished_early
+    if LANES:  # the completed sessions' seats, on the shared sockets
+        assert left == registry.idle == registry.pooled <= 32
+        assert registry.stats()["seats"] == len(completed) + finished_early
+    else:
+        assert left == registry.idle == registry.pooled == len(completed) + finished_early
     await registry.aclose()
     assert registry.live == registry.tasks == 0
     with trio.fail_after(10):
@@ -154,6 +194,12 @@ async def test_a_thousand_streams_half_cut_at_random_points_leave_nothing_behind
     assert cut >= STREAMS * 0.4 and len(completed) >= STREAMS * 0.4, (cut, len(completed))
     assert fake.transcripts is not None
     for rid, frames in completed:
+        if LANES:  # the same events, in order, less the proxy's lane name
+            sent = [json.loads(frame) for frame in fake.transcripts[rid]]
+            assert [json.loads(f) for f in frames] == [
+                {k: v for k, v in event.items() if k != "stream_id"} for event in sent
+            ]
+            continue
         assert frames == fake.transcripts[rid]  # byte for byte, every event, in order
     print(
         f"\n{STREAMS} streams: {len(completed)} completed byte-identical, {cut} cut, "

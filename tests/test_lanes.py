@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import AUTH, memory_connector, user
+from tests.conftest import memory_connector, post, request_body, sse_events, start_proxy, user
 from trioproxy.config import Settings
 from trioproxy.fake import FakeUpstream, Reply
 from trioproxy.proxy import Proxy, TurnStream
@@ -334,3 +334,24 @@ async def test_a_refused_lane_turn_keeps_the_socket_and_the_others(
     assert creates_of(fake, "two")[0]["input"] == [user("two")]
     assert fake.sockets_opened == 1
     await proxy.registry.aclose()
+
+
+async def test_http_clients_share_a_socket_and_never_see_a_lane(nursery: trio.Nursery) -> None:
+    """Real sockets end to end: SSE answers carry no `stream_id`, JSON answers neither."""
+    fake = FakeUpstream()
+    await nursery.start(fake.serve)
+    server = await start_proxy(nursery, fake, lanes=True)
+    async with server.client() as client:
+        histories: dict[str, list[Any]] = {"one": [user("a")], "two": [user("b")]}
+        for session, history in histories.items():
+            reply = await post(client, request_body(history), session)
+            assert reply.status_code == 200 and "stream_id" not in reply.text
+            history.extend([*reply.json()["output"], user("again")])
+        for session, history in histories.items():
+            body = request_body(history, stream=True)
+            reply = await post(client, body, session)
+            assert reply.status_code == 200 and "stream_id" not in reply.text
+            assert sse_events(reply.text)[-1][0] == "response.completed"
+    assert fake.sockets_opened == 1
+    assert [len(r.message["input"]) for r in fake.creates()] == [1, 1, 1, 1]
+    assert {r.message["stream_id"] for r in fake.creates()} == {"tp0", "tp1"}

@@ -151,7 +151,9 @@ def client_chained(body: dict[str, Any]) -> str | None:
 def _message(body: dict[str, Any], input_value: Any, previous: str | None) -> dict[str, Any]:
     message: dict[str, Any] = {"type": "response.create"}
     for key, value in body.items():
-        if key not in _NOT_SENT and key not in ("input", "previous_response_id"):
+        # A body's own `type` would turn the create into another event (a steer aimed at a
+        # response, an unknown event whose error lands on a shared socket's default lane).
+        if key not in _NOT_SENT and key not in ("input", "previous_response_id", "type"):
             message[key] = value
     if previous is not None:
         message["previous_response_id"] = previous

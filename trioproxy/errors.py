@@ -212,6 +212,13 @@ def upstream_protocol(detail: str) -> ApiError:
     return _upstream(502, "bad_event", f"upstream sent an unreadable event: {detail}")
 
 
+def lanes_ignored() -> ApiError:
+    """A shared socket's response came on the default lane: the upstream ignores `stream_id`."""
+    return _upstream(
+        502, "upstream_ignores_lanes", "the upstream answered a lane's request on the default lane"
+    )
+
+
 def turn_timeout(seconds: float) -> ApiError:
     return _upstream(
         504, "upstream_timeout", f"the upstream response did not finish within {seconds:g} s"

@@ -13,11 +13,13 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
 
 import trio
 
 from trioproxy.config import Settings
 from trioproxy.delta import Conversation
+from trioproxy.errors import ApiError
 from trioproxy.lanes import LANE_NAMES, Seat, SeatIndex, SharedSocket
 from trioproxy.turn import Turn, TurnEnd
 from trioproxy.upstream import UpstreamConnection
@@ -26,6 +28,14 @@ log = logging.getLogger("trioproxy.lanes")
 
 Reusable = Callable[[Conversation | None, Collection[str]], bool]
 Opener = Callable[[str, list[tuple[str, str]]], Awaitable[UpstreamConnection]]
+
+
+@dataclass(eq=False)
+class _Opening:
+    """A group's socket being opened: others wait for it, and hear its failure."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: ApiError | None = None
 
 
 class LanePool:
@@ -41,7 +51,7 @@ class LanePool:
         self.sessions = SeatIndex()
         self._groups: dict[str, list[SharedSocket]] = {}
         self._of: dict[UpstreamConnection, SharedSocket] = {}
-        self._opening: dict[str, trio.Event] = {}
+        self._opening: dict[str, _Opening] = {}
         # Names per socket a group's upstream was seen to accept, when fewer than ours.
         self._limits: dict[str, int] = {}
         self.forks = 0  # concurrent requests that ran on another lane of their session's socket
@@ -78,18 +88,18 @@ class LanePool:
         """The session's seat, a fork beside it while it is busy, or a new seat on a socket of
         its group with a free lane (opened if none has one). None: the session is busy and its
         socket has no free lane; the caller gives the request a socket of its own."""
-        now = trio.current_time()
-        seat = self.sessions.get(key)
-        if seat is not None:
-            if seat.busy:
-                return self._fork(seat, now) if avoid is None else None
-            why = self._stale(seat, now, reusable, fresh, avoid)
-            if why is None:
-                self.sessions.wake(seat)
-                seat.conn.busy = True
-                return seat
-            self._unseat(seat, why)
         while True:
+            now = trio.current_time()
+            seat = self.sessions.get(key)
+            if seat is not None:
+                if seat.busy:
+                    return self._fork(seat, now) if seat.conn is not avoid else None
+                why = self._stale(seat, now, reusable, fresh, avoid)
+                if why is None:
+                    self.sessions.wake(seat)
+                    seat.conn.busy = True
+                    return seat
+                self._unseat(seat, why)
             shared = self._room(group, now, avoid)
             if shared is not None:
                 break
@@ -97,8 +107,11 @@ class LanePool:
             if opening is None:
                 shared = await self._open(group, url, headers)
                 break
-            await opening.wait()  # the socket being opened for this group may have room
-            now = trio.current_time()
+            # The socket being opened for this group may have room; the same session may have
+            # been seated meanwhile (a second request of a new session): look again.
+            await opening.done.wait()
+            if opening.error is not None:
+                raise opening.error  # every waiter hears the failure, none retries in turn
         lane = shared.free_lane()
         assert lane is not None
         seat = Seat(shared.conn, lane, key, last_used=now)
@@ -156,12 +169,15 @@ class LanePool:
         return best
 
     async def _open(self, group: str, url: str, headers: list[tuple[str, str]]) -> SharedSocket:
-        opened = self._opening[group] = trio.Event()
+        opening = self._opening[group] = _Opening()
         try:
             conn = await self._opener(url, headers)
+        except ApiError as exc:
+            opening.error = exc
+            raise
         finally:
             del self._opening[group]
-            opened.set()
+            opening.done.set()
         usable = self._settings.usable_lifetime
         window = self._settings.rotation_window
         shared = SharedSocket(
@@ -208,7 +224,7 @@ class LanePool:
             if shared is not None and shared.seats.get(seat.lane or "") is seat:
                 del shared.seats[seat.lane or ""]
         elif self.sessions.get(seat.key) is seat:
-            self.sessions.rest(seat, seat.last_used)
+            self.sessions.rest(seat, trio.current_time())
         seat.conn.busy = bool(seat.conn.pending)
 
     def refused(self, seat: Seat, code: str | None) -> None:
@@ -269,8 +285,8 @@ class LanePool:
         deadline = oldest.last_used + ttl if oldest is not None else math.inf
         for shared in list(self._of.values()):
             conn = shared.conn
-            if conn.pending:
-                continue  # looked at again when its turns end (the registry wakes)
+            if conn.pending or not conn.accepting:
+                continue  # looked at again when its turns end; a retired one is closing
             if now >= self._end_of_life(conn):
                 self.drop(conn, "max_lifetime")
             elif not shared.seats and conn.last_used + ttl <= now:

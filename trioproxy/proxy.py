@@ -53,7 +53,12 @@ OFF_LOOP_BYTES = 1 << 20
 _RETRY_CODES = frozenset({"previous_response_not_found", "websocket_connection_limit_reached"})
 # ... and with lanes on, refusals of a lane that another lane or socket cures.
 _LANE_CODES = frozenset(
-    {"websocket_stream_limit_reached", "websocket_connection_limit_reached", "invalid_stream_id"}
+    {
+        "websocket_stream_limit_reached",
+        "websocket_connection_limit_reached",
+        "invalid_stream_id",
+        "upstream_ignores_lanes",  # its responses came on the default lane
+    }
 )
 
 
@@ -287,24 +292,24 @@ class Proxy:
         if stream.first is not None:
             return stream
         end = stream.end
-        code = end.error.code if end.kind == "error" and end.error is not None else None
+        code = end.error.code if end.error is not None else None
         avoid: UpstreamConnection | None = seat.conn
         if _unauthorized(end) and upstream.token is not None:
             self.registry.lanes.drop(seat.conn, "unauthorized")  # its token lapsed for all
             upstream = await self._refreshed(target, upstream, headers, scope)
             cause = "unauthorized"
-        elif code in _LANE_CODES:
+        elif code in _LANE_CODES and end.kind in ("error", "socket"):
             self.registry.lanes.refused(seat, code)
             cause = code or ""
         elif self._retryable(stream):
-            cause = code or end.kind
+            cause = (code if end.kind == "error" else None) or end.kind
             if code == "previous_response_not_found":
                 avoid = None  # the socket is sound; only the chain is gone
         else:
             return stream
         self.retries[cause] += 1
         log.info("lane turn refused before its first event (%s); retrying", cause)
-        if code == "invalid_stream_id":
+        if code in ("invalid_stream_id", "upstream_ignores_lanes"):
             # The upstream takes no lane names of ours: this group's sessions get sockets of
             # their own from now on.
             self._laneless.add(upstream.group)
@@ -464,6 +469,13 @@ class Proxy:
                 if isinstance(made, str):
                     self.ownership.record(made, turn.tenant)
         if turn.transport != "websocket":
+            return
+        if isinstance(turn.seat, Seat) and turn.seat.key is not None:
+            # A shared socket (lanes): each session seated on it counts its own failures.
+            if end.kind in ("socket", "timeout"):
+                self.fallback.socket_failed(turn.seat.key, trio.current_time())
+            elif end.kind == "completed":
+                self.fallback.socket_ok(turn.seat.key)
             return
         if end.kind in ("socket", "timeout"):
             # Once per socket: the lanes a drop ends are one failure, not one each.

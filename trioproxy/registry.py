@@ -52,6 +52,7 @@ class Registry:
         self._idle: OrderedDict[str, UpstreamConnection] = OrderedDict()
         self._by_age: dict[UpstreamConnection, None] = {}  # pooled, oldest first
         self._live: set[UpstreamConnection] = set()  # every socket task, pooled or one-turn
+        self._evicted: set[UpstreamConnection] = set()  # shared ones whose eviction counted
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
         self._stopped = trio.Event()
@@ -301,6 +302,9 @@ class Registry:
         ended = end.kind
         conn.last_used = trio.current_time()
         if conn.shared:
+            if ended != "completed" and not conn.accepting and conn not in self._evicted:
+                self._evicted.add(conn)  # the socket goes: once, whatever lanes it ends
+                self.evictions[ended] += 1
             self.lanes.turn_ended(conn, turn, end)
             self._wake.set()
             return
@@ -394,6 +398,7 @@ class Registry:
             self.evictions["closed_idle"] += 1  # the upstream went away while it sat idle
         self._forget(conn)
         self.lanes.exited(conn)
+        self._evicted.discard(conn)
         self._live.discard(conn)
         self._notify()
 

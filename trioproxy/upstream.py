@@ -239,10 +239,11 @@ class UpstreamConnection:
             self._wake.cancel()
 
     def _abandoned(self) -> None:
-        """A turn's client left: its waker (a message half sent is cut too)."""
+        """A turn's client left: its waker. A message half sent is cut too, unless the socket
+        is shared: a message cut halfway breaks the socket, and the other lanes with it."""
         self._left = True
         self._wake_up()
-        if self._sending is not None:
+        if self._sending is not None and not self.shared:
             self._sending.cancel()
 
     async def run(
@@ -427,14 +428,14 @@ class UpstreamConnection:
                 return False
             if self._left and not self._drop_abandoned():
                 return False
-            if self._ending and not self._lanes:
+            if self._ending and not self._heard():
                 return False
             try:
                 frame = sock.message_nowait()
             except trio.WouldBlock:
                 got = await self._wait_frame(sock)
                 if got is None:
-                    if self._ending and not self._lanes:
+                    if self._ending and not self._heard():
                         return False
                     if not self._check_deadlines():
                         return False
@@ -485,11 +486,15 @@ class UpstreamConnection:
             notice, _ = self._awaiting.popleft()  # answered by silence
             self._settle_notice(notice)
         late = [turn for turn in self.running_turns() if turn.deadline <= now]
-        if late and all(turn.discarding for turn in late):
-            # A cut turn's response never ended: its lane's state is unknown, the others'
-            # are not. No more turns here; the ones running finish.
+        if late and all(self._isolated(turn) for turn in late):
+            # On a shared socket a late response's lane is in an unknown state, the others'
+            # are not: the late turns end alone (their lanes keep dropping whatever still
+            # comes), and the socket takes no more turns; the ones running finish.
             for turn in late:
-                self._remove(turn)
+                if not turn.discarding:
+                    timeout = errors.turn_timeout(self._settings.turn_timeout)
+                    self._cut(turn, broken_end("timeout", timeout, turn.tracker))
+                turn.deadline = math.inf
             self.retire()
             late = []
         if late:
@@ -543,6 +548,10 @@ class UpstreamConnection:
         turn = queue[0]
         if self.shared and isinstance(lane, str):
             event = without_lane(event)  # the lane is the proxy's, not the client's
+            if event.type == "response.created":
+                # Past 16 active responses the upstream queues a create: its time counts from
+                # its start, not from the request.
+                turn.deadline = trio.current_time() + self._settings.turn_timeout
         try:
             kind = turn.tracker.feed(event)
         except ValueError as exc:
@@ -613,6 +622,9 @@ class UpstreamConnection:
             if kind.startswith("response.") and kind not in STEER_EVENTS:
                 self.retire()
             return True
+        if stray and self.shared and "stream_id" not in event.data and self._heard():
+            self._break_all("socket", errors.lanes_ignored())
+            return False
         if stray:
             self._break_all(
                 "socket", errors.upstream_protocol(f"`{kind}` arrived for no running response")
@@ -659,6 +671,10 @@ class UpstreamConnection:
             self._abrupt = True
             return False
         return keep or not self._ending or bool(self._lanes)
+
+    def _heard(self) -> bool:
+        """Whether a client still hears a turn here (a cut turn's lane is only drained)."""
+        return any(not turn.discarding for turn in self.running_turns())
 
     def _isolated(self, turn: Turn) -> bool:
         """Whether a turn can end alone: on a named lane of a shared socket, where the other
