@@ -15,6 +15,7 @@ import trio.testing
 
 from tests.conftest import memory_connector, post, request_body, sse_events, start_proxy, user
 from trioproxy.config import Settings
+from trioproxy.errors import ApiError
 from trioproxy.fake import FakeUpstream, Reply
 from trioproxy.proxy import Proxy, TurnStream
 from trioproxy.registry import Registry
@@ -355,3 +356,76 @@ async def test_http_clients_share_a_socket_and_never_see_a_lane(nursery: trio.Nu
     assert fake.sockets_opened == 1
     assert [len(r.message["input"]) for r in fake.creates()] == [1, 1, 1, 1]
     assert {r.message["stream_id"] for r in fake.creates()} == {"tp0", "tp1"}
+
+
+async def test_two_requests_of_a_new_session_take_one_seat_and_a_fork(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """Both arrive while the group's socket is being opened: the second finds the first's
+    seat busy and forks, instead of a second seat under the same key that would leak."""
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake, idle_ttl=100, max_lifetime=3600, turn_timeout=60)
+    ends: list[str] = []
+
+    async def one(text: str) -> None:
+        end, _ = await turn(proxy, "new", [user(text)])
+        ends.append(end.kind)
+
+    async with trio.open_nursery() as group:
+        group.start_soon(one, "first\nfake: slow 0.1")
+        group.start_soon(one, "second")
+    assert ends == ["completed", "completed"]
+    assert proxy.registry.stats()["seats"] == 1
+    await trio.sleep(150)  # the one seat expires, and with it the socket
+    await fake.wait_open_sockets(0)
+    assert proxy.registry.live == 0
+    await proxy.registry.aclose()
+
+
+async def test_a_cut_turn_past_its_deadline_does_not_break_the_others(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake, turn_timeout=30, read_timeout=20, max_lifetime=3600)
+    await Session(proxy, "a").say("a one")
+    await Session(proxy, "b").say("b one")
+    cut = await start(proxy, "a", [user("a runs long\nfake: slow 1\nfake: long 200")])
+    await cut.__anext__()
+    await cut.aclose()  # its response keeps running upstream past its turn_timeout
+    await trio.sleep(20)
+    end, _ = await turn(proxy, "b", [user("b long\nfake: slow 1\nfake: long 20")])
+    assert end.kind == "completed"  # the cut lane's deadline passed meanwhile: only it ended
+    await proxy.registry.aclose()
+
+
+async def test_a_body_type_cannot_turn_a_create_into_another_event(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake)
+    body = {"model": "m", "input": [user("hi")], "type": "response.steer"}
+    stream = await proxy.open_turn(body, headers("x"), api_target(proxy.settings))
+    end, _, _ = await finish(stream)
+    assert end.kind == "completed"
+    assert fake.received[-1].message["type"] == "response.create"
+    await proxy.registry.aclose()
+
+
+async def test_sessions_waiting_for_a_socket_hear_its_failure_together(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    fake.stall_handshakes = True
+    proxy = await laned_proxy(nursery, fake, connect_timeout=10)
+    failed: list[float] = []
+
+    async def one(n: int) -> None:
+        with pytest.raises(ApiError):
+            await start(proxy, f"s{n}", [user("hi")])
+        failed.append(trio.current_time())
+
+    async with trio.open_nursery() as group:
+        for n in range(8):
+            group.start_soon(one, n)
+    assert max(failed) - min(failed) < 1  # one handshake's timeout, not eight in a row
+    await proxy.registry.aclose()
