@@ -3,6 +3,7 @@
     .venv/bin/python bench/profile.py --sessions 16 --turns 60
     .venv/bin/python bench/profile.py --sessions 32 --turns 40 --py-spy profile.txt
     .venv/bin/python bench/profile.py --sessions 1 --turns 200 --stages
+    .venv/bin/python bench/profile.py --sessions 16 --turns 60 --lanes   # shared sockets
 
 Prints turns/s, events/s, the proxy's CPU per 1,000 events, the writes the proxy made per turn
 (HTTP body reads on the client side: about one per write), and the CPU each of the three
@@ -62,7 +63,12 @@ def top_shares(raw: Path, count: int) -> list[tuple[float, str]]:
 
 
 async def main(
-    sessions: int, turns: int, spy_out: Path | None, deflate: bool, stages: bool
+    sessions: int,
+    turns: int,
+    spy_out: Path | None,
+    deflate: bool,
+    stages: bool,
+    lanes: bool = False,
 ) -> None:
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     fake_port, proxy_port = free_port(), free_port()
@@ -74,6 +80,7 @@ async def main(
         proxy_port,
         fake_port,
         *(() if deflate else ("--no-permessage-deflate",)),
+        *(("--lanes",) if lanes else ()),
         # The same server, its turns timed stage by stage (bench/stages.py).
         command=[sys.executable, str(ROOT / "bench" / "stages.py")] if stages else None,
         env={"TRIOPROXY_STAGES_OUT": str(stamps)},
@@ -164,6 +171,9 @@ if __name__ == "__main__":
         "--no-deflate", action="store_true", help="run the proxy without permessage-deflate"
     )
     parser.add_argument(
+        "--lanes", action="store_true", help="run the proxy with sessions on shared sockets"
+    )
+    parser.add_argument(
         "--stages",
         action="store_true",
         help="time each stage of a turn's way to its first event (one session only)",
@@ -171,7 +181,9 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.stages and args.sessions != 1:
         parser.error("--stages times turns one at a time: use --sessions 1")
-    trio.run(main, args.sessions, args.turns, args.py_spy, not args.no_deflate, args.stages)
+    trio.run(
+        main, args.sessions, args.turns, args.py_spy, not args.no_deflate, args.stages, args.lanes
+    )
     if args.py_spy is not None and args.py_spy.exists():
         print(f"\nlargest inclusive shares of the proxy's samples ({args.py_spy}):")
         for share, name in top_shares(args.py_spy, args.top):

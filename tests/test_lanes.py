@@ -7,6 +7,7 @@ protocol documents them (per-lane FIFO, interleaved events, `stream_id` echoed, 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import trio.testing
 from tests.conftest import memory_connector, post, request_body, sse_events, start_proxy, user
 from trioproxy.config import Settings
 from trioproxy.errors import ApiError
+from trioproxy.events import parse_frame, without_lane
 from trioproxy.fake import FakeUpstream, Reply
 from trioproxy.proxy import Proxy, TurnStream
 from trioproxy.registry import Registry
@@ -428,4 +430,39 @@ async def test_sessions_waiting_for_a_socket_hear_its_failure_together(
         for n in range(8):
             group.start_soon(one, n)
     assert max(failed) - min(failed) < 1  # one handshake's timeout, not eight in a row
+    await proxy.registry.aclose()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"response.output_text.delta","delta":"a","sequence_number":3,"stream_id":"tp3"}',
+        '{"stream_id":"tp3","type":"x","delta":"b"}',
+        '{"stream_id": "tp1", "type": "x"}',
+        '{"type": "x", "delta": "say \\"stream_id\\":\\"tp3\\", ok", "stream_id": "tp1"}',
+        '{"type":"x","response":{"stream_id":"kept"},"stream_id":"tp1"}',
+    ],
+)
+def test_the_lane_is_taken_out_of_an_event_and_nothing_else(frame: str) -> None:
+    event = without_lane(parse_frame(frame))
+    expected = json.loads(frame)
+    del expected["stream_id"]
+    assert json.loads(event.raw) == event.data == expected
+
+
+async def test_a_client_that_stops_reading_never_stalls_the_other_lanes(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake, event_buffer_bytes=64 * 1024)
+    await Session(proxy, "a").say("a one")
+    await Session(proxy, "b").say("b one")
+    stuck = await start(proxy, "a", [user("fake: long 40000")])  # ~40,000 deltas, never read
+    end, _ = await turn(proxy, "b", [user("b two\nfake: long 2000")])
+    assert end.kind == "completed"  # b's lane went on while a's client read nothing
+    events = [event async for event in stuck]
+    assert stuck.end.kind == "timeout" and stuck.end.error is not None
+    assert stuck.end.error.code == "client_too_slow"
+    assert sum(len(e.raw) for e in events) <= 64 * 1024 + 1024  # held no more than its bound
+    assert fake.open_sockets == 1
     await proxy.registry.aclose()

@@ -235,6 +235,17 @@ def previous_response_not_found(response_id: str) -> ApiError:
     )
 
 
+def client_too_slow(limit: int) -> ApiError:
+    """A client on a shared upstream socket fell too far behind: waiting for it would stall
+    every other session on that socket, so its turn ends instead."""
+    return _upstream(
+        504,
+        "client_too_slow",
+        f"the client read too slowly: {limit} bytes of events waited for it on an upstream "
+        "socket shared with other sessions",
+    )
+
+
 def upstream_silent(seconds: float) -> ApiError:
     return _upstream(504, "upstream_timeout", f"the upstream sent nothing for {seconds:g} s")
 

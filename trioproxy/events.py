@@ -65,11 +65,27 @@ def parse_frame(frame: str | bytes) -> UpstreamEvent:
     return UpstreamEvent(data["type"], raw, data)
 
 
+# The lane pair as it appears in a frame, after another key (the usual place) or before one.
+_LANE_AFTER = re.compile(r'\s*,\s*"stream_id"\s*:\s*"[A-Za-z0-9_.-]{1,256}"')
+_LANE_BEFORE = re.compile(r'"stream_id"\s*:\s*"[A-Za-z0-9_.-]{1,256}"\s*,\s*')
+
+
 def without_lane(event: UpstreamEvent) -> UpstreamEvent:
-    """The event without its `stream_id`: a lane the proxy chose is no client's business."""
+    """The event without its `stream_id`: a lane the proxy chose is no client's business.
+
+    Cut out of the frame's text when the key occurs once (only a key can: inside a string its
+    quotes are escaped), so the other bytes go out as the upstream sent them and the event is
+    not serialized again; otherwise the parsed event is serialized without it."""
     if "stream_id" not in event.data:
         return event
     del event.data["stream_id"]
+    raw = event.raw
+    if raw.count('"stream_id"') == 1:
+        cut, n = _LANE_AFTER.subn("", raw, count=1)
+        if not n:
+            cut, n = _LANE_BEFORE.subn("", raw, count=1)
+        if n:
+            return UpstreamEvent(event.type, cut, event.data)
     return UpstreamEvent(event.type, orjson.dumps(event.data).decode(), event.data)
 
 

@@ -49,6 +49,10 @@ T = TypeVar("T")
 # million items takes seconds to digest, and on the event loop every other client would wait.
 OFF_LOOP_BYTES = 1 << 20
 
+# Events a turn on a shared socket may hold for its client (still bounded by
+# `event_buffer_bytes`): deltas are small, so the bytes bound is the one that matters.
+SHARED_EVENT_BUFFER = 4096
+
 # Upstream error codes that a fresh socket with the full input cures.
 _RETRY_CODES = frozenset({"previous_response_not_found", "websocket_connection_limit_reached"})
 # ... and with lanes on, refusals of a lane that another lane or socket cures.
@@ -519,9 +523,14 @@ class Proxy:
             # turn only joined (a lane beside the client's others) is not this turn's to give.
             self._give_back(conn, seat, about)
             raise
+        shared = seat is not None and seat.lane is not None
         turn = Turn(
             plan,
-            self.settings.event_buffer,
+            # On a shared socket a turn is never waited for (one slow client would stall every
+            # lane): it buffers up to its bytes bound, then ends (`client_too_slow`).
+            max(self.settings.event_buffer, SHARED_EVENT_BUFFER)
+            if shared
+            else self.settings.event_buffer,
             payload=payload,
             buffer_bytes=self.settings.event_buffer_bytes,
             **about,

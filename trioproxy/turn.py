@@ -134,6 +134,23 @@ class Turn:
             return
         raise TurnOverdue
 
+    def offer(self, event: UpstreamEvent) -> bool:
+        """Hand an event over without waiting; False when its buffer is full. A shared socket
+        (lanes) delivers this way: waiting for one slow client would stall every lane."""
+        size = len(event.raw)
+        if self.buffered_bytes and self.buffered_bytes + size > self._limit:
+            return False
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            return False
+        self.buffered_bytes += size
+        return True
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
     async def receive(self) -> UpstreamEvent:
         """The client's side: the next event (`trio.EndOfChannel` after the last)."""
         return self._took(await self.events.receive())

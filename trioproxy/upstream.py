@@ -564,7 +564,12 @@ class UpstreamConnection:
         released = kind is not None and event.type in STEER_EVENTS
         if kind is None or released:
             try:
-                await turn.deliver(event)
+                if not self._isolated(turn):
+                    await turn.deliver(event)
+                elif not turn.offer(event):
+                    slow = errors.client_too_slow(turn.limit)
+                    self._cut(turn, broken_end("timeout", slow, turn.tracker))
+                    return True
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 if self._isolated(turn):
                     self._cut(turn, TurnEnd("abandoned"))
