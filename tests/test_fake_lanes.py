@@ -514,3 +514,31 @@ async def test_a_refused_same_lane_continuation_evicts_its_parent_a_fork_does_no
         await client.create("again", store=False, stream_id="a", previous_response_id=parent)
         gone = (await client.terminals(1))[-1]
     assert gone["type"] == "error" and gone["error"]["code"] == "previous_response_not_found"
+
+
+async def test_with_store_false_a_fork_must_come_before_its_lane_advances(
+    fake: FakeUpstream,
+) -> None:
+    """responses_websocket README, "Forks": with store=False, wait for the fork lane's
+    `response.in_progress` before advancing the source lane. The fake keeps a lane's latest
+    response: once the lane continued from a response, a fork from it is refused; a stored
+    response (store=True) any lane may still fork from."""
+    async with connect(fake) as client:
+        await client.create("root", stream_id="a", store=False)
+        root = (await client.terminals(1))[-1]["response"]["id"]
+        await client.create("early fork", stream_id="b", store=False, previous_response_id=root)
+        assert (await client.terminals(1))[-1]["type"] == "response.completed"
+        await client.create("next", stream_id="a", store=False, previous_response_id=root)
+        latest = (await client.terminals(1))[-1]["response"]["id"]
+        await client.create("late fork", stream_id="c", store=False, previous_response_id=root)
+        late = (await client.terminals(1))[-1]
+        assert late["type"] == "error"
+        assert late["error"]["code"] == "previous_response_not_found"
+        await client.create("fork latest", stream_id="c", store=False, previous_response_id=latest)
+        assert (await client.terminals(1))[-1]["type"] == "response.completed"
+        await client.create("stored", stream_id="a")
+        stored = (await client.terminals(1))[-1]["response"]["id"]
+        await client.create("on", stream_id="a", previous_response_id=stored)
+        await client.terminals(1)
+        await client.create("fork stored", stream_id="d", previous_response_id=stored)
+        assert (await client.terminals(1))[-1]["type"] == "response.completed"

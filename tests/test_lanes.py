@@ -466,3 +466,43 @@ async def test_a_client_that_stops_reading_never_stalls_the_other_lanes(
     assert sum(len(e.raw) for e in events) <= 64 * 1024 + 1024  # held no more than its bound
     assert fake.open_sockets == 1
     await proxy.registry.aclose()
+
+
+async def test_a_store_false_fork_goes_in_full_on_another_lane_of_the_same_socket(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """With store=false the upstream keeps a lane's latest response only: once the session's
+    lane continued from its last response, a fork from it would be refused (the fake knows
+    this), so the concurrent request goes with its full input, on the same socket."""
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake)
+    history = [user("hello")]
+    first = await proxy.open_turn(
+        {"model": "m", "input": history, "store": False}, headers("s"), api_target(proxy.settings)
+    )
+    _, output, _ = await finish(first)
+    history = [*history, *output]
+
+    async def go(text: str) -> TurnEnd:
+        body = {"model": "m", "input": [*history, user(text)], "store": False}
+        end, _, _ = await finish(
+            await proxy.open_turn(body, headers("s"), api_target(proxy.settings))
+        )
+        return end
+
+    ends: list[TurnEnd] = []
+
+    async def run(text: str) -> None:
+        ends.append(await go(text))
+
+    async with trio.open_nursery() as group:
+        group.start_soon(run, "slow\nfake: slow 1")
+        await trio.sleep(0.5)
+        group.start_soon(run, "quick")
+    assert [e.kind for e in ends] == ["completed", "completed"]
+    quick = creates_of(fake, "quick")[0]
+    assert "previous_response_id" not in quick and len(quick["input"]) == 3
+    assert quick["stream_id"] != creates_of(fake, "slow\nfake: slow 1")[0]["stream_id"]
+    assert fake.sockets_opened == 1 and proxy.placements["fork"] == 1
+    assert not proxy.retries  # no refused suffix first
+    await proxy.registry.aclose()

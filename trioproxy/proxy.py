@@ -292,7 +292,13 @@ class Proxy:
         cures is retried once, with the full input, unseen by the client."""
         seat, upstream = await self._seat(target, upstream, headers, scope, reusable=reusable)
         about["placement"] = "fork" if seat.fork else "new" if seat.fresh else placement
-        stream = await self._start(seat.conn, body, seat.memory, about, seat=seat)
+        memory = seat.memory
+        if seat.fork and body.get("store") is False:
+            # With store=false the connection keeps a lane's latest response only, and the
+            # session's lane has moved past the fork's parent already: the fork goes with its
+            # full input on its own lane (still no new socket) instead of a refused suffix.
+            memory = None
+        stream = await self._start(seat.conn, body, memory, about, seat=seat)
         if stream.first is not None:
             return stream
         end = stream.end

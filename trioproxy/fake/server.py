@@ -141,6 +141,9 @@ class FakeUpstream:
         self.max_active = 0  # the most responses running at once on any one socket
         self.stream_ids: dict[int, list[str]] = {}  # socket number -> named lanes, first use first
         self.response_lanes: dict[str, str | None] = {}  # response id -> its lane (None: default)
+        # store=false: a lane's response is dropped from the connection's cache once the lane
+        # continues from it (forks must come first); False keeps every response.
+        self.lane_cache = True
         # Distinct named lanes a connection accepts (the service's 32); tests lower it.
         self.named_limit = MAX_NAMED
         # False: a provider without lanes, refusing any `stream_id` as `invalid_stream_id`.
@@ -610,6 +613,18 @@ class FakeUpstream:
             return None
         run = sock.lanes.start(rid, sid, request, conversation, self._sender(sock, rid))
         self.response_lanes[rid] = sid
+        if (
+            same_lane
+            and not auto
+            and lost is None
+            and request.get("store") is False
+            and self.lane_cache
+        ):
+            # With store=false the connection keeps a lane's latest response: once the client
+            # advances the lane, its parent is gone, so a fork must start before
+            # (responses_websocket README, "Forks": wait for the fork's response.in_progress
+            # before advancing). A steered response's own successor keeps it (`auto`).
+            sock.responses.pop(str(previous), None)
         try:
             if reply.kind not in ("drop", "stall"):
                 for frame in reply.prelude:
