@@ -506,3 +506,41 @@ async def test_a_store_false_fork_goes_in_full_on_another_lane_of_the_same_socke
     assert fake.sockets_opened == 1 and proxy.placements["fork"] == 1
     assert not proxy.retries  # no refused suffix first
     await proxy.registry.aclose()
+
+
+async def test_a_lane_that_breaks_its_response_ends_alone(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake)
+    a, b = Session(proxy, "a"), Session(proxy, "b")
+    await a.say("a one")
+    await b.say("b one")
+    broken = await start(proxy, "a", [*a.history, user("a two\nfake: slow 0.2\nfake: deltas 20")])
+    other = await start(proxy, "b", [*b.history, user("b two\nfake: slow 0.2\nfake: deltas 20")])
+    lane = creates_of(fake, "a two\nfake: slow 0.2\nfake: deltas 20")[0]["stream_id"]
+    intruder = {"type": "response.in_progress", "stream_id": lane, "response": {"id": "resp_x"}}
+    await fake.send_stray(json.dumps(intruder))  # another response inside a's, on a's lane
+    (end_a, _, _), (end_b, _, _) = await finish(broken), await finish(other)
+    assert end_a.kind == "socket" and end_a.error is not None
+    assert end_a.error.code == "bad_event"
+    assert end_b.kind == "completed"  # the other lane finished on the same socket
+    await fake.wait_open_sockets(0)  # then the socket went: one lane's state was unknown
+    await a.say("a again")
+    assert "previous_response_id" not in creates_of(fake, "a again")[0]
+    await proxy.registry.aclose()
+
+
+async def test_max_sockets_caps_shared_sockets_too(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake, lanes_per_socket=1, max_sockets=2)
+    for name in ("a", "b", "c"):
+        await Session(proxy, name).say("hello")
+        await trio.sleep(1)
+    assert fake.sockets_opened == 3
+    await fake.wait_open_sockets(2)  # the least recently used went when the third opened
+    assert proxy.registry.pooled == 2 and proxy.registry.evictions["lru"] == 1
+    assert proxy.registry.lanes.moved["lru"] == 1  # its session starts afresh next turn
+    await proxy.registry.aclose()

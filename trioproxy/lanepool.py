@@ -254,6 +254,11 @@ class LanePool:
         if not group:
             self._groups.pop(shared.group, None)
 
+    def least_used(self) -> UpstreamConnection | None:
+        """The shared socket with nothing running that was used longest ago."""
+        idle = [c for c in self._of if not c.pending and c.accepting]
+        return min(idle, key=lambda c: c.last_used) if idle else None
+
     def drop(self, conn: UpstreamConnection, reason: str) -> None:
         """Take no more turns on a shared socket: its sessions move on their next turn, the
         lanes running now finish first."""

@@ -228,6 +228,15 @@ class Registry:
         return seat
 
     async def _open_shared(self, url: str, headers: list[tuple[str, str]]) -> UpstreamConnection:
+        """A new shared socket; at `max_sockets` the least recently used idle socket goes
+        first (its sessions start afresh on their next turn). All busy: opened anyway."""
+        if self.pooled >= self._settings.max_sockets:
+            if self._idle:
+                self._retire(next(iter(self._idle.values())), "lru")
+            else:
+                victim = self.lanes.least_used()
+                if victim is not None:
+                    self.lanes.drop(victim, "lru")
         return await self._open("lanes", url, headers, shared=True)
 
     async def _open(

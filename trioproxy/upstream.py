@@ -555,8 +555,16 @@ class UpstreamConnection:
         try:
             kind = turn.tracker.feed(event)
         except ValueError as exc:
-            self._break_all("socket", errors.upstream_protocol(str(exc)))
-            return False
+            if not self._isolated(turn):
+                self._break_all("socket", errors.upstream_protocol(str(exc)))
+                return False
+            # One lane of a shared socket broke its response: that turn ends, the socket
+            # takes no new turns (one lane's state is unknown), the other lanes finish.
+            if not turn.discarding:
+                broken = errors.upstream_protocol(str(exc))
+                self._cut(turn, broken_end("socket", broken, turn.tracker))
+            self.retire()
+            return True
         if turn.discarding:  # its client is gone: the response runs out unseen
             if kind is not None:
                 self._remove(turn)
