@@ -69,12 +69,13 @@ async def main(
     deflate: bool,
     stages: bool,
     lanes: bool = False,
+    delay: float = 0.0,
 ) -> None:
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     fake_port, proxy_port = free_port(), free_port()
     stamps = ROOT / "bench" / "results" / "profile-stages.json"
     stamps.unlink(missing_ok=True)
-    fake = fake_process("profile-fake", fake_port)
+    fake = fake_process("profile-fake", fake_port, delay)
     proxy = proxy_process(
         "profile-trioproxy",
         proxy_port,
@@ -174,6 +175,12 @@ if __name__ == "__main__":
         "--lanes", action="store_true", help="run the proxy with sessions on shared sockets"
     )
     parser.add_argument(
+        "--event-delay",
+        type=float,
+        default=0.0,
+        help="seconds the fake waits between a response's events (0: bursts, as fast as it can)",
+    )
+    parser.add_argument(
         "--stages",
         action="store_true",
         help="time each stage of a turn's way to its first event (one session only)",
@@ -182,7 +189,14 @@ if __name__ == "__main__":
     if args.stages and args.sessions != 1:
         parser.error("--stages times turns one at a time: use --sessions 1")
     trio.run(
-        main, args.sessions, args.turns, args.py_spy, not args.no_deflate, args.stages, args.lanes
+        main,
+        args.sessions,
+        args.turns,
+        args.py_spy,
+        not args.no_deflate,
+        args.stages,
+        args.lanes,
+        args.event_delay,
     )
     if args.py_spy is not None and args.py_spy.exists():
         print(f"\nlargest inclusive shares of the proxy's samples ({args.py_spy}):")

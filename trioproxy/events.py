@@ -65,9 +65,10 @@ def parse_frame(frame: str | bytes) -> UpstreamEvent:
     return UpstreamEvent(data["type"], raw, data)
 
 
-# The lane pair as it appears in a frame, after another key (the usual place) or before one.
-_LANE_AFTER = re.compile(r'\s*,\s*"stream_id"\s*:\s*"[A-Za-z0-9_.-]{1,256}"')
-_LANE_BEFORE = re.compile(r'"stream_id"\s*:\s*"[A-Za-z0-9_.-]{1,256}"\s*,\s*')
+_LANE_KEY = '"stream_id"'
+# What follows the key in a frame: the proxy's lane name as its value.
+_LANE_VALUE = re.compile(r'\s*:\s*"[A-Za-z0-9_.-]{1,256}"')
+_SPACE = " \t\r\n"
 
 
 def without_lane(event: UpstreamEvent) -> UpstreamEvent:
@@ -80,12 +81,22 @@ def without_lane(event: UpstreamEvent) -> UpstreamEvent:
         return event
     del event.data["stream_id"]
     raw = event.raw
-    if raw.count('"stream_id"') == 1:
-        cut, n = _LANE_AFTER.subn("", raw, count=1)
-        if not n:
-            cut, n = _LANE_BEFORE.subn("", raw, count=1)
-        if n:
-            return UpstreamEvent(event.type, cut, event.data)
+    at = raw.rfind(_LANE_KEY)  # usually the last key: the search ends at once
+    value = _LANE_VALUE.match(raw, at + len(_LANE_KEY)) if at >= 0 else None
+    if value is not None and raw.find(_LANE_KEY) == at:
+        before = at
+        while before > 0 and raw[before - 1] in _SPACE:
+            before -= 1
+        if before > 0 and raw[before - 1] == ",":  # `, "stream_id": "tp3"`
+            return UpstreamEvent(event.type, raw[: before - 1] + raw[value.end() :], event.data)
+        after = value.end()
+        while after < len(raw) and raw[after] in _SPACE:
+            after += 1
+        if after < len(raw) and raw[after] == ",":  # `"stream_id": "tp3", ` (the first key)
+            after += 1
+            while after < len(raw) and raw[after] in _SPACE:
+                after += 1
+        return UpstreamEvent(event.type, raw[:at] + raw[after:], event.data)
     return UpstreamEvent(event.type, orjson.dumps(event.data).decode(), event.data)
 
 
