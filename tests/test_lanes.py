@@ -544,3 +544,95 @@ async def test_max_sockets_caps_shared_sockets_too(
     assert proxy.registry.pooled == 2 and proxy.registry.evictions["lru"] == 1
     assert proxy.registry.lanes.moved["lru"] == 1  # its session starts afresh next turn
     await proxy.registry.aclose()
+
+
+async def test_shutdown_refuses_new_lane_turns_and_closes_shared_sockets_once_idle(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake)
+    a, b = Session(proxy, "a"), Session(proxy, "b")
+    await a.say("one")
+    await b.say("one")
+    running = await start(proxy, "a", [*a.history, user("two\nfake: slow 1\nfake: deltas 5")])
+    started = trio.current_time()
+    async with trio.open_nursery() as group:
+        group.start_soon(proxy.registry.aclose, 100)
+        await trio.sleep(0.5)
+        with pytest.raises(ApiError) as refused:
+            await start(proxy, "b", [*b.history, user("during shutdown")])
+        assert refused.value.code == "shutting_down"
+        end, _, _ = await finish(running)
+    assert end.kind == "completed"  # the running turn finished, then the socket went
+    assert trio.current_time() - started < 20 and proxy.registry.live == 0
+
+
+async def test_a_connection_error_on_the_default_lane_ends_its_turns_with_its_own_code(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake)
+    a, b = Session(proxy, "a"), Session(proxy, "b")
+    await a.say("one")
+    await b.say("one")
+    streaming = await start(proxy, "a", [*a.history, user("two\nfake: slow 1\nfake: deltas 5")])
+    error = {
+        "type": "error",
+        "status": 429,
+        "error": {"code": "rate_limit_exceeded", "message": "slow down", "type": "requests"},
+    }
+    await fake.send_stray(json.dumps(error))  # connection-scoped: no stream_id
+    end, _, _ = await finish(streaming)
+    assert end.kind == "socket" and end.error is not None
+    assert end.error.code == "rate_limit_exceeded"  # the upstream's own error, not ours
+    await b.say("two")  # the group keeps its lanes: a new shared socket
+    assert "stream_id" in fake.creates()[-1].message and fake.sockets_opened == 2
+    await proxy.registry.aclose()
+
+
+async def test_max_sockets_counts_shared_sockets_for_every_request(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake, max_sockets=1)
+    await Session(proxy, "named").say("hello")
+    end, _ = await finish_plain(proxy, [user("no session at all")])
+    assert end.kind == "completed"
+    await fake.wait_open_sockets(1)
+    assert proxy.registry.pooled == 1 and proxy.registry.evictions["lru"] == 1
+    await proxy.registry.aclose()
+
+
+async def finish_plain(proxy: Proxy, items: list[Any]) -> tuple[TurnEnd, list[Any]]:
+    body = {"model": "m", "input": items}
+    auth = [("authorization", "Bearer sk-test-key")]
+    end, output, _ = await finish(await proxy.open_turn(body, auth, api_target(proxy.settings)))
+    return end, output
+
+
+async def test_an_http_body_may_not_name_a_lane(nursery: trio.Nursery) -> None:
+    fake = FakeUpstream()
+    await nursery.start(fake.serve)
+    server = await start_proxy(nursery, fake, lanes=True)
+    async with server.client() as client:
+        reply = await post(client, request_body([user("a")], stream_id="tp0"))
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "stream_id"
+    assert reply.json()["error"]["code"] == "unknown_parameter"
+    assert not fake.creates()
+
+
+async def test_a_client_leaving_releases_its_buffered_bytes_at_once(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake)
+    await Session(proxy, "a").say("one")
+    stuck = await start(proxy, "a", [user("fake: slow 1\nfake: long 200")])
+    await trio.sleep(5)
+    assert proxy.registry.buffered_bytes > 0  # events waiting for a client that reads nothing
+    await stuck.aclose()
+    assert proxy.registry.buffered_bytes == 0  # although its response still runs out upstream
+    await trio.sleep(1)  # the socket's task hears of it
+    assert proxy.registry.busy == 0 and proxy.registry.buffered_bytes == 0
+    await proxy.registry.aclose()

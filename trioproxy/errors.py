@@ -241,8 +241,8 @@ def client_too_slow(limit: int) -> ApiError:
     return _upstream(
         504,
         "client_too_slow",
-        f"the client read too slowly: {limit} bytes of events waited for it on an upstream "
-        "socket shared with other sessions",
+        f"the client read too slowly: its backlog of events reached its bound ({limit} bytes "
+        "or 4096 events) on an upstream socket shared with other sessions",
     )
 
 

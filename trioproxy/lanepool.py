@@ -63,7 +63,8 @@ class LanePool:
 
     @property
     def sockets(self) -> int:
-        return len(self._of)
+        """Shared sockets that take turns (one retired and still closing is not counted)."""
+        return sum(1 for conn in self._of if conn.accepting)
 
     @property
     def idle_sockets(self) -> int:

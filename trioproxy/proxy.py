@@ -112,6 +112,7 @@ class TurnStream:
     def abandon(self) -> None:
         self.turn.abandon()
         self.turn.events.close()
+        self.turn.buffered_bytes = 0  # its buffered events went with the channel
 
     async def aclose(self) -> None:
         self.abandon()
@@ -319,14 +320,20 @@ class Proxy:
             return stream
         self.retries[cause] += 1
         log.info("lane turn refused before its first event (%s); retrying", cause)
-        if code in ("invalid_stream_id", "upstream_ignores_lanes"):
+        if self.fallback.use_http(upstream.group, upstream.key, trio.current_time()):
+            return await self._over_http(body, headers, target, upstream, scope, about)
+        if code in ("invalid_stream_id", "upstream_ignores_lanes") and seat.lane is not None:
             # The upstream takes no lane names of ours: this group's sessions get sockets of
             # their own from now on.
             self._laneless.add(upstream.group)
             conn, upstream = await self._lease(target, upstream, headers, None, scope)
             about["placement"] = "new"
             return await self._start(conn, body, None, about)
-        seat, upstream = await self._seat(target, upstream, headers, scope, fresh=True, avoid=avoid)
+        # A refused fork leaves the session's own seat as it was; anything else starts afresh.
+        fresh = not seat.fork
+        seat, upstream = await self._seat(
+            target, upstream, headers, scope, fresh=fresh, avoid=avoid
+        )
         about["placement"] = "fork" if seat.fork else "new"
         return await self._start(seat.conn, body, None, about, seat=seat)
 

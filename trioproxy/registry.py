@@ -200,11 +200,21 @@ class Registry:
                 self.unnamed.remove(conn)
                 conn.busy = True
                 return conn
-        if len(self._pooled) >= self._settings.max_sockets:
-            if not self._idle:
-                return await self._open(None, url, headers)  # all busy: never an error
-            self._retire(next(iter(self._idle.values())), "lru")
+        if self.pooled >= self._settings.max_sockets and not self._make_room():
+            return await self._open(None, url, headers)  # all busy: never an error
         return await self._open(key, url, headers, group)
+
+    def _make_room(self) -> bool:
+        """At `max_sockets`: close the least recently used idle socket, a session's own or
+        a shared one (its sessions start afresh next turn); False when every one is busy."""
+        if self._idle:
+            self._retire(next(iter(self._idle.values())), "lru")
+            return True
+        victim = self.lanes.least_used()
+        if victim is None:
+            return False
+        self.lanes.drop(victim, "lru")
+        return True
 
     async def seat(
         self,
@@ -219,6 +229,8 @@ class Registry:
     ) -> Seat:
         """A session's place with lanes on (lanepool.py): its seat on a shared socket, a fork
         beside it while it is busy, or (busy, and no lane free) a one-turn socket."""
+        if self._nursery is None or self._closing or self.draining:
+            raise errors.shutting_down()
         seat = await self.lanes.seat(
             key, group, url, headers, reusable=reusable, fresh=fresh, avoid=avoid
         )
@@ -231,12 +243,7 @@ class Registry:
         """A new shared socket; at `max_sockets` the least recently used idle socket goes
         first (its sessions start afresh on their next turn). All busy: opened anyway."""
         if self.pooled >= self._settings.max_sockets:
-            if self._idle:
-                self._retire(next(iter(self._idle.values())), "lru")
-            else:
-                victim = self.lanes.least_used()
-                if victim is not None:
-                    self.lanes.drop(victim, "lru")
+            self._make_room()
         return await self._open("lanes", url, headers, shared=True)
 
     async def _open(
@@ -315,7 +322,7 @@ class Registry:
                 self._evicted.add(conn)  # the socket goes: once, whatever lanes it ends
                 self.evictions[ended] += 1
             self.lanes.turn_ended(conn, turn, end)
-            self._wake.set()
+            self._shared_settled(conn)
             return
         # A named lane's refused or failed response leaves the socket accepting (upstream.py).
         if conn.one_turn or (ended != "completed" and not conn.accepting):
@@ -348,6 +355,12 @@ class Registry:
             self.unnamed.add(conn)
         self._wake.set()
 
+    def _shared_settled(self, conn: UpstreamConnection) -> None:
+        """A shared socket's turn ended: closing, it goes once nothing runs on it."""
+        if self._closing and not conn.pending:
+            self.lanes.drop(conn, "shutdown")
+        self._wake.set()
+
     def release(self, conn: UpstreamConnection, owner: object) -> None:
         """A socket held with no turn (`Proxy.hold_socket`) is let go: idle again once
         nothing else runs on it (`_nothing_pending`)."""
@@ -358,7 +371,7 @@ class Registry:
         answered, a hold released): idle again, or closed if no session can reuse it."""
         if conn.shared:
             self.lanes.settled(conn)
-            self._wake.set()
+            self._shared_settled(conn)
             self._notify()
             return
         if not conn.busy or conn.pending:

@@ -120,7 +120,7 @@ class Telemetry:
         fields: dict[str, Any] = {
             "turn_id": turn.turn_id,
             "request_id": turn.request_id,
-            "session": conn.key[:12] if conn.key else None,
+            "session": _session(conn, turn),
             "scope": turn.tenant,
             "channel": turn.channel,
             "socket": conn.id,
@@ -264,3 +264,11 @@ def _labelled(name: str, doc: str, label: str, counts: Counter[str]) -> Metric:
     for key, value in sorted(counts.items()):
         family.add_metric([key], value)
     return family
+
+
+def _session(carrier: Carrier, turn: Turn) -> str | None:
+    """The session a log line names: the seat's with lanes on (a shared socket's key names
+    no session), else the socket's."""
+    seat_key = getattr(turn.seat, "key", None)
+    key = seat_key if isinstance(seat_key, str) else carrier.key
+    return key[:12] if key else None

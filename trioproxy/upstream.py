@@ -31,7 +31,14 @@ from trioproxy import errors
 from trioproxy.config import Settings
 from trioproxy.delta import Conversation
 from trioproxy.errors import ApiError
-from trioproxy.events import STEER_EVENTS, UpstreamEvent, parse_frame, response_id, without_lane
+from trioproxy.events import (
+    STEER_EVENTS,
+    UpstreamEvent,
+    error_of,
+    parse_frame,
+    response_id,
+    without_lane,
+)
 from trioproxy.metadata import client_metadata
 from trioproxy.turn import EndKind, Turn, TurnEnd, TurnOverdue, broken_end, terminal_end
 from trioproxy.wsclient import ClientSocket, open_websocket
@@ -635,15 +642,33 @@ class UpstreamConnection:
             if kind.startswith("response.") and kind not in STEER_EVENTS:
                 self.retire()
             return True
-        if stray and self.shared and "stream_id" not in event.data and self._heard():
-            self._break_all("socket", errors.lanes_ignored())
-            return False
+        if stray and self.shared:
+            return self._shared_stray(event)
         if stray:
             self._break_all(
                 "socket", errors.upstream_protocol(f"`{kind}` arrived for no running response")
             )
             return False
         return True
+
+    def _shared_stray(self, event: UpstreamEvent) -> bool:
+        """A frame no running turn owns on a shared socket. On a named lane: that lane's
+        state is unknown, not the others' (no new turns; the running ones finish). On the
+        default lane: an `error` is the connection's (its turns end with it: its code, say
+        `websocket_connection_limit_reached`, decides whether they are retried); a response
+        event there while lanes run means the upstream ignores `stream_id`."""
+        if isinstance(event.data.get("stream_id"), str):
+            self.retire()
+            return True
+        if event.type == "error":
+            self._break_all("socket", error_of(event))
+        elif self._heard():
+            self._break_all("socket", errors.lanes_ignored())
+        else:
+            self._break_all(
+                "socket", errors.upstream_protocol(f"`{event.type}` arrived for no response")
+            )
+        return False
 
     def _remove(self, turn: Turn) -> None:
         queue = self._lanes.get(turn.lane)

@@ -33,6 +33,14 @@ def parse_request(raw: bytes) -> dict[str, Any]:
             f"The request body must be a JSON object, not {type(body).__name__}.",
             "invalid_type",
         )
+    if "stream_id" in body:
+        # A WebSocket lane; over HTTP the API does not know it, and with lanes on the proxy
+        # names the lanes itself.
+        raise _invalid(
+            "stream_id",
+            "Unrecognized request argument supplied: stream_id (a WebSocket-mode field).",
+            "unknown_parameter",
+        )
     return check_body(body)
 
 
