@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from bench.scenario import first_request
 from trioproxy.config import Settings
+from trioproxy.connector import websocket_connector
 from trioproxy.proxy import Proxy
 from trioproxy.registry import Registry
 from trioproxy.targets import api_target
-from trioproxy.upstream import websocket_connector
 
 
 def rss_kib() -> int:

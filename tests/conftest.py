@@ -22,10 +22,10 @@ from trio_websocket import wrap_server_stream
 from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
 from trioproxy.config import Settings
+from trioproxy.connector import Connector
 from trioproxy.fake import FakeUpstream
 from trioproxy.proxy import Proxy
 from trioproxy.registry import Registry
-from trioproxy.upstream import Connector
 from trioproxy.wsclient import ClientSocket, WsUrl, open_websocket
 
 AUTH = {"authorization": "Bearer sk-test-key"}

@@ -33,9 +33,9 @@ from tests.conftest import (
 from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
 from trioproxy.config import Settings
+from trioproxy.connector import Connector
 from trioproxy.fake import FakeUpstream, Reply
 from trioproxy.proxy import SHARED_EVENT_BUFFER
-from trioproxy.upstream import Connector
 from trioproxy.wsclient import ClientSocket, open_websocket
 
 

@@ -19,6 +19,7 @@ from trioproxy import access, errors, http_turns, keys, relays, status, wsturns
 from trioproxy.answers import error_response, has_body
 from trioproxy.codex_auth import held_login
 from trioproxy.config import Settings
+from trioproxy.connector import Connector, websocket_connector
 from trioproxy.context import AppContext
 from trioproxy.errors import ApiError
 from trioproxy.managed import Managed
@@ -27,7 +28,6 @@ from trioproxy.registry import Registry
 from trioproxy.serving import WholeAnswers
 from trioproxy.targets import api_target, chatgpt_target, managed_targets
 from trioproxy.telemetry import Telemetry
-from trioproxy.upstream import Connector, websocket_connector
 
 log = logging.getLogger("trioproxy.app")
 

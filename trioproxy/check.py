@@ -18,9 +18,9 @@ import trio
 from trioproxy import keys
 from trioproxy.codex_auth import CodexAuthError, CodexLogin, held_login
 from trioproxy.config import Settings, redacted_url
+from trioproxy.connector import handshake_error, websocket_connector
 from trioproxy.managed import Managed
 from trioproxy.targets import managed_targets
-from trioproxy.upstream import handshake_error, websocket_connector
 
 
 @dataclass(frozen=True, slots=True)

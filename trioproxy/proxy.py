@@ -34,13 +34,14 @@ from trioproxy.delta import (
 from trioproxy.errors import ApiError
 from trioproxy.events import UpstreamEvent, response_id
 from trioproxy.fallback import REFUSALS, FallbackPolicy
+from trioproxy.jobs import Sink
 from trioproxy.lanes import Seat
 from trioproxy.managed import Ownership
 from trioproxy.registry import Registry, Reusable
 from trioproxy.targets import Target, Upstream, http_url
 from trioproxy.telemetry import Carrier, Telemetry
 from trioproxy.turn import Turn, TurnEnd
-from trioproxy.upstream import Sink, UpstreamConnection
+from trioproxy.upstream import UpstreamConnection
 
 log = logging.getLogger("trioproxy.proxy")
 T = TypeVar("T")

@@ -23,6 +23,7 @@ import trio
 
 from trioproxy import errors, httpturn
 from trioproxy.config import Settings
+from trioproxy.connector import Connector
 from trioproxy.delta import Conversation
 from trioproxy.httpturn import HttpExchange
 from trioproxy.lanepool import LanePool
@@ -30,7 +31,7 @@ from trioproxy.lanes import Seat
 from trioproxy.placement import IdleIndex, Placement
 from trioproxy.telemetry import Carrier, Telemetry
 from trioproxy.turn import Turn, TurnEnd
-from trioproxy.upstream import Connector, UpstreamConnection
+from trioproxy.upstream import UpstreamConnection
 
 log = logging.getLogger("trioproxy.registry")
 

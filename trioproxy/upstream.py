@@ -13,22 +13,17 @@ import itertools
 import logging
 import math
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import orjson
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    ConnectionTimeout,
-    HandshakeError,
-)
+from trio_websocket import ConnectionClosed
 
 from trioproxy import errors
 from trioproxy.config import Settings
+from trioproxy.connector import Connector, Headers, close_detail, handshake_error
 from trioproxy.delta import Conversation
 from trioproxy.errors import ApiError
 from trioproxy.events import (
@@ -39,17 +34,13 @@ from trioproxy.events import (
     response_id,
     without_lane,
 )
+from trioproxy.jobs import Job, Notice, Sink
 from trioproxy.metadata import client_metadata
 from trioproxy.turn import EndKind, Turn, TurnEnd, TurnOverdue, broken_end, terminal_end
-from trioproxy.wsclient import ClientSocket, open_websocket
+from trioproxy.wsclient import ClientSocket
 
 log = logging.getLogger("trioproxy.upstream")
 
-Headers = list[tuple[bytes, bytes]]
-Connector = Callable[[str, Headers], AbstractAsyncContextManager[ClientSocket]]
-
-# Beyond connect_timeout, how long the client library may take to give up on its own.
-_HANDSHAKE_SLACK = 0.5
 # Ends after which the socket's state is unknown: close it at once, without a close handshake.
 _ABRUPT = frozenset({"socket", "timeout", "abandoned"})
 # How long an event relayed for a client may take to be answered (an `error`, on the default
@@ -57,36 +48,6 @@ _ABRUPT = frozenset({"socket", "timeout", "abandoned"})
 ANSWER_WAIT = 5.0
 # Upstream ends of one response that leave the connection as it was (on a named lane).
 _SOFT = frozenset({"error", "failed", "incomplete", "cancelled"})
-
-
-def websocket_connector(settings: Settings) -> Connector:
-    """The production connector: a real (TLS where `wss://`) WebSocket client that offers
-    permessage-deflate unless `settings.permessage_deflate` is off.
-
-    Waiting for the upgrade's answer is bounded, but the client's reader task can stay blocked
-    on an upstream that accepted TCP and never answers. An outer cancel scope bounds the whole
-    handshake, reader included.
-    """
-
-    @asynccontextmanager
-    async def connect(url: str, headers: Headers) -> AsyncIterator[ClientSocket]:
-        deadline = trio.current_time() + settings.connect_timeout + _HANDSHAKE_SLACK
-        with trio.CancelScope(deadline=deadline) as handshake:
-            async with open_websocket(
-                url,
-                headers,
-                deflate=settings.permessage_deflate,
-                events_context=settings.deflate_events_context,
-                connect_timeout=settings.connect_timeout,
-                close_timeout=settings.close_timeout,
-                max_message_size=settings.max_message_bytes,
-            ) as sock:
-                handshake.deadline = math.inf
-                yield sock
-        if handshake.cancelled_caught:
-            raise ConnectionTimeout
-
-    return connect
 
 
 _ids = itertools.count(1)
@@ -399,7 +360,7 @@ class UpstreamConnection:
                 await sock.send_text(payload)
                 return True
             except ConnectionClosed as exc:
-                self._break_all("socket", errors.upstream_closed(_close_detail(exc)))
+                self._break_all("socket", errors.upstream_closed(close_detail(exc)))
                 return False
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._break_all("socket", errors.upstream_closed("closed while sending"))
@@ -449,7 +410,7 @@ class UpstreamConnection:
                     continue
                 frame = got
             except ConnectionClosed as exc:
-                self._break_all("socket", errors.upstream_closed(_close_detail(exc)))
+                self._break_all("socket", errors.upstream_closed(close_detail(exc)))
                 return False
             if not await self._route(frame):
                 return False
@@ -478,7 +439,7 @@ class UpstreamConnection:
             try:
                 return await sock.ws.get_message()
             except ConnectionClosed as exc:
-                self._break_all("socket", errors.upstream_closed(_close_detail(exc)))
+                self._break_all("socket", errors.upstream_closed(close_detail(exc)))
                 self._ending = True
                 return None
             finally:
@@ -770,44 +731,3 @@ class UpstreamConnection:
 def _named(response: dict[str, Any] | None) -> str | None:
     value = response.get("id") if response is not None else None
     return value if isinstance(value, str) else None
-
-
-@dataclass(frozen=True, slots=True)
-class Notice:
-    """A client's message that is no turn (`response.steer`, an event this proxy does not
-    know), sent on the socket its responses run on. `target`: the response a steer names, so
-    that turn waits for the steering's outcome before it ends."""
-
-    payload: bytes
-    target: str | None = None
-    owner: object | None = None
-    settled: trio.Event = field(default_factory=trio.Event)  # sent, and answered if it may be
-
-
-class Sink(Protocol):
-    """Where an attached client's loose frames go; `offer` never waits (see wsturns.py)."""
-
-    def offer(self, event: UpstreamEvent) -> None: ...
-
-
-Job = Turn | Notice
-
-
-def _close_detail(exc: ConnectionClosed) -> str:
-    reason = exc.reason
-    if reason is None:
-        return "no close frame"
-    return f"code {reason.code}" + (f" ({reason.reason})" if reason.reason else "")
-
-
-def handshake_error(exc: BaseException) -> ApiError:
-    """Map a failed connect or upgrade to the error the client sees."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, ConnectionRejected):
-        return errors.from_handshake_rejection(exc.status_code, exc.body)
-    if isinstance(exc, ConnectionTimeout):
-        return errors.upstream_unreachable("the handshake timed out")
-    if isinstance(exc, HandshakeError) and exc.__cause__ is not None:
-        return errors.upstream_unreachable(str(exc.__cause__) or type(exc.__cause__).__name__)
-    return errors.upstream_unreachable(str(exc) or type(exc).__name__)

@@ -37,11 +37,12 @@ from trioproxy.answers import error_response
 from trioproxy.context import AppContext
 from trioproxy.errors import ApiError
 from trioproxy.events import UpstreamEvent
+from trioproxy.jobs import Notice
 from trioproxy.proxy import Proxy, TurnStream, off_loop
 from trioproxy.targets import Target
 from trioproxy.telemetry import request_id
 from trioproxy.turn import Turn
-from trioproxy.upstream import Notice, UpstreamConnection
+from trioproxy.upstream import UpstreamConnection
 from trioproxy.validate import check_body, check_headers, require_unstored
 
 log = logging.getLogger("trioproxy.wsturns")
