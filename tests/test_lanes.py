@@ -19,10 +19,11 @@ from trioproxy.config import Settings
 from trioproxy.errors import ApiError
 from trioproxy.events import parse_frame, without_lane
 from trioproxy.fake import FakeUpstream, Reply
-from trioproxy.proxy import Proxy, TurnStream
+from trioproxy.proxy import Proxy
 from trioproxy.registry import Registry
 from trioproxy.targets import api_target
 from trioproxy.turn import TurnEnd
+from trioproxy.turnstream import TurnStream
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from trioproxy import sse
 from trioproxy.delta import plan_turn
 from trioproxy.events import UpstreamEvent, parse_frame
 from trioproxy.http_turns import SseBody
-from trioproxy.proxy import TurnStream
 from trioproxy.turn import Turn, TurnEnd
+from trioproxy.turnstream import TurnStream
 
 
 def _event(n: int, kind: str = "response.output_text.delta") -> UpstreamEvent:

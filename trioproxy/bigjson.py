@@ -1,7 +1,7 @@
 """Large request bodies handled in small steps, so one never stalls the event loop for long.
 
 Parsing, planning and encoding a request of many megabytes run in a worker thread
-(`proxy.off_loop`), but a single C call holds the GIL for its whole length: the loop waits on
+(`turnstream.off_loop`), but a single C call holds the GIL for its whole length: the loop waits on
 it. So what is done here is done a piece at a time, each piece a point where Python may switch
 threads: a large body is parsed one `input` item at a time (the standard library's C scanner,
 `raw_decode`, one call per item: nesting is bounded by its recursion limit), the upstream message

@@ -18,8 +18,8 @@ from trioproxy.context import AppContext
 from trioproxy.errors import ApiError
 from trioproxy.events import response_object
 from trioproxy.metadata import for_tenant
-from trioproxy.proxy import OFF_LOOP_BYTES, TurnStream, off_loop
 from trioproxy.telemetry import request_id
+from trioproxy.turnstream import OFF_LOOP_BYTES, TurnStream, off_loop
 from trioproxy.validate import parse_request, require_unstored
 
 SSE_HEADERS = {

@@ -38,10 +38,11 @@ from trioproxy.context import AppContext
 from trioproxy.errors import ApiError
 from trioproxy.events import UpstreamEvent
 from trioproxy.jobs import Notice
-from trioproxy.proxy import Proxy, TurnStream, off_loop
+from trioproxy.proxy import Proxy
 from trioproxy.targets import Target
 from trioproxy.telemetry import request_id
 from trioproxy.turn import Turn
+from trioproxy.turnstream import TurnStream, off_loop
 from trioproxy.upstream import UpstreamConnection
 from trioproxy.validate import check_body, check_headers, require_unstored
 
