@@ -594,13 +594,16 @@ async def test_a_connection_error_on_the_default_lane_ends_its_turns_with_its_ow
 async def test_max_sockets_counts_shared_sockets_for_every_request(
     clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
+    """A socket of its own (a WebSocket client's, a laneless group's) leased at the cap makes
+    room by closing an idle shared one."""
     fake = FakeUpstream()
     proxy = await laned_proxy(nursery, fake, max_sockets=1)
     await Session(proxy, "named").say("hello")
-    end, _ = await finish_plain(proxy, [user("no session at all")])
-    assert end.kind == "completed"
+    conn = await proxy.registry.lease("own", proxy.settings.upstream_ws, headers("own"))
+    assert not conn.one_turn  # pooled: room was made
     await fake.wait_open_sockets(1)
     assert proxy.registry.pooled == 1 and proxy.registry.evictions["lru"] == 1
+    proxy.registry.give_back(conn)
     await proxy.registry.aclose()
 
 
@@ -636,4 +639,32 @@ async def test_a_client_leaving_releases_its_buffered_bytes_at_once(
     assert proxy.registry.buffered_bytes == 0  # although its response still runs out upstream
     await trio.sleep(1)  # the socket's task hears of it
     assert proxy.registry.busy == 0 and proxy.registry.buffered_bytes == 0
+    await proxy.registry.aclose()
+
+
+async def test_conversations_that_name_no_session_are_found_by_content_on_their_lanes(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """The SDK's default: no session header, no cache key. Each conversation still gets a
+    seat of its own (never another conversation's), found again by what it continues."""
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake)
+    auth = [("authorization", "Bearer sk-test-key")]
+    histories: dict[str, list[Any]] = {"x": [], "y": []}
+    for step in range(3):
+        for name, history in histories.items():
+            history.append(user(f"{name} {step}"))
+            body = {"model": "m", "input": history}
+            stream = await proxy.open_turn(body, auth, api_target(proxy.settings))
+            end, output, events = await finish(stream)
+            assert end.kind == "completed" and all("stream_id" not in e for e in events)
+            history.extend(output)
+    assert fake.sockets_opened == 1
+    for name in histories:
+        creates = [creates_of(fake, f"{name} {step}")[0] for step in range(3)]
+        assert len({c["stream_id"] for c in creates}) == 1  # one lane per conversation
+        assert [len(c["input"]) for c in creates] == [1, 1, 1]  # suffixes after the first
+    x_lane = creates_of(fake, "x 0")[0]["stream_id"]
+    assert x_lane != creates_of(fake, "y 0")[0]["stream_id"]
+    assert proxy.placements["inferred"] == 4 and proxy.registry.stats()["seats"] == 2
     await proxy.registry.aclose()

@@ -21,6 +21,7 @@ from trioproxy.config import Settings
 from trioproxy.delta import Conversation
 from trioproxy.errors import ApiError
 from trioproxy.lanes import LANE_NAMES, Seat, SeatIndex, SharedSocket
+from trioproxy.placement import IdleIndex
 from trioproxy.turn import Turn, TurnEnd
 from trioproxy.upstream import UpstreamConnection
 
@@ -49,6 +50,8 @@ class LanePool:
         self._opener = opener
         self._retire = retire
         self.sessions = SeatIndex()
+        # Idle seats of sessions that name themselves by no header, found by content.
+        self.unnamed = IdleIndex()
         self._groups: dict[str, list[SharedSocket]] = {}
         self._of: dict[UpstreamConnection, SharedSocket] = {}
         self._opening: dict[str, _Opening] = {}
@@ -85,6 +88,7 @@ class LanePool:
         reusable: Reusable | None = None,
         fresh: bool = False,
         avoid: UpstreamConnection | None = None,
+        unnamed: bool = False,
     ) -> Seat | None:
         """The session's seat, a fork beside it while it is busy, or a new seat on a socket of
         its group with a free lane (opened if none has one). None: the session is busy and its
@@ -97,6 +101,7 @@ class LanePool:
                     return self._fork(seat, now) if seat.conn is not avoid else None
                 why = self._stale(seat, now, reusable, fresh, avoid)
                 if why is None:
+                    self.unnamed.remove(seat)
                     self.sessions.wake(seat)
                     seat.conn.busy = True
                     return seat
@@ -115,7 +120,7 @@ class LanePool:
                 raise opening.error  # every waiter hears the failure, none retries in turn
         lane = shared.free_lane()
         assert lane is not None
-        seat = Seat(shared.conn, lane, key, last_used=now)
+        seat = Seat(shared.conn, lane, key, last_used=now, group=group if unnamed else None)
         shared.take(seat)
         self.sessions.add(seat)
         shared.conn.busy = True
@@ -210,7 +215,7 @@ class LanePool:
         elif end.kind == "completed" and conn.accepting:
             seat.memory = end.remembered
             seat.fresh = False
-            self.sessions.rest(seat, trio.current_time())
+            self._rest(seat, trio.current_time())
         else:
             self._unseat(seat, f"turn_{end.kind}")
         conn.busy = bool(conn.pending)
@@ -225,7 +230,7 @@ class LanePool:
             if shared is not None and shared.seats.get(seat.lane or "") is seat:
                 del shared.seats[seat.lane or ""]
         elif self.sessions.get(seat.key) is seat:
-            self.sessions.rest(seat, trio.current_time())
+            self._rest(seat, trio.current_time())
         seat.conn.busy = bool(seat.conn.pending)
 
     def refused(self, seat: Seat, code: str | None) -> None:
@@ -271,7 +276,13 @@ class LanePool:
                 self._unseat(seat, reason)
         self._retire(conn, reason)
 
+    def _rest(self, seat: Seat, now: float) -> None:
+        self.sessions.rest(seat, now)
+        if seat.group is not None:
+            self.unnamed.add(seat)
+
     def _unseat(self, seat: Seat, reason: str) -> None:
+        self.unnamed.remove(seat)
         shared = self._of.get(seat.conn)
         if shared is not None and shared.seats.get(seat.lane or "") is seat:
             del shared.seats[seat.lane or ""]

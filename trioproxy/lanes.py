@@ -42,6 +42,9 @@ class Seat:
     busy: bool = True
     last_used: float = 0.0
     fresh: bool = True  # no turn has run on it yet
+    # The credential group of a session that names itself by no header (placement.py finds
+    # its seat by the conversation it continues); None for a named session.
+    group: str | None = None
 
     @property
     def fork(self) -> bool:

@@ -13,10 +13,22 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from typing import Literal
+from typing import Literal, Protocol
 
+from trioproxy.delta import Conversation
 from trioproxy.items import DIGEST_SIZE
-from trioproxy.upstream import UpstreamConnection
+
+
+class Indexed(Protocol):
+    """What the index holds: an idle socket of a header-less session, or (lanes) its seat."""
+
+    @property
+    def key(self) -> str | None: ...
+    @property
+    def group(self) -> str | None: ...
+    @property
+    def memory(self) -> Conversation | None: ...
+
 
 # How a turn found its socket: a session header's or cache key's own socket, a header-less
 # conversation recognised by its content or chained id, a warm idle socket, a new one.
@@ -31,11 +43,11 @@ class IdleIndex:
     response id."""
 
     def __init__(self) -> None:
-        self._warm: dict[str, OrderedDict[UpstreamConnection, None]] = {}
+        self._warm: dict[str, OrderedDict[Indexed, None]] = {}
         # (group, item count, last item digest) -> idle sockets whose conversation ends so:
         # keyed by all three, a lookup never meets another group's or another length's.
-        self._tails: dict[tuple[str, int, bytes], dict[UpstreamConnection, None]] = {}
-        self._answers: dict[str, UpstreamConnection] = {}
+        self._tails: dict[tuple[str, int, bytes], dict[Indexed, None]] = {}
+        self._answers: dict[str, Indexed] = {}
         self._placed = itertools.count(1)
 
     def __len__(self) -> int:
@@ -43,7 +55,7 @@ class IdleIndex:
         return len(self._answers) + len(self._tails) + len(self._warm)
 
     def place(
-        self, group: str, history: bytes, params: bytes, chained: str | None
+        self, group: str, history: bytes, params: bytes, chained: str | None, *, warm: bool = True
     ) -> tuple[str, Placement]:
         """The pool key for a request of credential `group` that names no session, and how
         it was found. `history` is its input's item digests, `params` its parameters' digest,
@@ -58,9 +70,9 @@ class IdleIndex:
             found = self._continued(group, history, params)
             if found is not None:
                 return found, "inferred"
-        warm = self._warm.get(group)
-        if warm:
-            conn = next(iter(warm))
+        idle = self._warm.get(group) if warm else None
+        if idle:
+            conn = next(iter(idle))
             assert conn.key is not None
             return conn.key, "warm"
         return f"{group}/{next(self._placed)}", "new"
@@ -85,7 +97,7 @@ class IdleIndex:
                     return conn.key
         return None
 
-    def add(self, conn: UpstreamConnection) -> None:
+    def add(self, conn: Indexed) -> None:
         """An idle header-less socket becomes findable by `place`."""
         assert conn.group is not None
         self._warm.setdefault(conn.group, OrderedDict())[conn] = None
@@ -95,7 +107,7 @@ class IdleIndex:
             for tail in memory.tails():
                 self._tails.setdefault((conn.group, memory.item_count, tail), {})[conn] = None
 
-    def remove(self, conn: UpstreamConnection) -> None:
+    def remove(self, conn: Indexed) -> None:
         """Taken for a turn, or gone: no longer findable (idempotent)."""
         if conn.group is None:
             return

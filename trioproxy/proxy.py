@@ -135,11 +135,13 @@ class Proxy:
             return await self._over_http(body, headers, target, upstream, scope, about)
         reusable = None
         digested = None
+        laned = self._on_lanes(upstream, owner)
         if upstream.key is None:
-            # No session named: the request's own content says which socket continues it.
+            # No session named: the request's own content says which socket (with lanes on:
+            # which seat) continues it.
             digested = await off_loop(request_bytes, digest_input, body)
             key, placement = self.registry.place(
-                upstream.group, digested[0], params_digest(body), chained
+                upstream.group, digested[0], params_digest(body), chained, lanes=laned
             )
             upstream = replace(upstream, key=key)
         else:
@@ -154,10 +156,10 @@ class Proxy:
                         chained in answered
                     )
 
-        if self._on_lanes(upstream, owner):
+        if laned:
             try:
                 return await self._laned(
-                    body, headers, target, upstream, scope, about, reusable, placement
+                    body, headers, target, upstream, scope, about, reusable, placement, digested
                 )
             except ApiError as exc:
                 return await self._not_leased(exc, body, headers, target, upstream, scope, about)
@@ -212,15 +214,9 @@ class Proxy:
         raise exc
 
     def _on_lanes(self, upstream: Upstream, owner: WebSocketClient | None) -> bool:
-        """Whether a turn takes a seat on a shared socket: lanes on, a session named by the
-        client (header or cache key), and not a WebSocket client of ours (it already has a
-        socket whose lanes are its own)."""
-        return (
-            self.settings.lanes
-            and owner is None
-            and upstream.session is not None
-            and upstream.group not in self._laneless
-        )
+        """Whether a turn takes a seat on a shared socket: lanes on, and not a WebSocket
+        client of ours (it already has a socket whose lanes are its own)."""
+        return self.settings.lanes and owner is None and upstream.group not in self._laneless
 
     async def _laned(
         self,
@@ -232,8 +228,9 @@ class Proxy:
         about: dict[str, Any],
         reusable: Reusable | None,
         placement: str,
+        digested: tuple[bytes, Sent] | None = None,
     ) -> TurnStream:
-        """A named session's turn with lanes on: on its seat, as a fork beside it while it is
+        """A session's turn with lanes on: on its seat, as a fork beside it while it is
         busy, or (busy, no lane free) on a socket of its own. A refusal another lane or socket
         cures is retried once, with the full input, unseen by the client."""
         seat, upstream = await self._seat(target, upstream, headers, scope, reusable=reusable)
@@ -244,7 +241,7 @@ class Proxy:
             # session's lane has moved past the fork's parent already: the fork goes with its
             # full input on its own lane (still no new socket) instead of a refused suffix.
             memory = None
-        stream = await self._start(seat.conn, body, memory, about, seat=seat)
+        stream = await self._start(seat.conn, body, memory, about, digested, seat=seat)
         if stream.first is not None:
             return stream
         end = stream.end
@@ -280,7 +277,7 @@ class Proxy:
             target, upstream, headers, scope, fresh=fresh, avoid=avoid
         )
         about["placement"] = "fork" if seat.fork else "new"
-        return await self._start(seat.conn, body, None, about, seat=seat)
+        return await self._start(seat.conn, body, None, about, digested, seat=seat)
 
     async def _seat(
         self,
@@ -306,6 +303,7 @@ class Proxy:
                     reusable=reusable,
                     fresh=fresh,
                     avoid=avoid,
+                    unnamed=upstream.session is None,
                 )
                 return seat, upstream
             except ApiError as exc:

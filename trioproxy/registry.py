@@ -159,10 +159,13 @@ class Registry:
         return min(next_deadline, self.lanes.sweep(now))
 
     def place(
-        self, group: str, history: bytes, params: bytes, chained: str | None
+        self, group: str, history: bytes, params: bytes, chained: str | None, *, lanes: bool = False
     ) -> tuple[str, Placement]:
         """The pool key for a request that names no session (see placement.py); leased by the
-        caller before anything else runs."""
+        caller before anything else runs. With `lanes`, among idle seats: a seat of another
+        conversation is never taken (a new seat costs no socket)."""
+        if lanes:
+            return self.lanes.unnamed.place(group, history, params, chained, warm=False)
         return self.unnamed.place(group, history, params, chained)
 
     # -- leasing -----------------------------------------------------------------------------
@@ -227,13 +230,15 @@ class Registry:
         reusable: Reusable | None = None,
         fresh: bool = False,
         avoid: UpstreamConnection | None = None,
+        unnamed: bool = False,
     ) -> Seat:
         """A session's place with lanes on (lanepool.py): its seat on a shared socket, a fork
-        beside it while it is busy, or (busy, and no lane free) a one-turn socket."""
+        beside it while it is busy, or (busy, and no lane free) a one-turn socket. `unnamed`:
+        a session that names itself by no header (its idle seat is found by content)."""
         if self._nursery is None or self._closing or self.draining:
             raise errors.shutting_down()
         seat = await self.lanes.seat(
-            key, group, url, headers, reusable=reusable, fresh=fresh, avoid=avoid
+            key, group, url, headers, reusable=reusable, fresh=fresh, avoid=avoid, unnamed=unnamed
         )
         self._wake.set()
         if seat is None:
