@@ -325,6 +325,30 @@ async def test_two_codex_sessions_side_by_side_get_a_socket_each(
     assert order.index(2) < len(order) - 1 - order[::-1].index(1)
 
 
+async def test_two_codex_sessions_with_lanes_share_one_socket_each_on_its_lane(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    server = await start_proxy(nursery, fake, lanes=True)
+    settings = config(server, "api-key")
+    runs = [
+        make_codex(tmp_path / name, settings, OPENAI_API_KEY="sk-codex-test")
+        for name in ("one", "two")
+    ]
+    prompt = 'Two steps.\nfake: steps 2 exec_command {"cmd": "echo step-#n-done"}\nfake: slow 0.05'
+    async with trio.open_nursery() as group:
+        for codex in runs:
+            group.start_soon(codex.run, prompt)
+    for codex in runs:
+        assert_answered(codex.succeeded(), 2)  # Codex parsed every event: no lane leaked
+    assert fake.sockets_opened == 1
+    # The shared socket is no one session's: neither of Codex's per-conversation headers.
+    assert not {"session-id", "thread-id"} & set(fake.handshakes[0])
+    lanes = {c.message["stream_id"] for c in fake.creates()}
+    assert len(lanes) == 2
+    for lane in lanes:
+        assert_suffix_loop([c for c in fake.creates() if c.message["stream_id"] == lane], 2)
+
+
 # -- (f) Codex speaks WebSocket itself ------------------------------------------------------------
 async def test_codex_with_websockets_runs_the_loop_over_a_websocket_to_the_proxy(
     server: ProxyServer, tmp_path: Path

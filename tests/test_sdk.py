@@ -7,7 +7,8 @@ from typing import Any
 import trio
 from openai import OpenAI
 
-from tests.conftest import ProxyServer
+from tests.conftest import ProxyServer, start_proxy
+from trioproxy.fake import FakeUpstream
 
 
 def sdk(server: ProxyServer, session: str | None = "sdk-session") -> OpenAI:
@@ -107,3 +108,32 @@ async def test_sdk_compact_is_relayed_over_http(server: ProxyServer) -> None:
     assert seen.method == "POST" and seen.target == "/v1/responses/compact"
     assert seen.headers["authorization"] == "Bearer sk-test-key"
     assert server.fake.sockets_opened == 0  # not a turn: no socket involved
+
+
+async def test_sdk_conversations_without_a_session_share_a_socket_with_lanes(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    """The SDK's default (no session header) with lanes on: two conversations, one socket,
+    each continued as a suffix on its own lane; the SDK's typed events carry no lane."""
+    server = await start_proxy(nursery, fake, lanes=True)
+    client = sdk(server, session=None)
+
+    def converse(name: str) -> list[str]:
+        history: list[Any] = [{"role": "user", "content": f"{name} one"}]
+        ids = []
+        for text in ("two", "three"):
+            with client.responses.stream(model="gpt-test", input=history, store=False) as events:
+                for event in events:
+                    assert "stream_id" not in event.model_dump()
+                response = events.get_final_response()
+            ids.append(response.id)
+            history += [item.model_dump(exclude_none=True) for item in response.output]
+            history.append({"role": "user", "content": f"{name} {text}"})
+        return ids
+
+    await in_thread(converse, "a")
+    await in_thread(converse, "b")
+    creates = fake.creates()
+    assert fake.sockets_opened == 1 and len(creates) == 4
+    assert len({c.message["stream_id"] for c in creates}) == 2
+    assert [len(c.message["input"]) for c in creates] == [1, 1, 1, 1]

@@ -19,6 +19,8 @@ SESSION_HEADERS = (
     "x-session-affinity",
     "x-conversation-id",
     "x-thread-id",
+    # Codex (0.16x) sends its conversation's id as `thread-id` beside `session-id`.
+    "thread-id",
 )
 
 # Never forwarded: hop-by-hop, body framing, the WebSocket handshake's own, and cookies.
