@@ -668,3 +668,20 @@ async def test_conversations_that_name_no_session_are_found_by_content_on_their_
     assert x_lane != creates_of(fake, "y 0")[0]["stream_id"]
     assert proxy.placements["inferred"] == 4 and proxy.registry.stats()["seats"] == 2
     await proxy.registry.aclose()
+
+
+async def test_a_group_without_lanes_tries_them_again_after_the_cool_down(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    fake.lanes_enabled = False
+    proxy = await laned_proxy(nursery, fake, fallback_cooldown=300)
+    await Session(proxy, "s1").say("one")
+    assert proxy.retries["invalid_stream_id"] == 1
+    fake.lanes_enabled = True  # the upstream learnt lanes
+    await Session(proxy, "s2").say("two")
+    assert "stream_id" not in fake.creates()[-1].message  # still in its cool-down
+    await trio.sleep(301)
+    await Session(proxy, "s3").say("three")
+    assert fake.creates()[-1].message.get("stream_id") == "tp0"
+    await proxy.registry.aclose()

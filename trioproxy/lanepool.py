@@ -9,7 +9,6 @@ rather than opening a thousand sockets.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection
@@ -25,8 +24,8 @@ from trioproxy.placement import IdleIndex
 from trioproxy.turn import Turn, TurnEnd
 from trioproxy.upstream import UpstreamConnection
 
-log = logging.getLogger("trioproxy.lanes")
-
+# Whether a pooled socket (or seat) suits a request: given its memory and the ids of the
+# responses its socket finished last.
 Reusable = Callable[[Conversation | None, Collection[str]], bool]
 Opener = Callable[[str, list[tuple[str, str]]], Awaitable[UpstreamConnection]]
 
@@ -72,10 +71,6 @@ class LanePool:
     @property
     def idle_sockets(self) -> int:
         return sum(1 for conn in self._of if not conn.pending)
-
-    def seats_on(self, conn: UpstreamConnection) -> int:
-        shared = self._of.get(conn)
-        return len(shared.seats) if shared is not None else 0
 
     # -- placement ---------------------------------------------------------------------------
     async def seat(

@@ -34,9 +34,10 @@ from trioproxy.errors import ApiError
 from trioproxy.events import UpstreamEvent, response_id
 from trioproxy.fallback import REFUSALS, FallbackPolicy
 from trioproxy.jobs import Sink
+from trioproxy.lanepool import Reusable
 from trioproxy.lanes import Seat
 from trioproxy.managed import Ownership
-from trioproxy.registry import Registry, Reusable
+from trioproxy.registry import Registry
 from trioproxy.targets import Target, Upstream, http_url
 from trioproxy.telemetry import Carrier, Telemetry
 from trioproxy.turn import Turn, TurnEnd
@@ -91,7 +92,8 @@ class Proxy:
         self.upstream_bytes = 0
         # Credential groups whose upstream refused a lane name of ours (`invalid_stream_id`):
         # their sessions get sockets of their own.
-        self._laneless: set[str] = set()
+        # ... until the time stored (the HTTP fallback's cool-down: the upstream may change).
+        self._laneless: dict[str, float] = {}
 
     async def open_turn(
         self,
@@ -216,7 +218,13 @@ class Proxy:
     def _on_lanes(self, upstream: Upstream, owner: WebSocketClient | None) -> bool:
         """Whether a turn takes a seat on a shared socket: lanes on, and not a WebSocket
         client of ours (it already has a socket whose lanes are its own)."""
-        return self.settings.lanes and owner is None and upstream.group not in self._laneless
+        if not self.settings.lanes or owner is not None:
+            return False
+        until = self._laneless.get(upstream.group)
+        if until is not None and trio.current_time() >= until:
+            del self._laneless[upstream.group]  # time to try lanes again
+            until = None
+        return until is None
 
     async def _laned(
         self,
@@ -266,8 +274,9 @@ class Proxy:
             return await self._over_http(body, headers, target, upstream, scope, about)
         if code in ("invalid_stream_id", "upstream_ignores_lanes") and seat.lane is not None:
             # The upstream takes no lane names of ours: this group's sessions get sockets of
-            # their own from now on.
-            self._laneless.add(upstream.group)
+            # their own for the fallback's cool-down, then lanes are tried again.
+            cooldown = max(self.settings.fallback_cooldown, 1.0)
+            self._laneless[upstream.group] = trio.current_time() + cooldown
             conn, upstream = await self._lease(target, upstream, headers, None, scope)
             about["placement"] = "new"
             return await self._start(conn, body, None, about)

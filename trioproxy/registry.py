@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -24,9 +24,8 @@ import trio
 from trioproxy import errors, httpturn
 from trioproxy.config import Settings
 from trioproxy.connector import Connector
-from trioproxy.delta import Conversation
 from trioproxy.httpturn import HttpExchange
-from trioproxy.lanepool import LanePool
+from trioproxy.lanepool import LanePool, Reusable
 from trioproxy.lanes import Seat
 from trioproxy.placement import IdleIndex, Placement
 from trioproxy.telemetry import Carrier, Telemetry
@@ -34,10 +33,6 @@ from trioproxy.turn import Turn, TurnEnd
 from trioproxy.upstream import UpstreamConnection
 
 log = logging.getLogger("trioproxy.registry")
-
-# Whether a pooled socket suits a request: given the socket's memory and the ids of the
-# responses it finished last.
-Reusable = Callable[[Conversation | None, Collection[str]], bool]
 
 
 class Registry:
