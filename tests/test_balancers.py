@@ -403,6 +403,7 @@ SESSION_HEADERS = [
     "x-session-affinity",
     "x-conversation-id",
     "x-thread-id",
+    "thread-id",
 ]
 
 
