@@ -403,7 +403,6 @@ SESSION_HEADERS = [
     "x-session-affinity",
     "x-conversation-id",
     "x-thread-id",
-    "thread-id",
 ]
 
 

@@ -685,3 +685,44 @@ async def test_a_group_without_lanes_tries_them_again_after_the_cool_down(
     await Session(proxy, "s3").say("three")
     assert fake.creates()[-1].message.get("stream_id") == "tp0"
     await proxy.registry.aclose()
+
+
+async def test_one_off_requests_without_a_session_reuse_seats_once_sockets_are_full(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """Seats (and sockets) grow with requests at once, not with requests made: once the
+    group's sockets have no free lane, a request that continues nothing takes the least
+    recently used idle seat, as it would take an idle socket without lanes."""
+    fake = FakeUpstream()
+    proxy = await laned_proxy(nursery, fake, lanes_per_socket=2)
+    for n in range(6):
+        end, _ = await finish_plain(proxy, [user(f"one-off {n}")])
+        assert end.kind == "completed"
+    assert fake.sockets_opened == 1 and proxy.registry.stats()["seats"] == 2
+    assert proxy.placements["warm"] == 4
+
+
+async def test_a_laneless_retry_continues_on_the_sessions_own_socket(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    fake = FakeUpstream()
+    fake.lanes_enabled = False
+    proxy = await laned_proxy(nursery, fake, fallback_cooldown=300)
+    s = Session(proxy, "s1")
+    await s.say("one")
+    await trio.sleep(301)  # lanes are tried again, refused again
+    await s.say("two")
+    assert proxy.retries["invalid_stream_id"] == 2
+    assert fake.creates()[-1].message["input"] == [user("two")]  # a suffix on its own socket
+    await proxy.registry.aclose()
+
+
+def test_codex_thread_id_keys_a_session_but_not_its_credential_group() -> None:
+    def upstream(session: str, thread: str) -> Any:
+        sent = [*headers(session), ("thread-id", thread)]
+        return api_target(Settings(upstream="ws://fake/v1/responses")).upstream(sent, None)
+
+    a, b, c = upstream("s1", "t1"), upstream("s1", "t2"), upstream("s2", "t3")
+    assert a.key != b.key  # two conversations of one session id: two pool keys
+    assert a.group == b.group == c.group  # one credential: one group, so lanes can share
+    assert a.session == "header"

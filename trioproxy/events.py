@@ -79,11 +79,16 @@ def without_lane(event: UpstreamEvent) -> UpstreamEvent:
     not serialized again; otherwise the parsed event is serialized without it."""
     if "stream_id" not in event.data:
         return event
-    del event.data["stream_id"]
+    lane = event.data.pop("stream_id")
     raw = event.raw
     at = raw.rfind(_LANE_KEY)  # usually the last key: the search ends at once
     value = _LANE_VALUE.match(raw, at + len(_LANE_KEY)) if at >= 0 else None
-    if value is not None and raw.find(_LANE_KEY) == at:
+    if (
+        value is not None
+        and raw.find(_LANE_KEY) == at
+        and isinstance(lane, str)
+        and raw.endswith(f'"{lane}"', 0, value.end())  # the pair parsed, not a look-alike
+    ):
         before = at
         while before > 0 and raw[before - 1] in _SPACE:
             before -= 1

@@ -19,9 +19,12 @@ SESSION_HEADERS = (
     "x-session-affinity",
     "x-conversation-id",
     "x-thread-id",
-    # Codex (0.16x) sends its conversation's id as `thread-id` beside `session-id`.
-    "thread-id",
 )
+# Per conversation, not per credential: Codex (0.16x) sends its conversation's id as
+# `thread-id` beside `session-id` (the same value). Hashed into a session's pool key, never
+# into its credential group (sessions of one key may share a socket, lanes.py), and no session
+# header of its own.
+_CONVERSATION_HEADERS = frozenset({"thread-id"})
 
 # Never forwarded: hop-by-hop, body framing, the WebSocket handshake's own, and cookies.
 _NOT_FORWARDED = frozenset(
@@ -218,6 +221,7 @@ def _meaningful(name: str) -> bool:
     return (
         name not in _PER_REQUEST
         and name not in SESSION_HEADERS
+        and name not in _CONVERSATION_HEADERS
         and not name.startswith(_PER_REQUEST_PREFIXES)
     )
 
@@ -264,6 +268,8 @@ def _identity_key(
     # counts as much as the headers that go upstream.
     marks = [(name, value) for name, value in headers if name.startswith("x-trioproxy-")]
     meaningful = [h for h in forwarded(headers, beta) if _meaningful(h[0])]
+    if session is not None:  # a session's own conversation headers, beside its id
+        meaningful += [(n, v) for n, v in headers if n in _CONVERSATION_HEADERS]
     for name, value in sorted([*meaningful, *marks]):
         # The credential and every other meaningful header enter only through this hash.
         digest.update(b"\0" + name.encode() + b"\0" + value.encode())

@@ -157,6 +157,10 @@ class LanePool:
         self.forks += 1
         return fork
 
+    def has_room(self, group: str, now: float) -> bool:
+        """Whether a socket of the group takes a new seat now."""
+        return self._room(group, now, None) is not None
+
     def _room(
         self, group: str, now: float, avoid: UpstreamConnection | None
     ) -> SharedSocket | None:

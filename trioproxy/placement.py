@@ -33,6 +33,9 @@ class Indexed(Protocol):
 # How a turn found its socket: a session header's or cache key's own socket, a header-less
 # conversation recognised by its content or chained id, a warm idle socket, a new one.
 Placement = Literal["header", "cache_key", "inferred", "warm", "new", "lane", "fork"]
+# New keys for header-less conversations, one count for every index in the process (the pool's
+# and the lanes'): a key names one conversation wherever it is placed.
+_PLACED = itertools.count(1)
 # How many new items a header-less continuation may add and still be recognised.
 _NEW_ITEMS_SEARCHED = 4096
 _SAME_ENDINGS_TRIED = 8
@@ -48,7 +51,6 @@ class IdleIndex:
         # keyed by all three, a lookup never meets another group's or another length's.
         self._tails: dict[tuple[str, int, bytes], dict[Indexed, None]] = {}
         self._answers: dict[str, Indexed] = {}
-        self._placed = itertools.count(1)
 
     def __len__(self) -> int:
         """Entries of every kind: 0 when no idle header-less socket is indexed."""
@@ -75,7 +77,7 @@ class IdleIndex:
             conn = next(iter(idle))
             assert conn.key is not None
             return conn.key, "warm"
-        return f"{group}/{next(self._placed)}", "new"
+        return f"{group}/{next(_PLACED)}", "new"
 
     def _continued(self, group: str, history: bytes, params: bytes) -> str | None:
         """The idle socket whose conversation `history` extends, longest first: a lookup per

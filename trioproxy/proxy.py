@@ -278,8 +278,8 @@ class Proxy:
             cooldown = max(self.settings.fallback_cooldown, 1.0)
             self._laneless[upstream.group] = trio.current_time() + cooldown
             conn, upstream = await self._lease(target, upstream, headers, None, scope)
-            about["placement"] = "new"
-            return await self._start(conn, body, None, about)
+            about["placement"] = "new" if conn.turns == 0 else "header"
+            return await self._start(conn, body, conn.memory, about, digested)
         # A refused fork leaves the session's own seat as it was; anything else starts afresh.
         fresh = not seat.fork
         seat, upstream = await self._seat(
@@ -440,8 +440,10 @@ class Proxy:
         if turn.transport != "websocket":
             return
         if isinstance(turn.seat, Seat) and turn.seat.key is not None:
-            # A shared socket (lanes): each session seated on it counts its own failures.
-            if end.kind in ("socket", "timeout"):
+            # A shared socket (lanes): each session seated on it counts its own failures; a
+            # client that read too slowly is no failure of the socket's.
+            slow = end.error is not None and end.error.code == "client_too_slow"
+            if end.kind in ("socket", "timeout") and not slow:
                 self.fallback.socket_failed(turn.seat.key, trio.current_time())
             elif end.kind == "completed":
                 self.fallback.socket_ok(turn.seat.key)

@@ -157,10 +157,13 @@ class Registry:
         self, group: str, history: bytes, params: bytes, chained: str | None, *, lanes: bool = False
     ) -> tuple[str, Placement]:
         """The pool key for a request that names no session (see placement.py); leased by the
-        caller before anything else runs. With `lanes`, among idle seats: a seat of another
-        conversation is never taken (a new seat costs no socket)."""
+        caller before anything else runs. With `lanes`, among idle seats: a request that
+        continues none takes a new seat while a socket of its group has a free lane, else the
+        least recently used idle seat of its group (as without lanes an idle socket), so
+        sockets grow with requests at once, not with requests made."""
         if lanes:
-            return self.lanes.unnamed.place(group, history, params, chained, warm=False)
+            warm = not self.lanes.has_room(group, trio.current_time())
+            return self.lanes.unnamed.place(group, history, params, chained, warm=warm)
         return self.unnamed.place(group, history, params, chained)
 
     # -- leasing -----------------------------------------------------------------------------
