@@ -146,3 +146,20 @@ async def test_no_secret_appears_in_any_log_line(
     for line in lines:
         for secret in secrets:
             assert secret not in line, line
+
+
+async def test_metrics_show_lane_seats_forks_and_moves(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    server = await start_proxy(nursery, fake, lanes=True)
+    await session(server, name="one")
+    await session(server, name="two")
+    server.fake.queue(Reply.error("invalid_value", 400))
+    async with server.client() as client:
+        await post(client, request_body([user("refused")]), "two")  # a new seat, refused
+        text = (await client.get(server.base_url.removesuffix("/v1") + "/metrics")).text
+    m = scrape(text)
+    assert m[("trioproxy_lane_seats", ())] == 1  # "one"; "two" lost its seat to the refusal
+    assert m[("trioproxy_lane_seats_moved_total", (("reason", "turn_error"),))] == 1
+    assert m[("trioproxy_lane_forks_total", ())] == 0
+    assert m[("trioproxy_pooled_sockets", ())] == 1

@@ -187,7 +187,7 @@ class _Collector(Collector):
         yield _labelled(
             "trioproxy_turn_placements",
             "WebSocket turns by how they found their socket: header, cache_key, inferred, "
-            "warm, new.",
+            "warm, new, lane (beside a WebSocket client's others), fork (lanes on).",
             "how",
             proxy.placements,
         )
@@ -211,6 +211,23 @@ class _Collector(Collector):
         )
         yield _labelled(
             "trioproxy_evictions", "Pooled sockets closed, by reason.", "reason", registry.evictions
+        )
+        # Lanes (README "Lanes"): sessions seated on shared sockets, and what moved them.
+        yield _gauge(
+            "trioproxy_lane_seats",
+            "Sessions seated on lanes of shared upstream sockets (lanes on).",
+            len(registry.lanes.sessions),
+        )
+        yield _counter(
+            "trioproxy_lane_forks",
+            "Requests on a busy session that ran on another lane of its socket (since start).",
+            registry.lanes.forks,
+        )
+        yield _labelled(
+            "trioproxy_lane_seats_moved",
+            "Seats given up, by why (their sessions start afresh on their next turn).",
+            "reason",
+            registry.lanes.moved,
         )
         yield _labelled(
             "trioproxy_retries",
