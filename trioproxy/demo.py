@@ -1,8 +1,10 @@
 """`make demo`: the bundled fake upstream, the proxy in front of it, and a 3-turn conversation
-through the `openai` SDK; then what went upstream, turn by turn."""
+through the `openai` SDK; then what went upstream, turn by turn. Then the same proxy with
+`--lanes`: eight sessions at once on one shared upstream socket."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -62,17 +64,61 @@ def converse(base_url: str) -> list[dict[str, Any]]:
     return bodies
 
 
+LANE_SESSIONS = 8
+
+
+def many_sessions(base_url: str) -> None:
+    """Eight users' programs at once, two turns each, every one with its own session."""
+    from openai import OpenAI
+
+    def session(n: int) -> None:
+        client = OpenAI(
+            base_url=base_url,
+            api_key="sk-demo",
+            default_headers={"session-id": f"demo-lanes-{n}"},
+            max_retries=0,
+        )
+        history: list[Any] = [{"role": "user", "content": f"Hello from session {n}"}]
+        for text in ("And again.", None):
+            response = client.responses.create(model="gpt-demo", input=history, store=False)
+            history += [item.model_dump(exclude_none=True) for item in response.output]
+            if text is not None:
+                history.append({"role": "user", "content": text})
+
+    with ThreadPoolExecutor(LANE_SESSIONS) as pool:
+        list(pool.map(session, range(LANE_SESSIONS)))
+
+
+async def serve(nursery: trio.Nursery, settings: Settings) -> str:
+    app = create_app(settings)
+    binds = await nursery.start(partial(hypercorn_serve, app, hypercorn_config("127.0.0.1", 0)))
+    return str(binds[0]).rstrip("/") + "/v1"
+
+
 async def main() -> None:
     fake = FakeUpstream()
     async with trio.open_nursery() as nursery:
         await nursery.start(fake.serve)
-        app = create_app(Settings(upstream=fake.url))
-        binds = await nursery.start(partial(hypercorn_serve, app, hypercorn_config("127.0.0.1", 0)))
-        base_url = binds[0].rstrip("/") + "/v1"
+        base_url = await serve(nursery, Settings(upstream=fake.url))
         print(f"fake upstream: {fake.url}\nproxy:         {base_url}\n")
         bodies = await trio.to_thread.run_sync(converse, base_url)
         report(fake, bodies)
+        laned = await serve(nursery, Settings(upstream=fake.url, lanes=True))
+        sockets, turns = fake.sockets_opened, len(fake.creates())
+        await trio.to_thread.run_sync(many_sessions, laned)
+        report_lanes(fake, sockets, turns)
         nursery.cancel_scope.cancel()
+
+
+def report_lanes(fake: FakeUpstream, sockets_before: int, turns_before: int) -> None:
+    creates = fake.creates()[turns_before:]
+    lanes = sorted({str(c.message.get("stream_id")) for c in creates})
+    suffixes = sum(1 for c in creates if "previous_response_id" in c.message)
+    print(
+        f"\nWith --lanes: {LANE_SESSIONS} sessions at once, 2 turns each, on "
+        f"{fake.sockets_opened - sockets_before} upstream socket(s), one lane each "
+        f"({', '.join(lanes)}); {suffixes} of {len(creates)} turns sent as suffixes."
+    )
 
 
 def report(fake: FakeUpstream, bodies: list[dict[str, Any]]) -> None:
