@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from tests.conftest import memory_connector, post, request_body, sse_events, start_proxy, user
+from trioproxy import keys
 from trioproxy.config import Settings
 from trioproxy.errors import ApiError
 from trioproxy.events import parse_frame, without_lane
@@ -726,3 +727,17 @@ def test_codex_thread_id_keys_a_session_but_not_its_credential_group() -> None:
     assert a.key != b.key  # two conversations of one session id: two pool keys
     assert a.group == b.group == c.group  # one credential: one group, so lanes can share
     assert a.session == "header"
+    assert upstream("s1", " t1 ").key == a.key  # the value as it goes upstream, trimmed
+
+    def thread_only(thread: str) -> Any:
+        sent = [("authorization", "Bearer sk-test-key"), ("thread-id", thread)]
+        return api_target(Settings(upstream="ws://fake/v1/responses")).upstream(sent, None)
+
+    t1, t2 = thread_only("t1"), thread_only("t2")
+    assert t1.session == "thread" and t1.key is not None and t1.key != t2.key  # a session
+    assert t1.group == t2.group == a.group
+
+
+def test_managed_mode_passes_codex_thread_id_upstream() -> None:
+    kept = keys.managed_own([("thread-id", "t1"), ("x-secret-org", "o")], ())
+    assert kept == [("thread-id", "t1")]

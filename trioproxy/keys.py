@@ -85,6 +85,7 @@ BETA_HEADER = "openai-beta"
 _MANAGED_ALLOWED = frozenset(
     {
         *SESSION_HEADERS,
+        *_CONVERSATION_HEADERS,
         "user-agent",
         "originator",
         "version",
@@ -232,12 +233,24 @@ Affinity = tuple[str, str]
 
 
 def affinity(headers: list[tuple[str, str]], cache_key: object = None) -> Affinity | None:
-    """("header", id) or ("cache_key", key); None when the request names no session."""
+    """("header", id), ("thread", id) or ("cache_key", key); None when the request names no
+    session. A conversation header alone (Codex's `thread-id`) names its session too."""
     session = session_id(headers)
     if session is not None:
         return ("header", session)
+    thread = _conversation(headers)
+    if thread is not None:
+        return ("thread", thread)
     if isinstance(cache_key, str) and cache_key:
         return ("cache_key", cache_key)
+    return None
+
+
+def _conversation(headers: list[tuple[str, str]]) -> str | None:
+    """The first conversation header's value, trimmed (what goes upstream), if any."""
+    for name, value in headers:
+        if name in _CONVERSATION_HEADERS and value.strip():
+            return value.strip()
     return None
 
 
@@ -268,8 +281,9 @@ def _identity_key(
     # counts as much as the headers that go upstream.
     marks = [(name, value) for name, value in headers if name.startswith("x-trioproxy-")]
     meaningful = [h for h in forwarded(headers, beta) if _meaningful(h[0])]
-    if session is not None:  # a session's own conversation headers, beside its id
-        meaningful += [(n, v) for n, v in headers if n in _CONVERSATION_HEADERS]
+    thread = _conversation(headers)
+    if session is not None and thread is not None:  # its conversation, beside its id
+        meaningful.append(("thread-id", thread))
     for name, value in sorted([*meaningful, *marks]):
         # The credential and every other meaningful header enter only through this hash.
         digest.update(b"\0" + name.encode() + b"\0" + value.encode())

@@ -147,7 +147,7 @@ class Proxy:
             )
             upstream = replace(upstream, key=key)
         else:
-            placement = "header" if upstream.session == "header" else "cache_key"
+            placement = "cache_key" if upstream.session == "cache_key" else "header"
             if chained is not None:
 
                 def reusable(memory: Conversation | None, answered: Collection[str]) -> bool:
@@ -278,7 +278,7 @@ class Proxy:
             cooldown = max(self.settings.fallback_cooldown, 1.0)
             self._laneless[upstream.group] = trio.current_time() + cooldown
             conn, upstream = await self._lease(target, upstream, headers, None, scope)
-            about["placement"] = "new" if conn.turns == 0 else "header"
+            about["placement"] = "new" if conn.turns == 0 else placement
             return await self._start(conn, body, conn.memory, about, digested)
         # A refused fork leaves the session's own seat as it was; anything else starts afresh.
         fresh = not seat.fork
@@ -439,14 +439,18 @@ class Proxy:
                     self.ownership.record(made, turn.tenant)
         if turn.transport != "websocket":
             return
-        if isinstance(turn.seat, Seat) and turn.seat.key is not None:
-            # A shared socket (lanes): each session seated on it counts its own failures; a
-            # client that read too slowly is no failure of the socket's.
+        if isinstance(turn.seat, Seat) and turn.seat.lane is not None:
+            # A shared socket (lanes): each session seated on it counts its own failures (a
+            # fork's lane is no session's); a client that read too slowly is no failure of
+            # the socket's.
+            key = turn.seat.key
             slow = end.error is not None and end.error.code == "client_too_slow"
+            if key is None:
+                return
             if end.kind in ("socket", "timeout") and not slow:
-                self.fallback.socket_failed(turn.seat.key, trio.current_time())
+                self.fallback.socket_failed(key, trio.current_time())
             elif end.kind == "completed":
-                self.fallback.socket_ok(turn.seat.key)
+                self.fallback.socket_ok(key)
             return
         if end.kind in ("socket", "timeout"):
             # Once per socket: the lanes a drop ends are one failure, not one each.
