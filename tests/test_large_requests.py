@@ -25,8 +25,8 @@ async def test_other_clients_stay_fast_while_a_huge_request_is_planned(
 ) -> None:
     """A 12 MB input of 300,000 items: health checks every 10 ms meanwhile. Before, one waited
     1,305 ms; now the median is 5-6 ms and the slowest 52-102 ms over three runs, on a 2-core
-    machine that the fake (parsing the same 12 MB frame) and the client share (the bound
-    below leaves room for a loaded CI machine)."""
+    machine that the fake (parsing the same 12 MB frame) and the client share (the bounds
+    below leave room for a loaded CI machine)."""
     fake_port, port = free_port(), free_port()
     trioproxy = str(VENV_BIN / "trioproxy")
     run = partial(
@@ -69,7 +69,10 @@ async def test_other_clients_stay_fast_while_a_huge_request_is_planned(
         f"slowest {waits[-1] * 1000:.0f} ms"
     )
     assert waits[len(waits) * 9 // 10] < 0.1, f"10 % of checks waited over {waits[-1]:.3f} s"
-    assert waits[-1] < 0.25, f"a health check waited {waits[-1] * 1000:.0f} ms"
+    # The slowest single check: a planner on the event loop held one for 1,305 ms; a loaded CI
+    # machine once held one for 505 ms with the planner off the loop (2026-12-02), so the bound
+    # sits between, and the 90th percentile above carries the everyday signal.
+    assert waits[-1] < 0.8, f"a health check waited {waits[-1] * 1000:.0f} ms"
 
 
 def test_the_stepwise_encoder_gives_orjsons_bytes_and_release_empties_the_items() -> None:
