@@ -183,12 +183,13 @@ async def test_sdk_turns_with_an_expired_held_token_share_one_refresh(
     assert all(c.message["store"] is False for c in fake.creates())
 
 
+@pytest.mark.parametrize("lanes", [False, True], ids=["own-socket", "lanes"])
 async def test_a_401_makes_the_held_login_refresh_and_the_turn_succeed(
-    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path, lanes: bool
 ) -> None:
     doc = fake.logins.auth_json("acct-9")
     auth = write_auth(tmp_path / "auth.json", doc)
-    server = await held_proxy(nursery, fake, auth)
+    server = await held_proxy(nursery, fake, auth, lanes=lanes)
     fake.logins.revoke(doc["tokens"]["access_token"])  # valid-looking, but refused upstream
     async with server.client() as client:
         reply = await client.post(
@@ -365,12 +366,13 @@ async def test_compaction_goes_to_the_codex_backend_with_the_right_credentials(
     assert "openai-beta" not in seen.headers  # the WebSocket flag is for sockets only
 
 
+@pytest.mark.parametrize("lanes", [False, True], ids=["own-socket", "lanes"])
 async def test_a_pooled_socket_whose_token_lapsed_is_replaced_after_one_refresh(
-    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path, lanes: bool
 ) -> None:
     doc = fake.logins.auth_json("acct-9")
     auth = write_auth(tmp_path / "auth.json", doc)
-    server = await held_proxy(nursery, fake, auth)
+    server = await held_proxy(nursery, fake, auth, lanes=lanes)
     async with server.client(headers={"session-id": "s"}) as client:
         first = await client.post("/responses", json=request_body([user("one")]))
         assert first.status_code == 200 and server.registry.idle == 1

@@ -205,7 +205,7 @@ class LanePool:
         other end: the session's next turn starts afresh, on whichever socket has room)."""
         shared = self._of.get(conn)
         seat = turn.seat
-        if shared is None or not isinstance(seat, Seat) or seat.lane is None:
+        if shared is None or seat is None or seat.lane is None:
             return
         if shared.seats.get(seat.lane) is not seat:
             return  # already given up (its socket retired, the session moved)

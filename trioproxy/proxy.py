@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
@@ -301,27 +301,22 @@ class Proxy:
     ) -> tuple[Seat, Upstream]:
         """The session's seat; a held login refused at the handshake is refreshed, then
         retried. The shared socket's handshake carries no session's own headers."""
-        assert upstream.key is not None
-        for attempt in (1, 2):
-            try:
-                seat = await self.registry.seat(
-                    upstream.key,
-                    upstream.group,
-                    upstream.url,
-                    keys.shared(upstream.headers),
-                    reusable=reusable,
-                    fresh=fresh,
-                    avoid=avoid,
-                    unnamed=upstream.session is None,
-                )
-                return seat, upstream
-            except ApiError as exc:
-                if exc.status != 401 or upstream.token is None or attempt == 2:
-                    raise
-            self.retries["unauthorized"] += 1
-            upstream = await self._refreshed(target, upstream, headers, scope)
-            fresh = True
-        raise AssertionError("unreachable")
+        key = upstream.key
+        assert key is not None
+
+        async def take(up: Upstream, renewed: bool) -> Seat:
+            return await self.registry.seat(
+                key,
+                up.group,
+                up.url,
+                keys.shared(up.headers),
+                reusable=reusable,
+                fresh=fresh or renewed,
+                avoid=avoid,
+                unnamed=up.session is None,
+            )
+
+        return await self._authorized(target, upstream, headers, scope, take)
 
     async def hold_socket(
         self,
@@ -394,20 +389,32 @@ class Proxy:
     ) -> tuple[UpstreamConnection, Upstream]:
         """A socket for the turn; a held login refused with 401 is refreshed, then retried."""
         group = upstream.group if upstream.session is None else None
-        try:
-            conn = await self.registry.lease(
-                upstream.key, upstream.url, upstream.headers, reusable=reusable, group=group
+
+        async def take(up: Upstream, renewed: bool) -> UpstreamConnection:
+            return await self.registry.lease(
+                up.key, up.url, up.headers, reusable=reusable, fresh=renewed, group=group
             )
-            return conn, upstream
+
+        return await self._authorized(target, upstream, headers, scope, take)
+
+    async def _authorized(
+        self,
+        target: Target,
+        upstream: Upstream,
+        headers: list[tuple[str, str]],
+        scope: str | None,
+        take: Callable[[Upstream, bool], Awaitable[T]],
+    ) -> tuple[T, Upstream]:
+        """`take(upstream, renewed)`; when a held login's token is refused at the handshake
+        (401), the token is refreshed and `take` runs once more, renewed (a fresh socket)."""
+        try:
+            return await take(upstream, False), upstream
         except ApiError as exc:
             if exc.status != 401 or upstream.token is None:
                 raise
         self.retries["unauthorized"] += 1
         upstream = await self._refreshed(target, upstream, headers, scope)
-        conn = await self.registry.lease(
-            upstream.key, upstream.url, upstream.headers, reusable=reusable, fresh=True, group=group
-        )
-        return conn, upstream
+        return await take(upstream, True), upstream
 
     async def _refreshed(
         self,
@@ -439,7 +446,7 @@ class Proxy:
                     self.ownership.record(made, turn.tenant)
         if turn.transport != "websocket":
             return
-        if isinstance(turn.seat, Seat) and turn.seat.lane is not None:
+        if turn.seat is not None and turn.seat.lane is not None:
             # A shared socket (lanes): each session seated on it counts its own failures (a
             # fork's lane is no session's); a client that read too slowly is no failure of
             # the socket's.

@@ -286,6 +286,5 @@ def _labelled(name: str, doc: str, label: str, counts: Counter[str]) -> Metric:
 def _session(carrier: Carrier, turn: Turn) -> str | None:
     """The session a log line names: the seat's with lanes on (a shared socket's key names
     no session), else the socket's."""
-    seat_key = getattr(turn.seat, "key", None)
-    key = seat_key if isinstance(seat_key, str) else carrier.key
+    key = turn.seat.key if turn.seat is not None and turn.seat.key else carrier.key
     return key[:12] if key else None

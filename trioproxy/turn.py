@@ -13,7 +13,7 @@ import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 import trio
@@ -22,6 +22,9 @@ from trioproxy.delta import Conversation, TurnPlan
 from trioproxy.errors import ApiError
 from trioproxy.events import EndKind as UpstreamEnd
 from trioproxy.events import TurnTracker, UpstreamEvent, error_of, response_id
+
+if TYPE_CHECKING:  # lanes.py imports the socket's task, which imports this
+    from trioproxy.lanes import Seat
 
 # How a turn can end: as upstream ended it, or as the proxy had to.
 EndKind = Literal[UpstreamEnd, "socket", "timeout", "abandoned"]
@@ -92,7 +95,7 @@ class Turn:
         lane = plan.message.get("stream_id")
         self.lane: str | None = lane if isinstance(lane, str) else None
         # Its seat with lanes on (lanes.py), for the pool to update when the turn ends.
-        self.seat: object | None = None
+        self.seat: Seat | None = None
         # Cut from a shared socket: its client heard its end; its response runs out unseen.
         self.discarding = False
         # Set by the socket's task while the turn runs there: wakes it when the client leaves.
