@@ -18,11 +18,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import trio_websocket
-
 import trioproxy.cli as cli
 import trioproxy.http_turns as app_module
 import trioproxy.proxy as proxy_module
+import trioproxy.wsclient as wsclient
 
 # In the order a turn passes them, with what happens between one and the next.
 STAGES: list[tuple[str, str]] = [
@@ -114,14 +113,14 @@ def install() -> None:
     proxy_module.Proxy._start = timed_start  # type: ignore[method-assign]
     proxy_module.Proxy._first = timed_first  # type: ignore[method-assign]
 
-    send_message = trio_websocket.WebSocketConnection.send_message
+    send_text = wsclient.ClientSocket.send_text
 
-    async def timed_send_message(self: Any, message: Any) -> None:
+    async def timed_send_text(self: Any, payload: bytes) -> None:
         _mark("sending")
-        await send_message(self, message)
+        await send_text(self, payload)
         _mark("sent")
 
-    trio_websocket.WebSocketConnection.send_message = timed_send_message
+    wsclient.ClientSocket.send_text = timed_send_text  # type: ignore[method-assign]
 
 
 def whole(turns: list[dict[str, float]]) -> list[dict[str, float]]:

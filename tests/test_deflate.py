@@ -162,10 +162,10 @@ async def test_a_large_event_is_read_in_one_go(fake: FakeUpstream) -> None:
         body.pop("stream")
         body.pop("include", None)  # no reasoning ciphertext: the three sizes stay comparable
         body["instructions"] = "Be brief. " * 800  # three of the events echo them
-        await sock.ws.send_message(json.dumps({"type": "response.create", **body}))
+        await sock.send_text(json.dumps({"type": "response.create", **body}).encode())
         sizes = []
         while True:
-            frame = await sock.ws.get_message()
+            frame = await sock.receive()
             sizes.append(len(frame))
             if json.loads(frame)["type"] == "response.completed":
                 break

@@ -126,11 +126,15 @@ async def test_socket_dropped_before_the_first_event_is_retried_on_a_fresh_socke
 async def test_socket_closed_by_upstream_while_idle_is_replaced_transparently(
     server: ProxyServer,
 ) -> None:
+    """An idle socket reads (wsclient.py): it answers the close and leaves the pool when the
+    close comes, so the next turn opens a fresh socket at once, with no failed try first."""
     fake = server.fake
     async with server.client() as client:
         first = await post(client, request_body([user("a")]))
+        assert server.registry.idle == 1
         await fake.close_sockets()
         await fake.wait_open_sockets(0)
+        await wait_until(lambda: server.registry.idle == 0)
         history = [user("a"), *first.json()["output"], user("b")]
         second = await post(client, request_body(history))
     assert second.status_code == 200, second.text
@@ -139,7 +143,24 @@ async def test_socket_closed_by_upstream_while_idle_is_replaced_transparently(
     assert creates[-1].socket == 2
     assert "previous_response_id" not in creates[-1].message
     assert len(creates[-1].message["input"]) == 3  # the full input on the fresh socket
-    assert server.proxy.retries["socket"] == 1
+    assert server.proxy.retries["socket"] == 0
+    await nothing_left(server)
+
+
+async def test_an_idle_socket_answers_pings_and_stays_the_sessions(server: ProxyServer) -> None:
+    """No reader task (wsclient.py): the idle socket's own task reads while it waits for a
+    job, so a keep-alive ping is answered, and the next turn still continues on it."""
+    fake = server.fake
+    async with server.client() as client:
+        first = await post(client, request_body([user("a")]))
+        with trio.fail_after(5):
+            await fake.ping_sockets()
+            await fake.ping_sockets()
+        history = [user("a"), *first.json()["output"], user("b")]
+        second = await post(client, request_body(history))
+    assert second.status_code == 200, second.text
+    assert fake.sockets_opened == 1
+    assert fake.creates()[-1].message["previous_response_id"] == first.json()["id"]
     await nothing_left(server)
 
 

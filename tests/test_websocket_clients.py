@@ -302,8 +302,8 @@ async def test_client_websockets_are_offered_permessage_deflate(server: ProxySer
         url, auth, deflate=True, connect_timeout=5, close_timeout=1, max_message_size=2**24
     ) as sock:
         assert sock.deflate
-        await sock.ws.send_message(
-            json.dumps({"type": "response.create", "model": "m", "input": "z"})
+        await sock.send_text(
+            json.dumps({"type": "response.create", "model": "m", "input": "z"}).encode()
         )
-        while json.loads(await sock.ws.get_message())["type"] != "response.completed":
+        while json.loads(await sock.receive())["type"] != "response.completed":
             pass

@@ -362,6 +362,7 @@ async def test_a_client_that_reads_none_of_its_answers_is_closed_not_stalling_th
     bounds (64 unread answers, 64 events awaiting theirs) the client is closed (1008), and
     the session's next client finds a working socket."""
     headers = session("flood")
+    closes = server.proxy.telemetry.clients_closed
     async with open_websocket_url(ws_url(server), extra_headers=headers) as ws:
         with trio.fail_after(10):
             try:
@@ -370,7 +371,11 @@ async def test_a_client_that_reads_none_of_its_answers_is_closed_not_stalling_th
                 while True:  # drain until the proxy's close
                     await ws.get_message()
             except ConnectionClosed as closed:
-                assert closed.reason.code == 1008
+                # 1006 when the close frame lost the race with the reset of a socket closed
+                # with the flood's rest unread; the proxy's own count says why it closed.
+                assert closed.reason.code in (1008, 1006)
+    bound = closes["too many unread events"] + closes["too many events awaiting answers"]
+    assert bound == 1 and sum(closes.values()) == 1, closes
     async with open_websocket_url(ws_url(server), extra_headers=headers) as ws:
         await send(ws, type="response.create", model="m", input="after the flood")
         done = await until(ws, lambda e: e["type"] in TERMINALS)

@@ -6,11 +6,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
-import trio
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
@@ -26,36 +24,24 @@ from trioproxy.wsclient import ClientSocket, open_websocket
 Headers = list[tuple[bytes, bytes]]
 Connector = Callable[[str, Headers], AbstractAsyncContextManager[ClientSocket]]
 
-# Beyond connect_timeout, how long the client library may take to give up on its own.
-_HANDSHAKE_SLACK = 0.5
-
 
 def websocket_connector(settings: Settings) -> Connector:
     """The production connector: a real (TLS where `wss://`) WebSocket client that offers
-    permessage-deflate unless `settings.permessage_deflate` is off.
-
-    Waiting for the upgrade's answer is bounded, but the client's reader task can stay blocked
-    on an upstream that accepted TCP and never answers. An outer cancel scope bounds the whole
-    handshake, reader included.
-    """
+    permessage-deflate unless `settings.permessage_deflate` is off. `connect_timeout` bounds
+    the whole opening, the upgrade's answer included."""
 
     @asynccontextmanager
     async def connect(url: str, headers: Headers) -> AsyncIterator[ClientSocket]:
-        deadline = trio.current_time() + settings.connect_timeout + _HANDSHAKE_SLACK
-        with trio.CancelScope(deadline=deadline) as handshake:
-            async with open_websocket(
-                url,
-                headers,
-                deflate=settings.permessage_deflate,
-                events_context=settings.deflate_events_context,
-                connect_timeout=settings.connect_timeout,
-                close_timeout=settings.close_timeout,
-                max_message_size=settings.max_message_bytes,
-            ) as sock:
-                handshake.deadline = math.inf
-                yield sock
-        if handshake.cancelled_caught:
-            raise ConnectionTimeout
+        async with open_websocket(
+            url,
+            headers,
+            deflate=settings.permessage_deflate,
+            events_context=settings.deflate_events_context,
+            connect_timeout=settings.connect_timeout,
+            close_timeout=settings.close_timeout,
+            max_message_size=settings.max_message_bytes,
+        ) as sock:
+            yield sock
 
     return connect
 

@@ -83,6 +83,7 @@ class Telemetry:
         self.cached_tokens = 0
         self.refused_upgrades = 0
         self.websocket_clients = 0  # client WebSockets open now
+        self.clients_closed: Counter[str] = Counter()  # client WebSockets closed by the proxy
         self.clients: Counter[str] = Counter()  # turns by how they came in
         self.handshake = Histogram(
             "trioproxy_upstream_handshake_seconds",
@@ -205,6 +206,12 @@ class _Collector(Collector):
         )
         yield _gauge(
             "trioproxy_websocket_clients", "Client WebSockets open now.", t.websocket_clients
+        )
+        yield _labelled(
+            "trioproxy_websocket_clients_closed",
+            "Client WebSockets the proxy closed, by reason (idle, a bound, a fault).",
+            "reason",
+            t.clients_closed,
         )
         yield _labelled(
             "trioproxy_turn_outcomes", "Finished turns by how they ended.", "outcome", t.outcomes

@@ -223,7 +223,7 @@ class UpstreamConnection:
                 async with connector(self.url, self._handshake) as sock:
                     started = True
                     self.deflate = sock.deflate
-                    self.response_headers = client_metadata(sock.ws.handshake_headers)
+                    self.response_headers = client_metadata(sock.handshake_headers)
                     task_status.started()
                     await self._serve(sock)
         except Exception as exc:
@@ -262,7 +262,7 @@ class UpstreamConnection:
                 self._notice_failed(job, closed)  # never sent: its client hears so
 
     async def _serve(self, sock: ClientSocket) -> None:
-        """Idle: wait for a job without reading (a stray frame is judged when one comes).
+        """Idle: wait for a job, reading meanwhile (pings, a close, a stray frame).
         Busy, or with a client attached: read frames and route them (`_pump`)."""
         while True:
             if not self._lanes and self.sink is None:
@@ -278,17 +278,36 @@ class UpstreamConnection:
             self._scope.cancel()
 
     async def _next_job(self, sock: ClientSocket) -> Job | None:
-        """The next job, or None once the pool retires this socket. A socket idle longer than
-        `deflate_hold` gives back its compressor: a tool loop's turns follow each other within
-        seconds and keep the context; a pool of idle sessions does not pay ~200 KiB each."""
-        try:
-            if sock.compressing:
-                with trio.move_on_after(self._settings.deflate_hold):
-                    return self._took(await self._jobs_recv.receive())
+        """The next job, or None once the pool retires this socket or it cannot serve again.
+
+        No one else reads, so the wait is a read that a new job cancels (`_wake_up`): an
+        idle socket answers pings and hears a close when it comes. A frame about a response
+        or an `error` while idle leaves the socket's state unknown, so it closes at once; the
+        session's next turn goes on a fresh socket. A socket idle longer than `deflate_hold`
+        gives back its compressor: a tool loop's turns follow each other within seconds and
+        keep the context; a pool of idle sessions does not pay ~200 KiB each."""
+        hold = trio.current_time() + self._settings.deflate_hold if sock.compressing else math.inf
+        while True:
+            try:
+                return self._took(self._jobs_recv.receive_nowait())
+            except trio.WouldBlock:
+                pass
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return None
+            if trio.current_time() >= hold:
                 sock.release_compression()
-            return self._took(await self._jobs_recv.receive())
-        except trio.EndOfChannel:
-            return None
+                hold = math.inf
+            with trio.CancelScope(deadline=hold) as wait:
+                self._wake = wait
+                try:
+                    await sock.read_some()
+                except ConnectionClosed:
+                    return None
+                finally:
+                    self._wake = None
+            if sock.closed is not None or self._spoke_while_idle(sock):
+                self._abrupt = sock.closed is None
+                return None
 
     def _took(self, job: Job) -> Job:
         self._queued -= 1
@@ -297,12 +316,12 @@ class UpstreamConnection:
     async def _begin(self, sock: ClientSocket, job: Job, *, idle: bool = False) -> bool:
         """Send a job's message; False when the socket must close."""
         turn = job if isinstance(job, Turn) else None
-        if idle and (sock.ws.closed is not None or self._spoke_while_idle(sock)):
+        if idle and (sock.closed is not None or self._spoke_while_idle(sock)):
             # Whatever it was (a late event, an error), it is no turn's: the socket's state is
             # unknown. The turn goes on a fresh socket, unseen by the client.
             error = (
                 errors.upstream_closed("closed while idle")
-                if sock.ws.closed is not None
+                if sock.closed is not None
                 else errors.upstream_protocol("a frame arrived while the socket was idle")
             )
             if turn is None:
@@ -386,7 +405,7 @@ class UpstreamConnection:
         """Read frames and hand each to its lane's turn until no turn runs and no client is
         attached; False when the socket must close.
 
-        Frames already queued by the reader are taken without waiting, so a burst touches
+        Frames a read already completed are taken without waiting, so a burst touches
         neither a deadline nor the scheduler. Only the wait for a frame is bounded (silence,
         each turn's deadline) and woken early by a new job or a client leaving: a slow
         client's back-pressure is not upstream silence.
@@ -437,7 +456,7 @@ class UpstreamConnection:
         with trio.CancelScope(deadline=deadline) as wait:
             self._wake = wait
             try:
-                return await sock.ws.get_message()
+                return await sock.receive()
             except ConnectionClosed as exc:
                 self._break_all("socket", errors.upstream_closed(close_detail(exc)))
                 self._ending = True

@@ -1,31 +1,57 @@
-"""Open a client WebSocket that offers permessage-deflate, and count its bytes on the wire.
+"""An upstream WebSocket driven by the task that owns it: wsproto on a trio stream, no reader.
 
-trio-websocket (0.12) builds the client's upgrade request itself and takes only subprotocols
-and extra headers, so it never offers an extension. Codex offers permessage-deflate, and for
-this proxy it pays twice: every continuation turn repeats `tools` and `instructions` (tens of
-KB the previous message already carried), which deflate with context takeover sends as a few
-back-references. So this module does what `trio_websocket.connect_websocket` does, with one
-change: the initial `Request` carries a `PerMessageDeflate` offer. If the upstream does not
-accept it, wsproto carries on uncompressed. Everything after the handshake is trio-websocket's.
+trio-websocket runs a reader task per connection that parses frames and hands each message to
+its caller over a channel: two task switches per upstream event, and the reader was 16-22 % of
+the proxy's CPU (issue "Capacity", py-spy). Here the socket's own task reads, feeds wsproto and
+takes the messages a read completed from a queue; since no one else reads, it also answers
+pings and the close handshake, idle or not (upstream.py reads while it waits for a job).
 
-It leans on private names of `WebSocketConnection` (`_initial_request`, `_reader_task`,
-`_open_handshake`, and `_recv_channel` for a non-blocking receive); pyproject pins
-trio-websocket below 0.13, and the tests cover both an upstream that accepts and one that
-declines.
+Codex offers permessage-deflate, and for this proxy it pays twice: every continuation turn
+repeats `tools` and `instructions` (tens of KB the previous message already carried), which
+deflate with context takeover sends as a few back-references. So the upgrade offers it; an
+upstream that declines gets plain frames.
+
+Errors keep trio-websocket's types (`ConnectionClosed` with a `CloseReason`,
+`ConnectionRejected`, `ConnectionTimeout`, `HandshakeError`): one vocabulary for the proxy,
+its tests and the fake upstream, which serves with trio-websocket.
+
+Cancelling a read loses nothing (trio's socket and TLS streams keep unread bytes in the kernel
+or the TLS buffer when a receive is cancelled outside the TLS handshake), so the owner waits
+for a frame in a cancel scope a new job or a deadline cancels. Cancelling a send can cut a
+frame, so a control frame's answer (pong, close) is shielded and bounded.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import ClassVar
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, suppress
+from typing import ClassVar, cast
 
 import trio
-from trio_websocket import ConnectionClosed, ConnectionTimeout, HandshakeError, WebSocketConnection
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    HandshakeError,
+)
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import TextMessage
+from wsproto.connection import Connection, ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
 from wsproto.extensions import PerMessageDeflate
+from wsproto.utilities import ProtocolError
 
 from trioproxy.endpoint import Endpoint, open_stream
 
@@ -41,7 +67,6 @@ class CountingStream(trio.abc.Stream):
         self.sent = 0
         self.received = 0
         self.reads = 0
-        self._last = bytearray()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self.sent += len(data)
@@ -51,16 +76,10 @@ class CountingStream(trio.abc.Stream):
         await self._stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        """The next bytes, valid until the next call. trio-websocket's reader keeps its last
-        read in a local while it waits for the next one, so an idle socket would keep up to
-        `RECEIVE_BYTES` alive (a Codex turn's last read is part of its `response.completed`);
-        wsproto copies what it is fed, so the read handed out last is emptied here instead."""
-        self._last.clear()
         data = await self._stream.receive_some(max_bytes)
         self.received += len(data)
         self.reads += 1
-        self._last = bytearray(data)
-        return self._last
+        return data
 
     async def aclose(self) -> None:
         await self._stream.aclose()
@@ -95,10 +114,6 @@ class Deflate(PerMessageDeflate):
 
 Opener = Callable[[Endpoint], Awaitable[trio.abc.Stream]]
 
-# Messages the reader task may parse ahead of the socket's task (trio-websocket's default is 1,
-# which makes the reader wait for every single event to be taken). A burst of a turn's events
-# is then parsed in one go; the bound keeps back-pressure from a slow client reaching TCP.
-MESSAGE_QUEUE = 32
 # Bytes per read from the upstream's TCP stream (trio-websocket reads 4 KiB at a time): a
 # turn's three ~20 KB response objects take two reads each instead of five, each read a
 # syscall and a pass of wsproto's parser (-8 % CPU per event). 64 KiB saved no more CPU and
@@ -106,15 +121,33 @@ MESSAGE_QUEUE = 32
 RECEIVE_BYTES = 16 * 1024
 # Characters per frame of a message too large to send in one (see `ClientSocket.send_text`).
 FRAGMENT = 256 * 1024
+# How long answering a control frame (a pong, the close handshake's reply) may take: shielded
+# from the owner's cancel scopes, so it must end on its own.
+REPLY_TIMEOUT = 5.0
+# "The connection ended without a close frame" (RFC 6455 7.1.5), as trio-websocket says it.
+_ABNORMAL = 1006
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class ClientSocket:
-    """An open upstream WebSocket and the counter of what crossed the wire under it."""
+    """An open upstream WebSocket and the counter of what crossed the wire under it.
 
-    ws: WebSocketConnection
-    wire: CountingStream
-    offer: Deflate | None = None  # wsproto finalizes it if the upstream accepts
+    Only its owner calls it, one call at a time: `message_nowait` for a message a read already
+    completed, `receive` (or `read_some` when idle) to read, `send_text` to send.
+    """
+
+    def __init__(self, wire: CountingStream, offer: Deflate | None, max_message_size: int) -> None:
+        self.wire = wire
+        self.offer = offer  # wsproto finalizes it if the upstream accepts
+        self._ws = WSConnection(ConnectionType.CLIENT)
+        self._conn: Connection | None = None  # once the upgrade is accepted
+        self._max = max_message_size
+        self._messages: deque[str | bytes] = deque()
+        self._parts: list[str | bytes | bytearray] = []
+        self._size = 0
+        # Why it closed (the peer's close frame, or 1006 for a stream that ended without one).
+        self.closed: CloseReason | None = None
+        # The upgrade answer's headers (rate limits, the model): read by upstream.py.
+        self.handshake_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     @property
     def deflate(self) -> bool:
@@ -130,41 +163,174 @@ class ClientSocket:
         if self.offer is not None:
             self.offer.release()
 
+    async def handshake(self, target: Endpoint, headers: Headers) -> None:
+        """Send the upgrade and read its answer. Raises `ConnectionRejected` for an answer
+        with a status, `HandshakeError` for a stream that ends or speaks no HTTP."""
+        offer = [self.offer] if self.offer is not None else []
+        request = Request(
+            host=target.host_header,
+            target=target.resource,
+            extra_headers=headers,
+            extensions=offer,
+        )
+        await self.wire.send_all(self._ws.send(request))
+        status: int | None = None
+        rejected: tuple[tuple[bytes, bytes], ...] = ()
+        body = bytearray()
+        while True:
+            data = await self.wire.receive_some(RECEIVE_BYTES)
+            if not data:
+                if status is not None:  # a refusal whose body the stream's end delimits
+                    raise ConnectionRejected(status, rejected, bytes(body))
+                raise HandshakeError from ConnectionError("closed before answering the upgrade")
+            self._ws.receive_data(cast(bytes, data))
+            events = self._ws.events()
+            for event in events:
+                if isinstance(event, AcceptConnection):
+                    self.handshake_headers = tuple(event.extra_headers)
+                    self._conn = self._ws.connection
+                    await self._take(events)  # frames that came in the same read
+                    return
+                if isinstance(event, RejectConnection):
+                    status, rejected = event.status_code, tuple(event.headers)
+                    if not event.has_body:
+                        raise ConnectionRejected(status, rejected, None)
+                elif isinstance(event, RejectData):
+                    body += event.data
+                    if event.body_finished:
+                        raise ConnectionRejected(status or 0, rejected, bytes(body))
+
+    def message_nowait(self) -> str | bytes:
+        """The next message a read already completed, else `trio.WouldBlock`; raises
+        `ConnectionClosed` once none is left on a closed socket.
+
+        A turn's events arrive in bursts: taking the rest of a burst without a round through
+        the scheduler per message lets them reach the client as one write.
+        """
+        if self._messages:
+            return self._messages.popleft()
+        if self.closed is not None:
+            raise ConnectionClosed(self.closed)
+        raise trio.WouldBlock
+
+    async def receive(self) -> str | bytes:
+        """The next message, reading as long as it takes. Safe to cancel."""
+        while not self._messages:
+            await self.read_some()
+        await trio.lowlevel.checkpoint()
+        return self._messages.popleft()
+
+    async def read_some(self) -> None:
+        """One read: the messages it completes are queued for `message_nowait`, pings and a
+        close frame answered. Raises `ConnectionClosed` on a closed socket. Safe to cancel:
+        the only checkpoints are the read and the shielded answers."""
+        if self.closed is not None:
+            raise ConnectionClosed(self.closed)
+        try:
+            data = await self.wire.receive_some(RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            self.closed = CloseReason(_ABNORMAL, None)
+            return
+        assert self._conn is not None
+        self._conn.receive_data(cast(bytes, data))
+        await self._take(self._conn.events())
+
+    async def _take(self, events: Iterator[Event]) -> None:
+        """Queue complete messages (joined from their frames); answer control frames."""
+        for event in events:
+            if self.closed is not None:
+                return  # a message past the size limit closed it: nothing more is read
+            if isinstance(event, (TextMessage, BytesMessage)):
+                if event.message_finished and not self._parts:
+                    if len(event.data) > self._max:
+                        await self._fail(1009, f"Exceeded maximum message size: {self._max} bytes")
+                    else:
+                        data = event.data
+                        self._messages.append(data if isinstance(data, str) else bytes(data))
+                    continue
+                self._parts.append(event.data)
+                self._size += len(event.data)
+                if self._size > self._max:
+                    await self._fail(1009, f"Exceeded maximum message size: {self._max} bytes")
+                elif event.message_finished:
+                    parts, self._parts, self._size = self._parts, [], 0
+                    if isinstance(event, TextMessage):
+                        self._messages.append("".join(cast(list[str], parts)))
+                    else:
+                        self._messages.append(b"".join(cast(list[bytes], parts)))
+            elif isinstance(event, Ping):
+                await self._answer(event.response())
+            elif isinstance(event, CloseConnection):
+                self.closed = CloseReason(event.code, event.reason or None)
+                if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                    await self._answer(event.response())
+                elif self._ws.state is ConnectionState.OPEN:
+                    # wsproto could not parse a frame: fail the connection, saying why.
+                    await self._answer(CloseConnection(code=event.code, reason=event.reason))
+
+    async def _fail(self, code: int, reason: str) -> None:
+        self._parts, self._size = [], 0
+        self.closed = CloseReason(code, reason)
+        await self._answer(CloseConnection(code=code, reason=reason))
+
+    async def _answer(self, event: Event) -> None:
+        """Send a control frame, shielded (a send cut halfway leaves a TLS stream broken) and
+        bounded. A peer that does not take it gets the socket marked closed."""
+        try:
+            data = self._ws.send(event)
+        except ProtocolError:
+            return  # no longer sendable in this state (closing): nothing to answer
+        with trio.CancelScope(shield=True), trio.move_on_after(REPLY_TIMEOUT):
+            try:
+                await self.wire.send_all(data)
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        if self.closed is None:
+            self.closed = CloseReason(_ABNORMAL, None)
+
     async def send_text(self, payload: bytes) -> None:
         """Send `payload` (UTF-8 JSON) as one text message. A large one goes as fragments of
         `FRAGMENT` characters: encoding, masking and compressing ten megabytes at once holds
         the event loop for tens of milliseconds, and every other client with it."""
-        ws = self.ws
+        if self.closed is not None or self._conn is None:
+            raise ConnectionClosed(self.closed)
         if len(payload) <= FRAGMENT:
-            await ws.send_message(payload.decode())
+            await self.wire.send_all(self._conn.send(TextMessage(data=payload.decode())))
             return
-        if ws._close_reason:
-            raise ConnectionClosed(ws._close_reason)
         text = payload.decode()
         for start in range(0, len(text), FRAGMENT):
             last = start + FRAGMENT >= len(text)
-            chunk = text[start : start + FRAGMENT]
-            await ws._send(TextMessage(data=chunk, message_finished=last))
+            chunk = TextMessage(data=text[start : start + FRAGMENT], message_finished=last)
+            await self.wire.send_all(self._conn.send(chunk))
             # A send the kernel takes at once need not yield: let the others run.
             await trio.lowlevel.checkpoint()
 
-    def message_nowait(self) -> str | bytes:
-        """The next message if the reader task has queued it already, else `trio.WouldBlock`.
-
-        `get_message` always yields to the scheduler, even with messages waiting; a turn's
-        events arrive in bursts, and taking the rest of a burst without a round trip through
-        the scheduler per message lets them reach the client as one write.
-        """
+    async def aclose(self, grace: float) -> None:
+        """The close handshake, bounded by `grace` seconds, then the stream closes. Not shielded: a
+        cancelled owner (a killed socket) closes the stream at once."""
         try:
-            return self.ws._recv_channel.receive_nowait()
-        except (trio.ClosedResourceError, trio.EndOfChannel):
-            raise ConnectionClosed(self.ws._close_reason) from None
+            if self._ws.state is ConnectionState.OPEN:
+                self.closed = self.closed or CloseReason(1000, None)
+                with trio.move_on_after(grace):
+                    await self.wire.send_all(self._ws.send(CloseConnection(code=1000)))
+                    while not self._closed_both_ways():
+                        data = await self.wire.receive_some(RECEIVE_BYTES)
+                        if not data:
+                            break
+                        self._ws.receive_data(cast(bytes, data))
+                        for _ in self._ws.events():  # late frames: nobody's any more
+                            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            with suppress(trio.BrokenResourceError):
+                await self.wire.aclose()
 
-
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception that matters in a nursery's group (the reader's, not a Cancelled)."""
-    real = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-    return real[0] if len(real) == 1 else group
+    def _closed_both_ways(self) -> bool:
+        return self._ws.state is ConnectionState.CLOSED
 
 
 @asynccontextmanager
@@ -184,45 +350,27 @@ async def open_websocket(
     With `events_context` off the offer asks the upstream not to compress a message against
     earlier ones (server_no_context_takeover), so no decompressor outlives a message.
 
-    Raises what `trio_websocket.open_websocket_url` raises: `ConnectionRejected` for an
-    upgrade answered with a status, `ConnectionTimeout`, `HandshakeError` for network errors.
+    `connect_timeout` bounds the whole opening: the stream, TLS, and the upgrade's answer.
+    Raises `ConnectionRejected` for an upgrade answered with a status, `ConnectionTimeout`,
+    and `HandshakeError` for network errors (the cause attached).
     """
     target = WsUrl.parse(url)
+    offer = Deflate(server_no_context_takeover=not events_context) if deflate else None
+    stream: trio.abc.Stream | None = None
     try:
-        async with trio.open_nursery() as nursery:
-            try:
-                with trio.fail_after(connect_timeout):
-                    stream = CountingStream(await (opener or open_stream)(target))
-                    ws = WebSocketConnection(
-                        stream,
-                        WSConnection(ConnectionType.CLIENT),
-                        host=target.host_header,
-                        path=target.resource,
-                        client_extra_headers=headers,
-                        max_message_size=max_message_size,
-                        message_queue_size=MESSAGE_QUEUE,
-                        receive_buffer_size=RECEIVE_BYTES,
-                    )
-                    offer = (
-                        Deflate(server_no_context_takeover=not events_context) if deflate else None
-                    )
-                    if offer is not None and ws._initial_request is not None:
-                        ws._initial_request = dataclasses.replace(
-                            ws._initial_request, extensions=[offer]
-                        )
-                    nursery.start_soon(ws._reader_task)
-                    await ws._open_handshake.wait()
-            except trio.TooSlowError:
-                raise ConnectionTimeout from None
-            except OSError as exc:
-                raise HandshakeError from exc
-            try:
-                yield ClientSocket(ws, stream, offer)
-            finally:
-                # Not shielded: a cancelled owner (a killed socket) closes the stream at once.
-                with trio.move_on_after(close_timeout):
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        single = _single(group)
-        raise single from single.__cause__  # keep why (a refused tunnel, a reset)
+        with trio.fail_after(connect_timeout):
+            stream = await (opener or open_stream)(target)
+            sock = ClientSocket(CountingStream(stream), offer, max_message_size)
+            await sock.handshake(target, headers)
+    except BaseException as exc:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        if isinstance(exc, trio.TooSlowError):
+            raise ConnectionTimeout from None
+        if isinstance(exc, (OSError, trio.BrokenResourceError, ProtocolError)):
+            raise HandshakeError from exc
+        raise
+    try:
+        yield sock
+    finally:
+        await sock.aclose(close_timeout)

@@ -105,6 +105,7 @@ async def serve(proxy: Proxy, gate: access.Gate, route: access.Route) -> None:
         await ClientSession(proxy, target, scope, headers).run()
     except Exception:
         log.exception("WebSocket client session failed")
+        proxy.telemetry.clients_closed["proxy fault"] += 1
         await websocket.close(CLOSE_FAULT, "proxy fault")
     finally:
         proxy.telemetry.websocket_clients -= 1
@@ -180,7 +181,7 @@ class ClientSession:
             self._let_go()
             self.sink.close()
         if self.sink.overflowed:
-            await websocket.close(CLOSE_POLICY, "too many unread events")
+            await self._close(CLOSE_POLICY, "too many unread events")
 
     async def _write(self) -> None:
         """The one task that sends to the client: frames of every lane, in arrival order."""
@@ -200,11 +201,16 @@ class ClientSession:
             if raw is None:
                 if self._active():
                     continue  # only a client with nothing running is idle
-                await websocket.close(1000, "idle")
+                await self._close(1000, "idle")
                 return
             data = raw.encode() if isinstance(raw, str) else raw
             if not await self._message(data):
                 return
+
+    async def _close(self, code: int, reason: str) -> None:
+        """Close the client, counted by reason: an operator sees clients cut for a bound."""
+        self.proxy.telemetry.clients_closed[reason] += 1
+        await websocket.close(code, reason)
 
     def _active(self) -> bool:
         return bool(self.waiting or any(turn.end is None for turn in self.mine))
@@ -238,7 +244,7 @@ class ClientSession:
         self.waiting_count += 1
         self.waiting_bytes += size
         if self.waiting_count > _QUEUED or self.waiting_bytes > self.proxy.settings.max_body_bytes:
-            await websocket.close(CLOSE_POLICY, "too many messages while responses run")
+            await self._close(CLOSE_POLICY, "too many messages while responses run")
             return False
         message["_size"] = size
         queue = self.waiting.get(lane)
@@ -353,7 +359,7 @@ class ClientSession:
             return True
         self.relayed = [n for n in self.relayed if not n.settled.is_set()]
         if len(self.relayed) >= _LOOSE:  # events still awaiting their answers: bounded
-            await websocket.close(CLOSE_POLICY, "too many events awaiting answers")
+            await self._close(CLOSE_POLICY, "too many events awaiting answers")
             return False
         payload = orjson.dumps(message)
         conn = self._beside() or self.held

@@ -227,6 +227,12 @@ class FakeUpstream:
         for sock in list(self._open.values()):
             await sock.ws.send_message(frame)
 
+    async def ping_sockets(self) -> None:
+        """Ping every open socket and wait for each pong, as a load balancer or the live API's
+        keep-alive does to an idle connection (a client that never answers is cut)."""
+        for sock in list(self._open.values()):
+            await sock.ws.ping()
+
     async def close_sockets(self, code: int = 1001, reason: str = "going away") -> None:
         """Close every open socket from the upstream side (an idle cut, a 60-minute limit)."""
         for sock in list(self._open.values()):

@@ -1,0 +1,314 @@
+"""The upstream WebSocket client (wsclient.py) against a peer that does what servers may do.
+
+The peer is wsproto on the other end of an in-memory stream, so it can send what a well-kept
+library never would: garbage, a close mid-message, a message past the limit, a ping while
+nobody waits for a frame. Every case ends in a message, or in a clear `ConnectionClosed`,
+`ConnectionRejected`, `HandshakeError` or `ConnectionTimeout`: never a hang.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed, ConnectionRejected, ConnectionTimeout, HandshakeError
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Event,
+    Message,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+
+from trioproxy.endpoint import Endpoint
+from trioproxy.wsclient import FRAGMENT, ClientSocket, open_websocket
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Every test takes it: waits (a close handshake nobody answers, a timeout) pass at once."""
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+class Peer:
+    """The server's end: wsproto over the other half of the stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.SERVER)
+        self._events: list[Event] = []
+        self.closed_with: int | None = None
+
+    async def next_event(self) -> Event:
+        while not self._events:
+            data = await self.stream.receive_some(65536)
+            self.ws.receive_data(data or None)
+            self._events += list(self.ws.events())
+        return self._events.pop(0)
+
+    async def accept(self, then: bytes = b"") -> None:
+        assert isinstance(await self.next_event(), Request)
+        await self.stream.send_all(self.ws.send(AcceptConnection()) + then)
+
+    async def send(self, event: Event) -> None:
+        await self.stream.send_all(self.ws.send(event))
+
+    async def answer_close(self) -> None:
+        """Wait for the client's close frame and answer it (the close handshake)."""
+        event = await self.next_event()
+        assert isinstance(event, CloseConnection), event
+        self.closed_with = event.code
+        await self.send(event.response())
+
+    async def message(self) -> str:
+        parts = []
+        while True:
+            event = await self.next_event()
+            assert isinstance(event, TextMessage), event
+            parts.append(event.data)
+            if event.message_finished:
+                return "".join(parts)
+
+
+@asynccontextmanager
+async def pair(
+    serve: object = None, *, max_message_size: int = 1 << 20
+) -> AsyncIterator[tuple[ClientSocket, Peer]]:
+    """A client socket and its peer, the handshake done by `Peer.accept`."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    peer = Peer(server_stream)
+
+    async def opener(target: Endpoint) -> trio.abc.Stream:
+        return client_stream
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer.accept)
+        async with open_websocket(
+            "ws://peer/v1/responses",
+            [],
+            deflate=False,
+            connect_timeout=5,
+            close_timeout=1,
+            max_message_size=max_message_size,
+            opener=opener,
+        ) as sock:
+            yield sock, peer
+
+
+async def test_messages_whole_and_fragmented_and_the_close_handshake(
+    clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery, pair() as (sock, peer):
+        await peer.send(Message(data='{"a": 1}'))
+        await peer.send(TextMessage(data='{"b":', message_finished=False))
+        await peer.send(TextMessage(data=" 2}", message_finished=True))
+        assert await sock.receive() == '{"a": 1}'
+        assert await sock.receive() == '{"b": 2}'
+        with pytest.raises(trio.WouldBlock):
+            sock.message_nowait()
+        await sock.send_text(b'{"type": "response.create"}')
+        assert json.loads(await peer.message()) == {"type": "response.create"}
+        nursery.start_soon(peer.answer_close)  # leaving the block closes it with a handshake
+        started = trio.current_time()
+    assert peer.closed_with == 1000
+    assert trio.current_time() - started < 0.5  # the answer ended it, not `close_timeout`
+
+
+async def test_a_ping_is_answered_by_whoever_reads(clock: trio.testing.MockClock) -> None:
+    """No reader task: the socket's owner answers pings as it reads, and an idle socket
+    reads too (upstream.py), so a keep-alive ping is never left unanswered."""
+    async with pair() as (sock, peer):
+        await peer.send(Ping(payload=b"are you there"))
+        await peer.send(Message(data="{}"))
+        assert await sock.receive() == "{}"
+        event = await peer.next_event()
+        assert isinstance(event, Pong) and event.payload == b"are you there"
+
+
+async def test_a_close_from_the_peer_is_answered_and_said(clock: trio.testing.MockClock) -> None:
+    async with pair() as (sock, peer):
+        await peer.send(Message(data="last"))
+        await peer.send(CloseConnection(code=1001, reason="going away"))
+        assert await sock.receive() == "last"  # what came before the close is still read
+        with pytest.raises(ConnectionClosed) as closed:
+            await sock.receive()
+        assert (closed.value.reason.code, closed.value.reason.reason) == (1001, "going away")
+        reply = await peer.next_event()
+        assert isinstance(reply, CloseConnection) and reply.code == 1001
+        with pytest.raises(ConnectionClosed):
+            await sock.send_text(b"{}")
+
+
+@pytest.mark.parametrize("fragmented", [False, True])
+async def test_a_message_past_the_limit_closes_with_1009(
+    fragmented: bool, clock: trio.testing.MockClock
+) -> None:
+    async with pair(max_message_size=1000) as (sock, peer):
+        if fragmented:
+            for _ in range(3):
+                await peer.send(TextMessage(data="x" * 400, message_finished=False))
+        else:
+            await peer.send(Message(data="x" * 1001))
+        with pytest.raises(ConnectionClosed) as closed:
+            await sock.receive()
+        assert closed.value.reason.code == 1009
+        event = await peer.next_event()
+        assert isinstance(event, CloseConnection) and event.code == 1009
+
+
+async def test_an_unparseable_frame_fails_the_connection(clock: trio.testing.MockClock) -> None:
+    async with pair() as (sock, peer):
+        await peer.stream.send_all(b"\x83\x00")  # opcode 3 is reserved
+        with pytest.raises(ConnectionClosed) as closed:
+            await sock.receive()
+        assert closed.value.reason.code == 1002
+        event = await peer.next_event()
+        assert isinstance(event, CloseConnection) and event.code == 1002
+
+
+async def test_a_stream_that_ends_mid_message_is_an_abnormal_close(
+    clock: trio.testing.MockClock,
+) -> None:
+    async with pair() as (sock, peer):
+        await peer.send(TextMessage(data='{"half', message_finished=False))
+        await peer.stream.aclose()
+        with pytest.raises(ConnectionClosed) as closed:
+            await sock.receive()
+        assert closed.value.reason.code == 1006
+
+
+async def test_a_cancelled_read_loses_nothing(clock: trio.testing.MockClock) -> None:
+    """The socket's task waits for a frame in a cancel scope that a new job cancels: the
+    bytes that arrive after it gave up are read by the next wait, none lost."""
+    async with pair() as (sock, peer):
+        with trio.move_on_after(0.01):
+            await sock.receive()
+        await peer.send(Message(data="after"))
+        assert await sock.receive() == "after"
+
+
+async def test_a_large_message_goes_in_fragments_and_arrives_whole(
+    clock: trio.testing.MockClock,
+) -> None:
+    payload = json.dumps({"input": "é" * (FRAGMENT + 10)}).encode()
+    async with pair() as (sock, peer), trio.open_nursery() as nursery:
+        nursery.start_soon(sock.send_text, payload)
+        assert (await peer.message()).encode() == payload
+
+
+async def test_frames_in_the_same_read_as_the_upgrade_are_kept(
+    clock: trio.testing.MockClock,
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    peer = Peer(server_stream)
+
+    async def opener(target: Endpoint) -> trio.abc.Stream:
+        return client_stream
+
+    async with trio.open_nursery() as nursery:
+        frame = WSConnection(ConnectionType.SERVER)  # a throwaway to frame one message
+        frame.receive_data(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        list(frame.events())
+        frame.send(AcceptConnection())
+        nursery.start_soon(peer.accept, frame.send(Message(data="early")))
+        async with open_websocket(
+            "ws://peer/",
+            [],
+            deflate=False,
+            connect_timeout=5,
+            close_timeout=1,
+            max_message_size=1 << 20,
+            opener=opener,
+        ) as sock:
+            assert sock.message_nowait() == "early"
+
+
+async def _handshake_with(answer: bytes, close: bool = True) -> BaseException:
+    """What opening a socket raises when the peer answers the upgrade with `answer`."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+
+    async def opener(target: Endpoint) -> trio.abc.Stream:
+        return client_stream
+
+    async def answering() -> None:
+        await server_stream.receive_some(65536)
+        await server_stream.send_all(answer)
+        if close:
+            await server_stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answering)
+        with pytest.raises((HandshakeError, ConnectionTimeout)) as raised:
+            async with open_websocket(
+                "ws://peer/",
+                [],
+                deflate=True,
+                connect_timeout=5,
+                close_timeout=1,
+                max_message_size=1 << 20,
+                opener=opener,
+            ):
+                pass
+        nursery.cancel_scope.cancel()
+    return raised.value
+
+
+async def test_a_refused_upgrade_says_its_status_and_body(clock: trio.testing.MockClock) -> None:
+    server = WSConnection(ConnectionType.SERVER)
+    server.receive_data(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    list(server.events())
+    body = b'{"error": {"code": "rate_limit_exceeded"}}'
+    headers = [(b"content-length", str(len(body)).encode())]
+    answer = server.send(RejectConnection(status_code=429, headers=headers, has_body=True))
+    answer += server.send(RejectData(data=body))
+    refused = await _handshake_with(answer, close=False)
+    assert isinstance(refused, ConnectionRejected)
+    assert (refused.status_code, refused.body) == (429, body)
+    # A body the stream's end delimits (no length) is read to that end.
+    unsized = b"HTTP/1.1 503 Service Unavailable\r\n\r\ndown for maintenance"
+    refused = await _handshake_with(unsized)
+    assert isinstance(refused, ConnectionRejected)
+    assert (refused.status_code, refused.body) == (503, b"down for maintenance")
+
+
+@pytest.mark.parametrize("answer", [b"", b"SSH-2.0-OpenSSH_9.6\r\n"])
+async def test_no_answer_or_not_http_is_a_handshake_error(
+    answer: bytes, clock: trio.testing.MockClock
+) -> None:
+    failed = await _handshake_with(answer)
+    assert type(failed) is HandshakeError and failed.__cause__ is not None
+
+
+async def test_an_upgrade_never_answered_times_out(clock: trio.testing.MockClock) -> None:
+    client_stream, _server_stream = trio.testing.memory_stream_pair()
+
+    async def opener(target: Endpoint) -> trio.abc.Stream:
+        return client_stream
+
+    with pytest.raises(ConnectionTimeout):
+        async with open_websocket(
+            "ws://peer/",
+            [],
+            deflate=False,
+            connect_timeout=5,
+            close_timeout=1,
+            max_message_size=1 << 20,
+            opener=opener,
+        ):
+            pass
