@@ -214,10 +214,13 @@ class ClientSocket:
         raise trio.WouldBlock
 
     async def receive(self) -> str | bytes:
-        """The next message, reading as long as it takes. Safe to cancel."""
+        """The next message, reading as long as it takes. Safe to cancel. A read is a
+        checkpoint already (trio's receive always yields), so only a message taken without
+        one yields here: one scheduler round per read, not two."""
+        if self._messages:
+            await trio.lowlevel.checkpoint()
         while not self._messages:
             await self.read_some()
-        await trio.lowlevel.checkpoint()
         return self._messages.popleft()
 
     async def read_some(self) -> None:
