@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -261,18 +262,26 @@ class FakeUpstream:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
+        tls: ssl.SSLContext | None = None,
         task_status: trio.TaskStatus[FakeUpstream] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on `host:port` (0: any free port, then read `.port`) until cancelled.
+        """Listen on `host:port` (0: any free port, then read `.port`) until cancelled; with
+        `tls` (a server context), over TLS as the live API is (`wss://`).
 
         One port serves both WebSocket upgrades and plain HTTP (the model list, the token
         endpoint), as `chatgpt.com` does: the request head decides.
         """
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(
-                partial(trio.serve_tcp, self._on_connection, port, host=host)
-            )
-            self.port = listeners[0].socket.getsockname()[1]
+            if tls is None:
+                listeners = await nursery.start(
+                    partial(trio.serve_tcp, self._on_connection, port, host=host)
+                )
+                self.port = listeners[0].socket.getsockname()[1]
+            else:
+                secure = await nursery.start(
+                    partial(trio.serve_ssl_over_tcp, self._on_connection, port, tls, host=host)
+                )
+                self.port = secure[0].transport_listener.socket.getsockname()[1]
             task_status.started(self)
 
     async def _on_connection(self, stream: trio.abc.Stream) -> None:
