@@ -267,7 +267,9 @@ class UpstreamConnection:
         while True:
             if not self._lanes and self.sink is None:
                 job = await self._next_job(sock)
-                if job is None or not await self._begin(sock, job, idle=True):
+                if job is True:
+                    continue  # a client attached: its frames are read by `_pump`
+                if job is False or not await self._begin(sock, job, idle=True):
                     break
                 # Let go of the job before waiting for the next: an idle socket must not keep
                 # the last request, its payload and its parsed events alive.
@@ -277,8 +279,9 @@ class UpstreamConnection:
         if self._abrupt:
             self._scope.cancel()
 
-    async def _next_job(self, sock: ClientSocket) -> Job | None:
-        """The next job, or None once the pool retires this socket or it cannot serve again.
+    async def _next_job(self, sock: ClientSocket) -> Job | bool:
+        """The next job; True once a client attached (`attach`) with none queued; False once
+        the pool retires this socket or it cannot serve again.
 
         No one else reads, so the wait is a read that a new job cancels (`_wake_up`): an
         idle socket answers pings and hears a close when it comes. A frame about a response
@@ -293,7 +296,9 @@ class UpstreamConnection:
             except trio.WouldBlock:
                 pass
             except (trio.EndOfChannel, trio.ClosedResourceError):
-                return None
+                return False
+            if self.sink is not None:
+                return True
             if trio.current_time() >= hold:
                 sock.release_compression()
                 hold = math.inf
@@ -302,12 +307,16 @@ class UpstreamConnection:
                 try:
                     await sock.read_some()
                 except ConnectionClosed:
-                    return None
+                    return False
                 finally:
                     self._wake = None
-            if sock.closed is not None or self._spoke_while_idle(sock):
-                self._abrupt = sock.closed is None
-                return None
+            if sock.closed is not None:
+                log.info("upstream socket #%d closed while idle (%s)", self.id, sock.closed)
+                return False
+            if self._spoke_while_idle(sock):
+                log.info("upstream socket #%d: a frame about a response while idle", self.id)
+                self._abrupt = True  # its state is unknown: no close handshake
+                return False
 
     def _took(self, job: Job) -> Job:
         self._queued -= 1
