@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import weakref
 from typing import Any
 
@@ -261,3 +262,42 @@ def _all_tasks(task: trio.lowlevel.Task) -> list[trio.lowlevel.Task]:
         for sub in child.child_tasks:
             found += _all_tasks(sub)
     return found
+
+
+class _Holder:
+    """A WebSocket client of the proxy, reduced to what the socket sees: a sink."""
+
+    def __init__(self) -> None:
+        self.heard: list[Any] = []
+
+    @property
+    def sink(self) -> Any:
+        holder = self
+
+        class _Sink:
+            def offer(self, event: Any) -> None:
+                holder.heard.append(event)
+
+        return _Sink()
+
+
+async def test_a_client_holding_an_idle_socket_hears_its_frames(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """A WebSocket client that holds its session's idle socket (to relay an event) attaches
+    before it submits anything: frames arriving meanwhile are that client's (an `error` about
+    the connection), not strays that would close the socket."""
+    fake = FakeUpstream()
+    proxy = await make_proxy(nursery, fake)
+    end, _ = await turn(proxy, [user("a")])
+    assert end.kind == "completed"
+    await trio.testing.wait_all_tasks_blocked()  # the socket's task reads, idle
+    holder = _Holder()
+    conn = await proxy.hold_socket(HEADERS, api_target(proxy.settings), None, holder)
+    await trio.testing.wait_all_tasks_blocked()
+    error = {"type": "error", "error": {"code": "notice", "message": "about the connection"}}
+    await fake.send_stray(json.dumps(error))
+    await trio.testing.wait_all_tasks_blocked()
+    assert [event.type for event in holder.heard] == ["error"]
+    assert conn.accepting and fake.open_sockets == 1
+    await proxy.registry.aclose()
