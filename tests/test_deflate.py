@@ -171,7 +171,9 @@ async def test_a_large_event_is_read_in_one_go(fake: FakeUpstream) -> None:
                 break
     large = [size for size in sizes if 3 * RECEIVE_BYTES_BEFORE < size < 16_000]
     assert len(large) == 3, sizes  # created, in_progress, completed
-    assert sock.wire.reads - reads_before <= len(sizes), (sock.wire.reads, sizes)
+    # A read may straddle two frames, so allow two more; at 4 KiB the three large ones alone
+    # took nine more.
+    assert sock.wire.reads - reads_before <= len(sizes) + 2, (sock.wire.reads, sizes)
 
 
 async def test_a_first_message_read_before_the_fake_resumes_is_still_counted(
