@@ -13,7 +13,7 @@ import trio.testing
 
 from tests.conftest import AUTH, memory_connector, post, sse_events, start_proxy, user
 from trioproxy.fake import FakeUpstream
-from trioproxy.wsclient import WsUrl
+from trioproxy.wsclient import RECEIVE_BYTES, WsUrl
 
 # trio-websocket's default read size, which a large event used to need many reads of.
 RECEIVE_BYTES_BEFORE = 4 * 1024
@@ -151,29 +151,33 @@ def test_deflate_is_a_setting_flag_and_variable() -> None:
 
 async def test_a_large_event_is_read_in_one_go(fake: FakeUpstream) -> None:
     """trio-websocket reads 4 KiB at a time unless told otherwise; the response objects a
-    Codex turn streams back carry its tools and instructions each (~20 KB), and every read
-    is a syscall and a pass of wsproto's parser. A message up to 16 KiB arrives in
-    one piece, so a turn costs at most a read per message; at 4 KiB, each large one took 4."""
+    Codex turn streams back carry its tools and instructions each (~15-20 KB), and every read
+    is a syscall and a pass of wsproto's parser. Reads are up to 16 KiB: a whole response
+    waiting in the stream takes a quarter of the reads it took at 4 KiB."""
     fake.deflate = False  # the sizes below are the frames' own
     auth = [(b"authorization", AUTH["authorization"].encode())]
     async with memory_connector(fake, deflate=False)("ws://fake/v1/responses", auth) as sock:
-        reads_before = sock.wire.reads
         body = codex_body([user("hello")])
         body.pop("stream")
         body.pop("include", None)  # no reasoning ciphertext: the three sizes stay comparable
         body["instructions"] = "Be brief. " * 800  # three of the events echo them
         await sock.send_text(json.dumps({"type": "response.create", **body}).encode())
+        await trio.testing.wait_all_tasks_blocked()  # the whole response waits in the stream
+        reads_before, received_before = sock.wire.reads, sock.wire.received
         sizes = []
         while True:
             frame = await sock.receive()
             sizes.append(len(frame))
             if json.loads(frame)["type"] == "response.completed":
                 break
+        reads = sock.wire.reads - reads_before
+        received = sock.wire.received - received_before
     large = [size for size in sizes if 3 * RECEIVE_BYTES_BEFORE < size < 16_000]
     assert len(large) == 3, sizes  # created, in_progress, completed
-    # A read may straddle two frames, so allow two more; at 4 KiB the three large ones alone
-    # took nine more.
-    assert sock.wire.reads - reads_before <= len(sizes) + 2, (sock.wire.reads, sizes)
+    assert received > 10 * RECEIVE_BYTES_BEFORE, received
+    sixteen = 4 * RECEIVE_BYTES_BEFORE
+    assert sixteen == RECEIVE_BYTES
+    assert reads <= received // sixteen + 1, (reads, received)  # 4 KiB reads: 12 and more
 
 
 async def test_a_first_message_read_before_the_fake_resumes_is_still_counted(
