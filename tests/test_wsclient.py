@@ -312,3 +312,53 @@ async def test_an_upgrade_never_answered_times_out(clock: trio.testing.MockClock
             opener=opener,
         ):
             pass
+
+
+async def test_a_ping_flood_gets_one_pong_per_read(clock: trio.testing.MockClock) -> None:
+    async with pair() as (sock, peer):
+        flood = b"".join(peer.ws.send(Ping(payload=str(n).encode())) for n in range(50))
+        await peer.stream.send_all(flood + peer.ws.send(Message(data="{}")))
+        assert await sock.receive() == "{}"
+        pong = await peer.next_event()
+        assert isinstance(pong, Pong) and pong.payload == b"49"  # the latest only
+        with trio.move_on_after(1):
+            extra = await peer.next_event()
+            raise AssertionError(f"a second pong: {extra}")
+
+
+async def test_abort_cuts_a_pong_the_peer_does_not_take(clock: trio.testing.MockClock) -> None:
+    """A pong is shielded from the owner's waits (a new job cancels a read), so a peer that
+    stops reading could hold the owner for `REPLY_TIMEOUT`; dropping the socket (`kill`,
+    shutdown) must not wait for it."""
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()  # no buffer at all
+    peer = Peer(server_stream)
+
+    async def opener(target: Endpoint) -> trio.abc.Stream:
+        return client_stream
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer.accept)
+        async with open_websocket(
+            "ws://peer/",
+            [],
+            deflate=False,
+            connect_timeout=5,
+            close_timeout=1,
+            max_message_size=1 << 20,
+            opener=opener,
+        ) as sock:
+            await trio.testing.wait_all_tasks_blocked()  # the upgrade's answer is taken
+            nursery.start_soon(peer.send, Ping(payload=b"then stop reading"))
+            started = trio.current_time()
+            with trio.CancelScope() as reading:
+                nursery.start_soon(_abort_soon, sock, reading)
+                with pytest.raises(ConnectionClosed):  # or the cancel, whichever comes first
+                    await sock.receive()
+            assert trio.current_time() - started < 0.5  # not REPLY_TIMEOUT
+            assert sock.closed is not None and sock.closed.code == 1006
+
+
+async def _abort_soon(sock: ClientSocket, reading: trio.CancelScope) -> None:
+    await trio.sleep(0.1)
+    reading.cancel()  # what a kill does to the owner's scope...
+    sock.abort()  # ...and to the shielded send

@@ -112,6 +112,7 @@ class UpstreamConnection:
         # The upgrade answer's headers a client reads (rate limits, model): every turn's too.
         self.response_headers: list[tuple[str, str]] = []
         self._scope = trio.CancelScope()
+        self._sock: ClientSocket | None = None  # while open: only `kill` reaches in (abort)
         # Bounded: a WebSocket client of ours submits at most a few jobs ahead (wsturns.py).
         self._jobs_send, self._jobs_recv = trio.open_memory_channel[Job](64)
         self.closed = trio.Event()
@@ -201,6 +202,8 @@ class UpstreamConnection:
         """Close now, whatever it is doing: used when its state can no longer be trusted."""
         self.retire()
         self._scope.cancel()
+        if self._sock is not None:
+            self._sock.abort()  # a pong shielded from the waits is not shielded from this
 
     def _wake_up(self) -> None:
         if self._wake is not None:
@@ -221,6 +224,7 @@ class UpstreamConnection:
         try:
             with self._scope:
                 async with connector(self.url, self._handshake) as sock:
+                    self._sock = sock
                     started = True
                     self.deflate = sock.deflate
                     self.response_headers = client_metadata(sock.handshake_headers)
@@ -233,6 +237,7 @@ class UpstreamConnection:
             # progress have been finished with an error already, so log and let the socket go.
             log.info("upstream socket #%d closed with %r", self.id, exc)
         finally:
+            self._sock = None
             self._ending = True
             self._jobs_send.close()
             # Even when this task is cancelled (shutdown, eviction) every client hears an end.

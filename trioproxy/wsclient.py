@@ -148,6 +148,8 @@ class ClientSocket:
         self.closed: CloseReason | None = None
         # The upgrade answer's headers (rate limits, the model): read by upstream.py.
         self.handshake_headers: tuple[tuple[bytes, bytes], ...] = ()
+        self._answering: trio.CancelScope | None = None  # a control frame's shielded send
+        self._broken = False  # a send may have stopped halfway: close without a handshake
 
     @property
     def deflate(self) -> bool:
@@ -241,10 +243,13 @@ class ClientSocket:
         await self._take(self._conn.events())
 
     async def _take(self, events: Iterator[Event]) -> None:
-        """Queue complete messages (joined from their frames); answer control frames."""
+        """Queue complete messages (joined from their frames); answer control frames. Of the
+        pings one read brings only the last is answered (RFC 6455 5.5.3 allows it): a peer
+        flooding pings gets one pong per read, not one shielded send each."""
+        ping: Ping | None = None
         for event in events:
             if self.closed is not None:
-                return  # a message past the size limit closed it: nothing more is read
+                return  # closed (a close frame, a message past the limit): nothing more
             if isinstance(event, (TextMessage, BytesMessage)):
                 if event.message_finished and not self._parts:
                     if len(event.data) > self._max:
@@ -264,7 +269,7 @@ class ClientSocket:
                     else:
                         self._messages.append(b"".join(cast(list[bytes], parts)))
             elif isinstance(event, Ping):
-                await self._answer(event.response())
+                ping = event
             elif isinstance(event, CloseConnection):
                 self.closed = CloseReason(event.code, event.reason or None)
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
@@ -272,6 +277,8 @@ class ClientSocket:
                 elif self._ws.state is ConnectionState.OPEN:
                     # wsproto could not parse a frame: fail the connection, saying why.
                     await self._answer(CloseConnection(code=event.code, reason=event.reason))
+        if ping is not None and self.closed is None:
+            await self._answer(ping.response())
 
     async def _fail(self, code: int, reason: str) -> None:
         self._parts, self._size = [], 0
@@ -279,20 +286,35 @@ class ClientSocket:
         await self._answer(CloseConnection(code=code, reason=reason))
 
     async def _answer(self, event: Event) -> None:
-        """Send a control frame, shielded (a send cut halfway leaves a TLS stream broken) and
-        bounded. A peer that does not take it gets the socket marked closed."""
+        """Send a control frame, shielded from the owner's waits (a new job cancels a read,
+        and a send cut halfway leaves the stream broken) and bounded by `REPLY_TIMEOUT`; only
+        `abort` (the owner dropping the socket) cuts it short. A peer that does not take it
+        gets the socket marked closed."""
         try:
             data = self._ws.send(event)
         except ProtocolError:
             return  # no longer sendable in this state (closing): nothing to answer
-        with trio.CancelScope(shield=True), trio.move_on_after(REPLY_TIMEOUT):
+        with trio.CancelScope(shield=True) as answering, trio.move_on_after(REPLY_TIMEOUT):
+            self._answering = answering
             try:
                 await self.wire.send_all(data)
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+            finally:
+                self._answering = None
+        self._broken = True  # possibly cut halfway: no close handshake on this stream
         if self.closed is None:
             self.closed = CloseReason(_ABNORMAL, None)
+
+    def abort(self) -> None:
+        """The owner drops the socket (killed, shutting down): an answer being sent stops
+        waiting for the peer at once, and nothing more is read."""
+        self._broken = True
+        if self.closed is None:
+            self.closed = CloseReason(_ABNORMAL, None)
+        if self._answering is not None:
+            self._answering.cancel()
 
     async def send_text(self, payload: bytes) -> None:
         """Send `payload` (UTF-8 JSON) as one text message. A large one goes as fragments of
@@ -315,7 +337,7 @@ class ClientSocket:
         """The close handshake, bounded by `grace` seconds, then the stream closes. Not shielded: a
         cancelled owner (a killed socket) closes the stream at once."""
         try:
-            if self._ws.state is ConnectionState.OPEN:
+            if self._ws.state is ConnectionState.OPEN and not self._broken:
                 self.closed = self.closed or CloseReason(1000, None)
                 with trio.move_on_after(grace):
                     await self.wire.send_all(self._ws.send(CloseConnection(code=1000)))
