@@ -7,23 +7,30 @@ and nothing depends on real timing.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
 import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from wsproto.events import Message
 
 from tests.conftest import AUTH, memory_connector, user
+from tests.test_wsclient import Peer
 from trioproxy.config import Settings
+from trioproxy.connector import Connector
 from trioproxy.fake import FakeUpstream
 from trioproxy.proxy import Proxy
 from trioproxy.registry import Registry
 from trioproxy.targets import api_target
 from trioproxy.turn import TurnEnd
+from trioproxy.wsclient import ClientSocket, open_websocket
 
 HEADERS = [(k, v) for k, v in AUTH.items()] + [("session-id", "s1")]
 
@@ -301,3 +308,69 @@ async def test_a_client_holding_an_idle_socket_hears_its_frames(
     assert [event.type for event in holder.heard] == ["error"]
     assert conn.accepting and fake.open_sockets == 1
     await proxy.registry.aclose()
+
+
+async def test_a_frame_right_behind_a_turns_end_closes_the_idle_socket_at_once(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """An `error` that comes in the same read as a turn's last event is queued when the
+    socket goes idle: it is judged before the socket waits, so the socket closes then rather
+    than at the session's next turn (which would pay a failed try first)."""
+
+    async def answer(peer: Peer) -> None:
+        await peer.accept()
+        create = json.loads(await peer.message())
+        assert create["type"] == "response.create"
+        response = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
+        burst = [
+            {"type": "response.created", "sequence_number": 0, "response": response},
+            {
+                "type": "response.completed",
+                "sequence_number": 1,
+                "response": {**response, "status": "completed"},
+            },
+            {"type": "error", "error": {"code": "late", "message": "behind the end"}},
+        ]
+        await peer.stream.send_all(
+            b"".join(peer.ws.send(Message(data=json.dumps(event))) for event in burst)
+        )
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while await peer.stream.receive_some(65536):
+                pass
+
+    config = Settings(upstream="ws://peer/v1/responses")
+    registry = Registry(config, peer_connector(answer))
+    await nursery.start(registry.run)
+    proxy = Proxy(config, registry)
+    end, _ = await turn(proxy, [user("a")])
+    assert end.kind == "completed"
+    await trio.testing.wait_all_tasks_blocked()
+    assert registry.pooled == 0
+    await registry.aclose()
+
+
+def peer_connector(serve: Callable[[Peer], Awaitable[None]]) -> Connector:
+    """The production client (`open_websocket`) against a wsproto peer in this test."""
+
+    @asynccontextmanager
+    async def connect(url: str, headers: list[tuple[bytes, bytes]]) -> AsyncIterator[ClientSocket]:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+
+        async def opener(target: Any) -> trio.abc.Stream:
+            return client_stream
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve, Peer(server_stream))
+            async with open_websocket(
+                url,
+                headers,
+                deflate=False,
+                connect_timeout=5,
+                close_timeout=1,
+                max_message_size=1 << 20,
+                opener=opener,
+            ) as sock:
+                yield sock
+            nursery.cancel_scope.cancel()
+
+    return connect

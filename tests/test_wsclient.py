@@ -8,7 +8,10 @@ nobody waits for a frame. Every case ends in a message, or in a clear `Connectio
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -362,3 +365,40 @@ async def _abort_soon(sock: ClientSocket, reading: trio.CancelScope) -> None:
     await trio.sleep(0.1)
     reading.cancel()  # what a kill does to the owner's scope...
     sock.abort()  # ...and to the shielded send
+
+
+async def test_an_acceptance_wsproto_cannot_take_is_a_handshake_error(
+    clock: trio.testing.MockClock,
+) -> None:
+    """A 101 whose deflate parameters are out of range (window bits 99) is the upstream's
+    fault, said as a `HandshakeError` like any other broken upgrade, not a stray ValueError."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+
+    async def opener(target: Endpoint) -> trio.abc.Stream:
+        return client_stream
+
+    async def answer() -> None:
+        request = await server_stream.receive_some(65536)
+        key = re.search(rb"(?i)sec-websocket-key: *([^\r]+)", request)
+        assert key is not None
+        digest = hashlib.sha1(key.group(1) + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+        await server_stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + base64.b64encode(digest) + b"\r\n"
+            b"Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=99\r\n\r\n"
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        with pytest.raises(HandshakeError) as failed:
+            async with open_websocket(
+                "ws://peer/",
+                [],
+                deflate=True,
+                connect_timeout=5,
+                close_timeout=1,
+                max_message_size=1 << 20,
+                opener=opener,
+            ):
+                pass
+    assert type(failed.value) is HandshakeError and failed.value.__cause__ is not None

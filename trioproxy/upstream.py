@@ -304,6 +304,15 @@ class UpstreamConnection:
                 return False
             if self.sink is not None:
                 return True
+            # Judged before each wait, not only after a read: frames the last turn's read
+            # brought behind its end are queued already.
+            if sock.closed is not None:
+                log.info("upstream socket #%d closed while idle (%s)", self.id, sock.closed)
+                return False
+            if self._spoke_while_idle(sock):
+                log.info("upstream socket #%d: a frame about a response while idle", self.id)
+                self._abrupt = True  # its state is unknown: no close handshake
+                return False
             if trio.current_time() >= hold:
                 sock.release_compression()
                 hold = math.inf
@@ -315,13 +324,6 @@ class UpstreamConnection:
                     return False
                 finally:
                     self._wake = None
-            if sock.closed is not None:
-                log.info("upstream socket #%d closed while idle (%s)", self.id, sock.closed)
-                return False
-            if self._spoke_while_idle(sock):
-                log.info("upstream socket #%d: a frame about a response while idle", self.id)
-                self._abrupt = True  # its state is unknown: no close handshake
-                return False
 
     def _took(self, job: Job) -> Job:
         self._queued -= 1

@@ -392,7 +392,8 @@ async def open_websocket(
             await trio.aclose_forcefully(stream)
         if isinstance(exc, trio.TooSlowError):
             raise ConnectionTimeout from None
-        if isinstance(exc, (OSError, trio.BrokenResourceError, ProtocolError)):
+        # ValueError: an acceptance wsproto cannot take (a malformed deflate parameter).
+        if isinstance(exc, (OSError, trio.BrokenResourceError, ProtocolError, ValueError)):
             raise HandshakeError from exc
         raise
     try:
