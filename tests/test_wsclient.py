@@ -34,7 +34,7 @@ from wsproto.events import (
 )
 
 from trioproxy.endpoint import Endpoint
-from trioproxy.wsclient import FRAGMENT, ClientSocket, open_websocket
+from trioproxy.wsclient import FRAGMENT, REJECTION_BYTES, ClientSocket, open_websocket
 
 
 @pytest.fixture
@@ -288,6 +288,14 @@ async def test_a_refused_upgrade_says_its_status_and_body(clock: trio.testing.Mo
     refused = await _handshake_with(unsized)
     assert isinstance(refused, ConnectionRejected)
     assert (refused.status_code, refused.body) == (503, b"down for maintenance")
+
+
+async def test_a_refusal_is_not_read_without_end(clock: trio.testing.MockClock) -> None:
+    """A hostile upstream's endless refusal body: the first `REJECTION_BYTES` say why."""
+    endless = b"HTTP/1.1 403 Forbidden\r\n\r\n" + b"x" * (4 * REJECTION_BYTES)
+    refused = await _handshake_with(endless, close=False)
+    assert isinstance(refused, ConnectionRejected)
+    assert refused.status_code == 403 and refused.body == b"x" * REJECTION_BYTES
 
 
 @pytest.mark.parametrize("answer", [b"", b"SSH-2.0-OpenSSH_9.6\r\n"])

@@ -121,6 +121,8 @@ Opener = Callable[[Endpoint], Awaitable[trio.abc.Stream]]
 RECEIVE_BYTES = 16 * 1024
 # Characters per frame of a message too large to send in one (see `ClientSocket.send_text`).
 FRAGMENT = 256 * 1024
+# The most of a refused upgrade's body kept (what the error says); the rest is not read.
+REJECTION_BYTES = 64 * 1024
 # How long answering a control frame (a pong, the close handshake's reply) may take: shielded
 # from the owner's cancel scopes, so it must end on its own.
 REPLY_TIMEOUT = 5.0
@@ -199,8 +201,11 @@ class ClientSocket:
                         raise ConnectionRejected(status, rejected, None)
                 elif isinstance(event, RejectData):
                     body += event.data
-                    if event.body_finished:
-                        raise ConnectionRejected(status or 0, rejected, bytes(body))
+                    if event.body_finished or len(body) >= REJECTION_BYTES:
+                        # Enough to say why: a refusal's body is not read without end.
+                        raise ConnectionRejected(
+                            status or 0, rejected, bytes(body[:REJECTION_BYTES])
+                        )
 
     def message_nowait(self) -> str | bytes:
         """The next message a read already completed, else `trio.WouldBlock`; raises
