@@ -22,7 +22,7 @@ import trio.testing
 from wsproto.events import Message
 
 from tests.conftest import AUTH, memory_connector, user
-from tests.test_wsclient import Peer
+from tests.test_wsclient import Peer, client
 from trioproxy.config import Settings
 from trioproxy.connector import Connector
 from trioproxy.fake import FakeUpstream
@@ -30,7 +30,7 @@ from trioproxy.proxy import Proxy
 from trioproxy.registry import Registry
 from trioproxy.targets import api_target
 from trioproxy.turn import TurnEnd
-from trioproxy.wsclient import ClientSocket, open_websocket
+from trioproxy.wsclient import ClientSocket
 
 HEADERS = [(k, v) for k, v in AUTH.items()] + [("session-id", "s1")]
 
@@ -355,21 +355,9 @@ def peer_connector(serve: Callable[[Peer], Awaitable[None]]) -> Connector:
     @asynccontextmanager
     async def connect(url: str, headers: list[tuple[bytes, bytes]]) -> AsyncIterator[ClientSocket]:
         client_stream, server_stream = trio.testing.memory_stream_pair()
-
-        async def opener(target: Any) -> trio.abc.Stream:
-            return client_stream
-
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve, Peer(server_stream))
-            async with open_websocket(
-                url,
-                headers,
-                deflate=False,
-                connect_timeout=5,
-                close_timeout=1,
-                max_message_size=1 << 20,
-                opener=opener,
-            ) as sock:
+            async with client(client_stream) as sock:
                 yield sock
             nursery.cancel_scope.cancel()
 

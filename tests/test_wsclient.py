@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
 import trio
@@ -83,28 +83,34 @@ class Peer:
                 return "".join(parts)
 
 
+def client(
+    stream: trio.abc.Stream, *, deflate: bool = False, max_message_size: int = 1 << 20
+) -> AbstractAsyncContextManager[ClientSocket]:
+    """The production client (`open_websocket`) over `stream`, to this module's peers."""
+
+    async def opener(target: Endpoint) -> trio.abc.Stream:
+        return stream
+
+    return open_websocket(
+        "ws://peer/v1/responses",
+        [],
+        deflate=deflate,
+        connect_timeout=5,
+        close_timeout=1,
+        max_message_size=max_message_size,
+        opener=opener,
+    )
+
+
 @asynccontextmanager
-async def pair(
-    serve: object = None, *, max_message_size: int = 1 << 20
-) -> AsyncIterator[tuple[ClientSocket, Peer]]:
+async def pair(*, max_message_size: int = 1 << 20) -> AsyncIterator[tuple[ClientSocket, Peer]]:
     """A client socket and its peer, the handshake done by `Peer.accept`."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
     peer = Peer(server_stream)
 
-    async def opener(target: Endpoint) -> trio.abc.Stream:
-        return client_stream
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(peer.accept)
-        async with open_websocket(
-            "ws://peer/v1/responses",
-            [],
-            deflate=False,
-            connect_timeout=5,
-            close_timeout=1,
-            max_message_size=max_message_size,
-            opener=opener,
-        ) as sock:
+        async with client(client_stream, max_message_size=max_message_size) as sock:
             yield sock, peer
 
 
@@ -215,9 +221,6 @@ async def test_frames_in_the_same_read_as_the_upgrade_are_kept(
     client_stream, server_stream = trio.testing.memory_stream_pair()
     peer = Peer(server_stream)
 
-    async def opener(target: Endpoint) -> trio.abc.Stream:
-        return client_stream
-
     async with trio.open_nursery() as nursery:
         frame = WSConnection(ConnectionType.SERVER)  # a throwaway to frame one message
         frame.receive_data(
@@ -227,24 +230,13 @@ async def test_frames_in_the_same_read_as_the_upgrade_are_kept(
         list(frame.events())
         frame.send(AcceptConnection())
         nursery.start_soon(peer.accept, frame.send(Message(data="early")))
-        async with open_websocket(
-            "ws://peer/",
-            [],
-            deflate=False,
-            connect_timeout=5,
-            close_timeout=1,
-            max_message_size=1 << 20,
-            opener=opener,
-        ) as sock:
+        async with client(client_stream) as sock:
             assert sock.message_nowait() == "early"
 
 
 async def _handshake_with(answer: bytes, close: bool = True) -> BaseException:
     """What opening a socket raises when the peer answers the upgrade with `answer`."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
-
-    async def opener(target: Endpoint) -> trio.abc.Stream:
-        return client_stream
 
     async def answering() -> None:
         await server_stream.receive_some(65536)
@@ -255,15 +247,7 @@ async def _handshake_with(answer: bytes, close: bool = True) -> BaseException:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(answering)
         with pytest.raises((HandshakeError, ConnectionTimeout)) as raised:
-            async with open_websocket(
-                "ws://peer/",
-                [],
-                deflate=True,
-                connect_timeout=5,
-                close_timeout=1,
-                max_message_size=1 << 20,
-                opener=opener,
-            ):
+            async with client(client_stream, deflate=True):
                 pass
         nursery.cancel_scope.cancel()
     return raised.value
@@ -309,19 +293,8 @@ async def test_no_answer_or_not_http_is_a_handshake_error(
 async def test_an_upgrade_never_answered_times_out(clock: trio.testing.MockClock) -> None:
     client_stream, _server_stream = trio.testing.memory_stream_pair()
 
-    async def opener(target: Endpoint) -> trio.abc.Stream:
-        return client_stream
-
     with pytest.raises(ConnectionTimeout):
-        async with open_websocket(
-            "ws://peer/",
-            [],
-            deflate=False,
-            connect_timeout=5,
-            close_timeout=1,
-            max_message_size=1 << 20,
-            opener=opener,
-        ):
+        async with client(client_stream):
             pass
 
 
@@ -344,20 +317,9 @@ async def test_abort_cuts_a_pong_the_peer_does_not_take(clock: trio.testing.Mock
     client_stream, server_stream = trio.testing.lockstep_stream_pair()  # no buffer at all
     peer = Peer(server_stream)
 
-    async def opener(target: Endpoint) -> trio.abc.Stream:
-        return client_stream
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(peer.accept)
-        async with open_websocket(
-            "ws://peer/",
-            [],
-            deflate=False,
-            connect_timeout=5,
-            close_timeout=1,
-            max_message_size=1 << 20,
-            opener=opener,
-        ) as sock:
+        async with client(client_stream) as sock:
             await trio.testing.wait_all_tasks_blocked()  # the upgrade's answer is taken
             nursery.start_soon(peer.send, Ping(payload=b"then stop reading"))
             started = trio.current_time()
@@ -382,9 +344,6 @@ async def test_an_acceptance_wsproto_cannot_take_is_a_handshake_error(
     fault, said as a `HandshakeError` like any other broken upgrade, not a stray ValueError."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
 
-    async def opener(target: Endpoint) -> trio.abc.Stream:
-        return client_stream
-
     async def answer() -> None:
         request = await server_stream.receive_some(65536)
         key = re.search(rb"(?i)sec-websocket-key: *([^\r]+)", request)
@@ -399,14 +358,6 @@ async def test_an_acceptance_wsproto_cannot_take_is_a_handshake_error(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(answer)
         with pytest.raises(HandshakeError) as failed:
-            async with open_websocket(
-                "ws://peer/",
-                [],
-                deflate=True,
-                connect_timeout=5,
-                close_timeout=1,
-                max_message_size=1 << 20,
-                opener=opener,
-            ):
+            async with client(client_stream, deflate=True):
                 pass
     assert type(failed.value) is HandshakeError and failed.value.__cause__ is not None
