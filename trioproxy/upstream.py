@@ -574,29 +574,9 @@ class UpstreamConnection:
             return True
         released = kind is not None and event.type in STEER_EVENTS
         if kind is None or released:
-            try:
-                if not self._isolated(turn):
-                    await turn.deliver(event)
-                elif not turn.offer(event):
-                    slow = errors.client_too_slow(turn.limit)
-                    self._cut(turn, broken_end("timeout", slow, turn.tracker))
-                    return True
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                if self._isolated(turn):
-                    self._cut(turn, TurnEnd("abandoned"))
-                    return True
-                self._remove(turn)
-                self._end(turn, TurnEnd("abandoned"))  # the client closed its end
-                self._break_all("socket", errors.upstream_closed("socket closed by the proxy"))
-                return False
-            except TurnOverdue:
-                # Its client stopped reading: the turn's own deadline still holds.
-                if self._isolated(turn):
-                    timeout = errors.turn_timeout(self._settings.turn_timeout)
-                    self._cut(turn, broken_end("timeout", timeout, turn.tracker))
-                    return True
-                self._break_all("timeout", errors.turn_timeout(self._settings.turn_timeout))
-                return False
+            passed = await self._deliver(turn, event)
+            if passed is not None:
+                return passed
             if kind is None:
                 return True
             held = turn.tracker.held_end
@@ -607,6 +587,35 @@ class UpstreamConnection:
         if released:
             end = replace(end, delivered=True)
         return self._end(turn, end)
+
+    async def _deliver(self, turn: Turn, event: UpstreamEvent) -> bool | None:
+        """Hand an event to its turn's client: None once it is handed over; otherwise the turn
+        could not take it and has ended (its client left, or stopped reading), and what
+        `_route` returns (False: the socket must close)."""
+        try:
+            if not self._isolated(turn):
+                await turn.deliver(event)
+            elif not turn.offer(event):
+                slow = errors.client_too_slow(turn.limit)
+                self._cut(turn, broken_end("timeout", slow, turn.tracker))
+                return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self._isolated(turn):
+                self._cut(turn, TurnEnd("abandoned"))
+                return True
+            self._remove(turn)
+            self._end(turn, TurnEnd("abandoned"))  # the client closed its end
+            self._break_all("socket", errors.upstream_closed("socket closed by the proxy"))
+            return False
+        except TurnOverdue:
+            # Its client stopped reading: the turn's own deadline still holds.
+            if self._isolated(turn):
+                timeout = errors.turn_timeout(self._settings.turn_timeout)
+                self._cut(turn, broken_end("timeout", timeout, turn.tracker))
+                return True
+            self._break_all("timeout", errors.turn_timeout(self._settings.turn_timeout))
+            return False
+        return None
 
     def _answered(self, event: UpstreamEvent) -> bool:
         """A default-lane frame while relayed events await their answers: the upstream takes
