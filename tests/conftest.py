@@ -107,10 +107,16 @@ async def server(nursery: trio.Nursery, fake: FakeUpstream) -> ProxyServer:
     return await start_proxy(nursery, fake)
 
 
-def memory_connector(fake: FakeUpstream, *, deflate: bool = True) -> Connector:
+def memory_connector(
+    fake: FakeUpstream,
+    *,
+    deflate: bool = True,
+    wrap: Callable[[trio.abc.Stream], trio.abc.Stream] | None = None,
+) -> Connector:
     """Real WebSocket protocol to the fake upstream over in-memory streams: no real I/O, so
     tests under an autojumping MockClock stay deterministic. The client side is the
-    production one (`wsclient.open_websocket`), deflate offer included."""
+    production one (`wsclient.open_websocket`), deflate offer included; `wrap` stands between
+    the client and its stream (a slow uplink, say)."""
 
     @asynccontextmanager
     async def connect(url: str, headers: list[tuple[bytes, bytes]]) -> AsyncIterator[ClientSocket]:
@@ -124,7 +130,7 @@ def memory_connector(fake: FakeUpstream, *, deflate: bool = True) -> Connector:
                     await fake.handle(request)
 
                 nursery.start_soon(serve_one)
-                return client_stream
+                return client_stream if wrap is None else wrap(client_stream)
 
             async with open_websocket(
                 url,

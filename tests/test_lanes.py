@@ -7,6 +7,7 @@ protocol documents them (per-lane FIFO, interleaved events, `stream_id` echoed, 
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -741,3 +742,56 @@ def test_codex_thread_id_keys_a_session_but_not_its_credential_group() -> None:
 def test_managed_mode_passes_codex_thread_id_upstream() -> None:
     kept = keys.managed_own([("thread-id", "t1"), ("x-secret-org", "o")], ())
     assert kept == [("thread-id", "t1")]
+
+
+class SlowUplink(trio.abc.Stream):
+    """The proxy's side of an upstream stream whose sending side moves 200 KB a second."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.sleep(len(data) / 200_000)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_long_message_does_not_stall_the_other_lanes(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """One session sends a 900 KB request (4 fragments, 4.5 s on this uplink) while another's
+    response streams on the same socket: the socket's task reads between fragments, so the
+    streaming session's events wait at most a fragment's time, not the whole send."""
+    fake = FakeUpstream()
+    config = Settings(upstream="ws://fake/v1/responses", lanes=True, permessage_deflate=False)
+    registry = Registry(config, memory_connector(fake, deflate=False, wrap=SlowUplink))
+    await nursery.start(registry.run)
+    proxy = Proxy(config, registry)
+    streaming = await start(proxy, "a", [user("fake: slow 0.05\nfake: long 100")])
+    arrivals: list[float] = []
+
+    async def read_a() -> None:
+        async for _ in streaming:
+            arrivals.append(trio.current_time())
+
+    nursery.start_soon(read_a)
+    await trio.sleep(0.2)
+    sent_at = trio.current_time()
+    end, _, _ = await finish(await start(proxy, "b", [user("x" * 900_000)]))
+    assert end.kind == "completed"
+    assert trio.current_time() - sent_at >= 4.0  # the send itself took the uplink's time
+    during = [t for t in arrivals if sent_at <= t <= sent_at + 4.0]
+    gaps = [b - a for a, b in itertools.pairwise(during)]
+    # At most one fragment's send (256 KiB: 1.3 s here) between two of them, not the 4.5 s
+    # of the whole message.
+    assert during and max(gaps) < 1.5, (len(during), max(gaps, default=None))
+    assert {c.socket for c in fake.creates()} == {1}  # one shared socket, two lanes
+    await registry.aclose()

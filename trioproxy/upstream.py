@@ -15,6 +15,7 @@ import math
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import orjson
@@ -46,6 +47,9 @@ _ABRUPT = frozenset({"socket", "timeout", "abandoned"})
 # How long an event relayed for a client may take to be answered (an `error`, on the default
 # lane) before its silence is taken as acceptance; the client's default lane waits meanwhile.
 ANSWER_WAIT = 5.0
+# How long a shared socket's owner waits for the other lanes' bytes between the fragments of
+# a long message it sends (`_interleave`): a read takes what is there; silence costs this.
+INTERLEAVE_WAIT = 0.001
 # Upstream ends of one response that leave the connection as it was (on a named lane).
 _SOFT = frozenset({"error", "failed", "incomplete", "cancelled"})
 
@@ -389,10 +393,11 @@ class UpstreamConnection:
         """One message out, bounded by `deadline` and cut by a client leaving: an upstream
         that stops reading cannot hold a turn past its `turn_timeout`. A message cut halfway
         leaves the socket unusable, so every turn on it ends."""
+        between = partial(self._interleave, sock) if self.shared else None
         with trio.CancelScope(deadline=deadline) as sending:
             self._sending = sending
             try:
-                await sock.send_text(payload)
+                await sock.send_text(payload, between)
                 return True
             except ConnectionClosed as exc:
                 self._break_all("socket", errors.upstream_closed(close_detail(exc)))
@@ -406,6 +411,27 @@ class UpstreamConnection:
             self._drop_abandoned()
         self._break_all("timeout", errors.turn_timeout(self._settings.turn_timeout))
         return False
+
+    async def _interleave(self, sock: ClientSocket) -> bool:
+        """Between the fragments of a long message on a shared socket: what the other lanes
+        sent meanwhile is read and routed, so one session's large request over a slow uplink
+        does not hold back every other session's events until it is sent. False once the
+        socket must close."""
+        if len(self.running_turns()) <= 1:  # only the turn being sent: nothing to read for
+            await trio.lowlevel.checkpoint()
+            return True
+        try:
+            await sock.read_ready(INTERLEAVE_WAIT)
+            while True:
+                try:
+                    frame = sock.message_nowait()
+                except trio.WouldBlock:
+                    return True
+                if not await self._route(frame):
+                    return False
+        except ConnectionClosed as exc:
+            self._break_all("socket", errors.upstream_closed(close_detail(exc)))
+            return False
 
     def _notice_failed(self, job: Job, error: ApiError) -> None:
         """A relayed message that could not go: its client hears why, never silence."""

@@ -321,10 +321,14 @@ class ClientSocket:
         if self._answering is not None:
             self._answering.cancel()
 
-    async def send_text(self, payload: bytes) -> None:
+    async def send_text(
+        self, payload: bytes, between: Callable[[], Awaitable[bool]] | None = None
+    ) -> None:
         """Send `payload` (UTF-8 JSON) as one text message. A large one goes as fragments of
         `FRAGMENT` characters: encoding, masking and compressing ten megabytes at once holds
-        the event loop for tens of milliseconds, and every other client with it."""
+        the event loop for tens of milliseconds, and every other client with it. `between`
+        runs after each fragment but the last (a shared socket's owner reads the other lanes'
+        events there); False from it stops the send (`trio.ClosedResourceError`)."""
         if self.closed is not None or self._conn is None:
             raise ConnectionClosed(self.closed)
         if len(payload) <= FRAGMENT:
@@ -335,8 +339,19 @@ class ClientSocket:
             last = start + FRAGMENT >= len(text)
             chunk = TextMessage(data=text[start : start + FRAGMENT], message_finished=last)
             await self.wire.send_all(self._conn.send(chunk))
-            # A send the kernel takes at once need not yield: let the others run.
-            await trio.lowlevel.checkpoint()
+            if last:
+                return
+            if between is None:
+                # A send the kernel takes at once need not yield: let the others run.
+                await trio.lowlevel.checkpoint()
+            elif not await between():
+                raise trio.ClosedResourceError("the socket closed while a message was sent")
+
+    async def read_ready(self, wait: float) -> None:
+        """`read_some` if bytes come within `wait` seconds; otherwise nothing (the read is
+        cancelled, which loses nothing)."""
+        with trio.move_on_after(wait):
+            await self.read_some()
 
     async def aclose(self, grace: float) -> None:
         """The close handshake, bounded by `grace` seconds, then the stream closes. Not shielded: a
