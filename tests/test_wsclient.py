@@ -361,3 +361,32 @@ async def test_an_acceptance_wsproto_cannot_take_is_a_handshake_error(
             async with client(client_stream, deflate=True):
                 pass
     assert type(failed.value) is HandshakeError and failed.value.__cause__ is not None
+
+
+async def test_a_ping_behind_the_upgrade_is_answered_at_the_first_read(
+    clock: trio.testing.MockClock,
+) -> None:
+    """Nothing is sent shielded while the handshake's time limit runs (review 41: a peer that
+    stops reading could hold the open past `connect_timeout`, out of a kill's reach): a ping
+    in the 101's read is answered by the owner's first read."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    peer = Peer(server_stream)
+    framer = WSConnection(ConnectionType.SERVER)  # frames a ping and a message for the 101
+    framer.receive_data(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    list(framer.events())
+    framer.send(AcceptConnection())
+    behind = framer.send(Ping(payload=b"early")) + framer.send(Message(data="first"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer.accept, behind)
+        async with client(client_stream) as sock:
+            assert sock.message_nowait() == "first"
+            with trio.move_on_after(1):
+                await peer.next_event()
+                raise AssertionError("answered inside the handshake")
+            await peer.send(Message(data="second"))
+            assert await sock.receive() == "second"
+            pong = await peer.next_event()
+            assert isinstance(pong, Pong) and pong.payload == b"early"

@@ -151,6 +151,10 @@ class ClientSocket:
         # The upgrade answer's headers (rate limits, the model): read by upstream.py.
         self.handshake_headers: tuple[tuple[bytes, bytes], ...] = ()
         self._answering: trio.CancelScope | None = None  # a control frame's shielded send
+        # An answer owed from the handshake's read (a ping right behind the 101): sent at the
+        # first read, when the owner holds the socket and `abort` can reach it.
+        self._owed: Event | None = None
+        self._opening = True
         self._broken = False  # a send may have stopped halfway: close without a handshake
 
     @property
@@ -194,6 +198,7 @@ class ClientSocket:
                     self.handshake_headers = tuple(event.extra_headers)
                     self._conn = self._ws.connection
                     await self._take(events)  # frames that came in the same read
+                    self._opening = False
                     return
                 if isinstance(event, RejectConnection):
                     status, rejected = event.status_code, tuple(event.headers)
@@ -234,6 +239,9 @@ class ClientSocket:
         """One read: the messages it completes are queued for `message_nowait`, pings and a
         close frame answered. Raises `ConnectionClosed` on a closed socket. Safe to cancel:
         the only checkpoints are the read and the shielded answers."""
+        if self._owed is not None:
+            owed, self._owed = self._owed, None
+            await self._answer(owed)
         if self.closed is not None:
             raise ConnectionClosed(self.closed)
         try:
@@ -295,6 +303,9 @@ class ClientSocket:
         and a send cut halfway leaves the stream broken) and bounded by `REPLY_TIMEOUT`; only
         `abort` (the owner dropping the socket) cuts it short. A peer that does not take it
         gets the socket marked closed."""
+        if self._opening:
+            self._owed = event  # nothing is sent shielded inside the handshake's time limit
+            return
         try:
             data = self._ws.send(event)
         except ProtocolError:
