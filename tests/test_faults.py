@@ -109,6 +109,35 @@ async def test_handshake_refused_as_no_websocket_falls_back_to_http(
     assert server.registry.live == 0
 
 
+# -- a message larger than the upstream takes ----------------------------------------------------
+async def test_a_message_too_large_for_a_socket_goes_over_http_once(server: ProxyServer) -> None:
+    """The upstream closes with 1009 on a message larger than it takes. No socket would take
+    it (and a retry on a shared socket would end its other lanes too); an HTTP POST has no
+    message limit: the turn goes that way, once, and completes."""
+    fake = server.fake
+    fake.max_message_bytes = 100_000
+    async with server.client() as client:
+        reply = await post(client, request_body([user("x" * 200_000)], stream=True))
+    assert reply.status_code == 200, reply.text
+    assert sse_events(reply.text)[-1][0] == "response.completed"
+    assert fake.sockets_opened == 1 and len(fake.http_posts) == 1
+    assert server.proxy.retries["too_large"] == 1 and server.proxy.retries["socket"] == 0
+    await nothing_left(server)
+
+
+async def test_a_message_too_large_without_the_http_fallback_is_413(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    server = await start_proxy(nursery, fake, http_fallback=False)
+    fake.max_message_bytes = 100_000
+    async with server.client() as client:
+        reply = await post(client, request_body([user("x" * 200_000)]))
+    assert reply.status_code == 413, reply.text
+    assert reply.json()["error"]["code"] == "upstream_message_too_large"
+    assert fake.sockets_opened == 1 and not fake.http_posts  # not sent again: it cannot pass
+    await nothing_left(server)
+
+
 # -- before the first event: a transparent retry ---------------------------------------------------
 async def test_socket_dropped_before_the_first_event_is_retried_on_a_fresh_socket(
     server: ProxyServer,

@@ -53,6 +53,19 @@ def close_detail(exc: ConnectionClosed) -> str:
     return f"code {reason.code}" + (f" ({reason.reason})" if reason.reason else "")
 
 
+def closed_error(sock: ClientSocket, exc: ConnectionClosed) -> ApiError:
+    """Why a socket closed, for the clients of its turns. The upstream's own 1009 ("message too
+    big") answers the message just sent: that request is too large for it (413), and sending
+    it again on another socket, shared by other sessions' lanes, would only close that one."""
+    reason = exc.reason
+    if reason is not None and reason.code == _TOO_BIG and sock.closed_by_peer:
+        return errors.upstream_message_too_large(close_detail(exc))
+    return errors.upstream_closed(close_detail(exc))
+
+
+_TOO_BIG = 1009  # RFC 6455 7.4.1
+
+
 def handshake_error(exc: BaseException) -> ApiError:
     """Map a failed connect or upgrade to the error the client sees."""
     if isinstance(exc, ApiError):

@@ -208,6 +208,16 @@ def upstream_closed(detail: str) -> ApiError:
     )
 
 
+def upstream_message_too_large(detail: str) -> ApiError:
+    """The upstream closed the socket with 1009 after our message: it takes no message that
+    large, so the request cannot succeed as it is, on any socket (not retried)."""
+    return _upstream(
+        413,
+        "upstream_message_too_large",
+        f"the request is larger than the upstream takes in one WebSocket message: {detail}",
+    )
+
+
 def upstream_protocol(detail: str) -> ApiError:
     return _upstream(502, "bad_event", f"upstream sent an unreadable event: {detail}")
 

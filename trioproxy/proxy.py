@@ -174,6 +174,8 @@ class Proxy:
         if stream.first is not None:
             return stream
         end = stream.end
+        if _too_large(end):
+            return await self._too_large(stream, body, headers, target, upstream, scope, about)
         if _unauthorized(end) and upstream.token is not None:
             # A pooled socket whose token lapsed upstream: refresh, then a fresh socket.
             cause: str | None = "unauthorized"
@@ -253,6 +255,8 @@ class Proxy:
         if stream.first is not None:
             return stream
         end = stream.end
+        if _too_large(end):
+            return await self._too_large(stream, body, headers, target, upstream, scope, about)
         code = end.error.code if end.error is not None else None
         avoid: UpstreamConnection | None = seat.conn
         if _unauthorized(end) and upstream.token is not None:
@@ -370,6 +374,26 @@ class Proxy:
         await self.registry.run_http(turn, url, http_headers, upstream.key)
         return await self._first(turn, submitted)
 
+    async def _too_large(
+        self,
+        stream: TurnStream,
+        body: dict[str, Any],
+        headers: list[tuple[str, str]],
+        target: Target,
+        upstream: Upstream,
+        scope: str | None,
+        about: dict[str, Any],
+    ) -> TurnStream:
+        """The upstream closed its socket with 1009 on this turn's message: no socket takes
+        it, and a retry on a shared one would end its other lanes too. An HTTP POST has no
+        message limit, so with the HTTP fallback on the turn goes that way, once; otherwise
+        the client hears 413 `upstream_message_too_large`."""
+        if not self.fallback.enabled:
+            return stream
+        self.retries["too_large"] += 1
+        log.info("turn's message too large for a WebSocket message upstream; sent over HTTP")
+        return await self._over_http(body, headers, target, upstream, scope, about)
+
     async def token(self, target: Target) -> str | None:
         """The held login's access token (refreshed if due), or None for pass-through."""
         if target.login is None:
@@ -471,7 +495,9 @@ class Proxy:
     def _retryable(self, stream: TurnStream) -> bool:
         end = stream.end
         if end.kind == "socket":
-            return True  # nothing reached the client; a fresh socket gets a clean start
+            # Nothing reached the client; a fresh socket gets a clean start, unless the
+            # upstream said the message itself is too large for it.
+            return end.error is None or end.error.code != "upstream_message_too_large"
         if end.kind == "error" and end.error is not None and end.error.code in _RETRY_CODES:
             # A chain the client built itself cannot be rebuilt by the proxy.
             return not (
@@ -565,6 +591,10 @@ def _planned(
     if lane is not None:
         plan.message["stream_id"] = lane
     return plan, bigjson.dumps_message(plan.message)
+
+
+def _too_large(end: TurnEnd) -> bool:
+    return end.error is not None and end.error.code == "upstream_message_too_large"
 
 
 def _unauthorized(end: TurnEnd) -> bool:

@@ -24,7 +24,7 @@ from trio_websocket import ConnectionClosed
 
 from trioproxy import errors
 from trioproxy.config import Settings
-from trioproxy.connector import Connector, Headers, close_detail, handshake_error
+from trioproxy.connector import Connector, Headers, closed_error, handshake_error
 from trioproxy.delta import Conversation
 from trioproxy.errors import ApiError
 from trioproxy.events import (
@@ -400,7 +400,7 @@ class UpstreamConnection:
                 await sock.send_text(payload, between)
                 return True
             except ConnectionClosed as exc:
-                self._break_all("socket", errors.upstream_closed(close_detail(exc)))
+                self._break_all("socket", closed_error(sock, exc))
                 return False
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._break_all("socket", errors.upstream_closed("closed while sending"))
@@ -430,7 +430,7 @@ class UpstreamConnection:
                 if not await self._route(frame):
                     return False
         except ConnectionClosed as exc:
-            self._break_all("socket", errors.upstream_closed(close_detail(exc)))
+            self._break_all("socket", closed_error(sock, exc))
             return False
 
     def _notice_failed(self, job: Job, error: ApiError) -> None:
@@ -471,7 +471,7 @@ class UpstreamConnection:
                     continue
                 frame = got
             except ConnectionClosed as exc:
-                self._break_all("socket", errors.upstream_closed(close_detail(exc)))
+                self._break_all("socket", closed_error(sock, exc))
                 return False
             if not await self._route(frame):
                 return False
@@ -500,7 +500,7 @@ class UpstreamConnection:
             try:
                 return await sock.receive()
             except ConnectionClosed as exc:
-                self._break_all("socket", errors.upstream_closed(close_detail(exc)))
+                self._break_all("socket", closed_error(sock, exc))
                 self._ending = True
                 return None
             finally:

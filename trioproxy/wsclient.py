@@ -154,6 +154,7 @@ class ClientSocket:
         # An answer owed from the handshake's read (a ping right behind the 101): sent at the
         # first read, when the owner holds the socket and `abort` can reach it.
         self._owed: Event | None = None
+        self.closed_by_peer = False  # its close frame came from the upstream (not wsproto's)
         self._opening = True
         self._broken = False  # a send may have stopped halfway: close without a handshake
 
@@ -285,6 +286,7 @@ class ClientSocket:
                 ping = event
             elif isinstance(event, CloseConnection):
                 self.closed = CloseReason(event.code, event.reason or None)
+                self.closed_by_peer = self._ws.state is ConnectionState.REMOTE_CLOSING
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
                     await self._answer(event.response())
                 elif self._ws.state is ConnectionState.OPEN:

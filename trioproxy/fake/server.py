@@ -113,6 +113,9 @@ class FakeUpstream:
         self.websocket_enabled = True  # False: every upgrade gets 404, as an HTTP-only provider
         # Accept permessage-deflate when a client offers it (Codex does; so does the proxy).
         self.deflate = True
+        # The largest message a socket takes; a larger one is refused with a 1009 close (the
+        # live limit is not documented; tests lower this one to see the proxy's answer).
+        self.max_message_bytes = 256 * 2**20
         # A reasoning item's ciphertext differs between `output_item.done` and
         # `response.completed`, as live responses re-encrypt it (DESIGN.md section 2b).
         self.reencrypt = True
@@ -292,7 +295,9 @@ class FakeUpstream:
             if b"upgrade: websocket" in head.lower():
                 async with trio.open_nursery() as nursery:
                     wire = _Replay(stream, head)
-                    request = await wrap_server_stream(nursery, wire, max_message_size=256 * 2**20)
+                    request = await wrap_server_stream(
+                        nursery, wire, max_message_size=self.max_message_bytes
+                    )
                     await self.handle(request, wire)
                     # The reader task finishes the close handshake on its own; give it a
                     # moment (cancelling it at once could strand a close waiting on it).
