@@ -795,3 +795,21 @@ async def test_a_long_message_does_not_stall_the_other_lanes(
     assert during and max(gaps) < 1.5, (len(during), max(gaps, default=None))
     assert {c.socket for c in fake.creates()} == {1}  # one shared socket, two lanes
     await registry.aclose()
+
+
+async def test_a_message_too_large_ends_only_its_own_turn_as_too_large(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """The upstream closes a shared socket with 1009 on one session's message: that turn is
+    413 `upstream_message_too_large` (not sent again: with the HTTP fallback off here), the
+    other lane's turn ends as a closed socket, not as a request too large."""
+    fake = FakeUpstream()  # the in-memory server takes messages up to 1 MiB
+    proxy = await laned_proxy(nursery, fake, http_fallback=False, permessage_deflate=False)
+    streaming = await start(proxy, "a", [user("fake: slow 0.05\nfake: long 100")])
+    big = await start(proxy, "b", [user("x" * 1_200_000)])
+    assert big.end.error is not None and big.end.error.status == 413
+    assert big.end.error.code == "upstream_message_too_large"
+    end, _, _ = await finish(streaming)
+    assert end.error is not None and end.error.code == "upstream_connection_closed"
+    assert len(fake.creates()) == 1  # the large one never reached a second socket
+    await proxy.registry.aclose()

@@ -24,7 +24,13 @@ from trio_websocket import ConnectionClosed
 
 from trioproxy import errors
 from trioproxy.config import Settings
-from trioproxy.connector import Connector, Headers, closed_error, handshake_error
+from trioproxy.connector import (
+    Connector,
+    Headers,
+    close_detail,
+    closed_error,
+    handshake_error,
+)
 from trioproxy.delta import Conversation
 from trioproxy.errors import ApiError
 from trioproxy.events import (
@@ -117,6 +123,7 @@ class UpstreamConnection:
         self.response_headers: list[tuple[str, str]] = []
         self._scope = trio.CancelScope()
         self._sock: ClientSocket | None = None  # while open: only `kill` reaches in (abort)
+        self._last_sent: Turn | None = None  # the turn whose message went out last
         # Bounded: a WebSocket client of ours submits at most a few jobs ahead (wsturns.py).
         self._jobs_send, self._jobs_recv = trio.open_memory_channel[Job](64)
         self.closed = trio.Event()
@@ -381,6 +388,7 @@ class UpstreamConnection:
         if not await self._send(sock, turn.payload, self._send_deadline()):
             return False
         turn.wire_bytes = sock.wire.sent - before
+        self._last_sent = turn  # what an upstream 1009 close answers (`_closed`)
         return True
 
     def _send_deadline(self) -> float:
@@ -400,7 +408,7 @@ class UpstreamConnection:
                 await sock.send_text(payload, between)
                 return True
             except ConnectionClosed as exc:
-                self._break_all("socket", closed_error(sock, exc))
+                self._closed(sock, exc)
                 return False
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._break_all("socket", errors.upstream_closed("closed while sending"))
@@ -430,7 +438,7 @@ class UpstreamConnection:
                 if not await self._route(frame):
                     return False
         except ConnectionClosed as exc:
-            self._break_all("socket", closed_error(sock, exc))
+            self._closed(sock, exc)
             return False
 
     def _notice_failed(self, job: Job, error: ApiError) -> None:
@@ -471,7 +479,7 @@ class UpstreamConnection:
                     continue
                 frame = got
             except ConnectionClosed as exc:
-                self._break_all("socket", closed_error(sock, exc))
+                self._closed(sock, exc)
                 return False
             if not await self._route(frame):
                 return False
@@ -500,7 +508,7 @@ class UpstreamConnection:
             try:
                 return await sock.receive()
             except ConnectionClosed as exc:
-                self._break_all("socket", closed_error(sock, exc))
+                self._closed(sock, exc)
                 self._ending = True
                 return None
             finally:
@@ -712,6 +720,8 @@ class UpstreamConnection:
         """Record a turn's end (the pool learns first, then the client); False when the
         socket must close now."""
         turn.waker = None
+        if self._last_sent is turn:
+            self._last_sent = None  # an idle socket keeps nothing of its last turn
         self.turns += 1
         keep = end.kind == "completed" and not self.one_turn
         if turn.discarding:
@@ -764,6 +774,19 @@ class UpstreamConnection:
             self.memory = None
         if rid in self.answered:
             self.answered.remove(rid)
+
+    def _closed(self, sock: ClientSocket, exc: ConnectionClosed) -> None:
+        """The socket closed under its turns: each ends saying why. The upstream's 1009 answers
+        the last message sent: only that turn's request was too large (`closed_error`), the
+        others' (other lanes of a shared socket) were not."""
+        error = closed_error(sock, exc)
+        if error.code == "upstream_message_too_large":
+            culprit, self._last_sent = self._last_sent, None
+            if culprit is not None and culprit in self.running_turns():
+                self._remove(culprit)
+                self._end(culprit, broken_end("socket", error, culprit.tracker))
+            error = errors.upstream_closed(close_detail(exc))
+        self._break_all("socket", error)
 
     def _break_all(self, kind: EndKind, error: ApiError) -> None:
         """End every running turn with `error` (the socket is closing)."""
