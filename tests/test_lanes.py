@@ -64,6 +64,14 @@ async def turn(proxy: Proxy, session: str, items: list[Any], **kw: Any) -> tuple
     return end, output
 
 
+async def seated(proxy: Proxy) -> tuple[Session, Session]:
+    """Sessions `a` and `b`, one turn each: a seat each, on one shared socket."""
+    a, b = Session(proxy, "a"), Session(proxy, "b")
+    await a.say("a one")
+    await b.say("b one")
+    return a, b
+
+
 class Session:
     """A client that echoes each response's output back, as Codex does."""
 
@@ -145,9 +153,7 @@ async def test_a_client_cut_mid_turn_ends_only_its_own_lane(
 ) -> None:
     fake = FakeUpstream()
     proxy = await laned_proxy(nursery, fake)
-    a, b = Session(proxy, "a"), Session(proxy, "b")
-    await a.say("a one")
-    await b.say("b one")
+    a, b = await seated(proxy)
     cut = await start(proxy, "a", [*a.history, user("a long\nfake: slow 0.5\nfake: deltas 20")])
     other = await start(proxy, "b", [*b.history, user("b long\nfake: slow 0.5\nfake: deltas 20")])
     await cut.__anext__()
@@ -242,9 +248,7 @@ async def test_a_connection_at_its_limit_is_left_and_its_sessions_resend_once(
     fake = FakeUpstream()
     fake.max_socket_age = 100  # shorter than the proxy believes
     proxy = await laned_proxy(nursery, fake)
-    a, b = Session(proxy, "a"), Session(proxy, "b")
-    await a.say("a one")
-    await b.say("b one")
+    a, b = await seated(proxy)
     await trio.sleep(150)
     await a.say("a two")  # refused upstream, retried on a new socket with the full input
     await b.say("b two")
@@ -330,9 +334,7 @@ async def test_a_refused_lane_turn_keeps_the_socket_and_the_others(
 ) -> None:
     fake = FakeUpstream()
     proxy = await laned_proxy(nursery, fake)
-    a, b = Session(proxy, "a"), Session(proxy, "b")
-    await a.say("one")
-    await b.say("one")
+    a, b = await seated(proxy)
     fake.queue(Reply.error("invalid_value", 400))
     end, _ = await turn(proxy, "a", [*a.history, user("bad")])
     assert end.kind == "error"  # the client hears the refusal
@@ -516,9 +518,7 @@ async def test_a_lane_that_breaks_its_response_ends_alone(
 ) -> None:
     fake = FakeUpstream()
     proxy = await laned_proxy(nursery, fake)
-    a, b = Session(proxy, "a"), Session(proxy, "b")
-    await a.say("a one")
-    await b.say("b one")
+    a, b = await seated(proxy)
     broken = await start(proxy, "a", [*a.history, user("a two\nfake: slow 0.2\nfake: deltas 20")])
     other = await start(proxy, "b", [*b.history, user("b two\nfake: slow 0.2\nfake: deltas 20")])
     lane = creates_of(fake, "a two\nfake: slow 0.2\nfake: deltas 20")[0]["stream_id"]
@@ -554,9 +554,7 @@ async def test_shutdown_refuses_new_lane_turns_and_closes_shared_sockets_once_id
 ) -> None:
     fake = FakeUpstream()
     proxy = await laned_proxy(nursery, fake)
-    a, b = Session(proxy, "a"), Session(proxy, "b")
-    await a.say("one")
-    await b.say("one")
+    a, b = await seated(proxy)
     running = await start(proxy, "a", [*a.history, user("two\nfake: slow 1\nfake: deltas 5")])
     started = trio.current_time()
     async with trio.open_nursery() as group:
@@ -575,9 +573,7 @@ async def test_a_connection_error_on_the_default_lane_ends_its_turns_with_its_ow
 ) -> None:
     fake = FakeUpstream()
     proxy = await laned_proxy(nursery, fake)
-    a, b = Session(proxy, "a"), Session(proxy, "b")
-    await a.say("one")
-    await b.say("one")
+    a, b = await seated(proxy)
     streaming = await start(proxy, "a", [*a.history, user("two\nfake: slow 1\nfake: deltas 5")])
     error = {
         "type": "error",
