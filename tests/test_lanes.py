@@ -809,3 +809,36 @@ async def test_a_message_too_large_ends_only_its_own_turn_as_too_large(
     assert end.error is not None and end.error.code == "upstream_connection_closed"
     assert len(fake.creates()) == 1  # the large one never reached a second socket
     await proxy.registry.aclose()
+
+
+async def test_an_event_for_a_request_still_being_sent_ends_that_turn_alone(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """Between the fragments of a long message the socket's task reads the other lanes; an
+    event on the lane whose request is not yet whole answers nothing sent: that turn is cut
+    (nothing reached its client, so it is sent again on a fresh socket), the socket takes no
+    new turns, and the other lane finishes on it."""
+    fake = FakeUpstream()
+    config = Settings(upstream="ws://fake/v1/responses", lanes=True, permessage_deflate=False)
+    registry = Registry(config, memory_connector(fake, deflate=False, wrap=SlowUplink))
+    await nursery.start(registry.run)
+    proxy = Proxy(config, registry)
+    a, b = await seated(proxy)
+    lane = creates_of(fake, "a one")[0]["stream_id"]
+    other = await start(proxy, "b", [*b.history, user("fake: slow 0.05\nfake: long 100")])
+    ends: list[TurnEnd] = []
+
+    async def send_large() -> None:
+        ends.append((await finish(await start(proxy, "a", [*a.history, user("x" * 900_000)])))[0])
+
+    async with trio.open_nursery() as sending:
+        sending.start_soon(send_large)
+        await trio.sleep(1.5)  # the first of four fragments is out
+        early = {"type": "response.created", "stream_id": lane, "response": {"id": "resp_z"}}
+        await fake.send_stray(json.dumps(early))
+    assert ends[0].kind == "completed"
+    assert proxy.retries["socket"] == 1 and fake.sockets_opened == 2
+    end, _, _ = await finish(other)
+    assert end.kind == "completed"
+    assert [c.socket for c in fake.creates()][-3:] == [1, 1, 2]  # b's, a's cut one, a's again
+    await registry.aclose()

@@ -124,6 +124,7 @@ class UpstreamConnection:
         self._scope = trio.CancelScope()
         self._sock: ClientSocket | None = None  # while open: only `kill` reaches in (abort)
         self._last_sent: Turn | None = None  # the turn whose message went out last
+        self._outgoing: Turn | None = None  # the turn whose message is going out now
         # Bounded: a WebSocket client of ours submits at most a few jobs ahead (wsturns.py).
         self._jobs_send, self._jobs_recv = trio.open_memory_channel[Job](64)
         self.closed = trio.Event()
@@ -385,8 +386,12 @@ class UpstreamConnection:
         self._last_frame = trio.current_time()  # silence counts from the request
         self._lanes.setdefault(turn.lane, deque()).append(turn)
         before = sock.wire.sent
-        if not await self._send(sock, turn.payload, self._send_deadline()):
-            return False
+        self._outgoing = turn
+        try:
+            if not await self._send(sock, turn.payload, self._send_deadline()):
+                return False
+        finally:
+            self._outgoing = None
         turn.wire_bytes = sock.wire.sent - before
         self._last_sent = turn  # what an upstream 1009 close answers (`_closed`)
         return True
@@ -583,6 +588,14 @@ class UpstreamConnection:
         if not queue:
             return await self._unrouted(event)
         turn = queue[0]
+        if turn is self._outgoing:
+            # Read between the fragments of its own message (`_interleave`): no response can
+            # answer a request not yet whole, so whatever this is, the lane's state is unknown.
+            if not turn.discarding:
+                early = errors.upstream_protocol("an event before its request was sent")
+                self._cut(turn, broken_end("socket", early, turn.tracker))
+            self.retire()
+            return True
         if self.shared and isinstance(lane, str):
             event = without_lane(event)  # the lane is the proxy's, not the client's
             if event.type == "response.created":
