@@ -174,8 +174,8 @@ class Proxy:
         if stream.first is not None:
             return stream
         end = stream.end
-        if _too_large(end):
-            return await self._too_large(stream, body, headers, target, upstream, scope, about)
+        if self._http_cures(end):
+            return await self._over_http(body, headers, target, upstream, scope, about)
         if _unauthorized(end) and upstream.token is not None:
             # A pooled socket whose token lapsed upstream: refresh, then a fresh socket.
             cause: str | None = "unauthorized"
@@ -255,8 +255,8 @@ class Proxy:
         if stream.first is not None:
             return stream
         end = stream.end
-        if _too_large(end):
-            return await self._too_large(stream, body, headers, target, upstream, scope, about)
+        if self._http_cures(end):
+            return await self._over_http(body, headers, target, upstream, scope, about)
         code = end.error.code if end.error is not None else None
         avoid: UpstreamConnection | None = seat.conn
         if _unauthorized(end) and upstream.token is not None:
@@ -374,25 +374,17 @@ class Proxy:
         await self.registry.run_http(turn, url, http_headers, upstream.key)
         return await self._first(turn, submitted)
 
-    async def _too_large(
-        self,
-        stream: TurnStream,
-        body: dict[str, Any],
-        headers: list[tuple[str, str]],
-        target: Target,
-        upstream: Upstream,
-        scope: str | None,
-        about: dict[str, Any],
-    ) -> TurnStream:
-        """The upstream closed its socket with 1009 on this turn's message: no socket takes
-        it, and a retry on a shared one would end its other lanes too. An HTTP POST has no
-        message limit, so with the HTTP fallback on the turn goes that way, once; otherwise
-        the client hears 413 `upstream_message_too_large`."""
-        if not self.fallback.enabled:
-            return stream
+    def _http_cures(self, end: TurnEnd) -> bool:
+        """Whether a turn refused before its first event goes once over HTTP instead: the
+        upstream closed its socket with 1009 on this turn's message, so no socket takes it (and
+        a retry on a shared one would end its other lanes too), while an HTTP POST has no
+        message limit. With the HTTP fallback off the client hears 413
+        `upstream_message_too_large`."""
+        if not (_too_large(end) and self.fallback.enabled):
+            return False
         self.retries["too_large"] += 1
         log.info("turn's message too large for a WebSocket message upstream; sent over HTTP")
-        return await self._over_http(body, headers, target, upstream, scope, about)
+        return True
 
     async def token(self, target: Target) -> str | None:
         """The held login's access token (refreshed if due), or None for pass-through."""
