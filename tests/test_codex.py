@@ -375,6 +375,35 @@ async def test_codex_with_websockets_runs_the_loop_over_a_websocket_to_the_proxy
     assert proxy.turns == {"full": 2, "passthrough": 4}
 
 
+async def test_two_codex_websocket_sessions_with_lanes_share_one_socket_each_on_its_lane(
+    nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """Lanes on: Codex speaking WebSocket to the proxy takes its session's seat like an HTTP
+    client, warm-up and chained turns alike, and parses every event (no lane of ours leaks)."""
+    server = await start_proxy(nursery, fake, lanes=True)
+    settings = config(server, "api-key-websocket")
+    runs = [
+        make_codex(tmp_path / name, settings, OPENAI_API_KEY="sk-codex-test")
+        for name in ("one", "two")
+    ]
+    async with trio.open_nursery() as group:
+        for codex in runs:
+            group.start_soon(codex.run, LOOP)
+    for codex in runs:
+        assert_answered(codex.succeeded(), 4)
+    assert server.proxy.telemetry.clients["websocket-in"] == len(fake.creates())
+    assert fake.sockets_opened == 1
+    by_lane: dict[str, list[Any]] = {}
+    for create in fake.creates():
+        by_lane.setdefault(create.message["stream_id"], []).append(create.message)
+    assert len(by_lane) == 2
+    for creates in by_lane.values():
+        assert creates[0].get("generate") is False
+        for turn in creates[2:]:  # each chain on its own lane, only its new item a turn
+            assert turn["previous_response_id"]
+            assert [item["type"] for item in turn["input"]] == ["function_call_output"]
+
+
 async def test_codex_over_websocket_with_a_chatgpt_login_passed_through_and_held(
     nursery: trio.Nursery, fake: FakeUpstream, tmp_path: Path
 ) -> None:

@@ -107,13 +107,16 @@ class Proxy:
         client: str = "http-in",
         beside: UpstreamConnection | None = None,
         owner: WebSocketClient | None = None,
+        seatable: bool = True,
     ) -> TurnStream:
         """Start a turn and wait for its first event (or its end); raises `ApiError`.
         `client`: how the request came in, `http-in` or `websocket-in`. `owner`: the
         WebSocket client of ours that sent it (it hears the socket's loose frames while its
-        jobs run there). `beside`: a socket that client's other responses run on now
-        (lanes): the turn goes there too, as another lane of the same connection, planned
-        against what that socket holds, if the client's own jobs are still pending there."""
+        jobs run there, unless the socket is shared). `beside`: a socket that client's other
+        responses run on now (its own lanes): the turn goes there too, as another lane of the
+        same connection, planned against what that socket holds, if the client's own jobs are
+        still pending there. `seatable`: with lanes on, whether the turn may take a seat on a
+        shared socket (not when the client's chain lives on a socket of its own)."""
         about: dict[str, Any] = {
             "request_id": request_id,
             "request_bytes": request_bytes,
@@ -137,7 +140,7 @@ class Proxy:
             return await self._over_http(body, headers, target, upstream, scope, about)
         reusable = None
         digested = None
-        laned = self._on_lanes(upstream, owner)
+        laned = seatable and self._on_lanes(upstream, body)
         if upstream.key is None:
             # No session named: the request's own content says which socket (with lanes on:
             # which seat) continues it.
@@ -217,10 +220,10 @@ class Proxy:
             self.fallback.socket_failed(upstream.key, trio.current_time())
         raise exc
 
-    def _on_lanes(self, upstream: Upstream, owner: WebSocketClient | None) -> bool:
-        """Whether a turn takes a seat on a shared socket: lanes on, and not a WebSocket
-        client of ours (it already has a socket whose lanes are its own)."""
-        if not self.settings.lanes or owner is not None:
+    def _on_lanes(self, upstream: Upstream, body: dict[str, Any]) -> bool:
+        """Whether a turn takes a seat on a shared socket: lanes on, and not on a lane a
+        WebSocket client named itself (those run on a socket whose lanes are its own)."""
+        if not self.settings.lanes or body.get("stream_id") is not None:
             return False
         until = self._laneless.get(upstream.group)
         if until is not None and trio.current_time() >= until:
@@ -543,7 +546,9 @@ class Proxy:
             self._give_back(conn, seat, about)
             turn.finish(TurnEnd("socket", error=errors.upstream_closed("socket task ended")))
             return TurnStream(turn, None)
-        if owner is not None:
+        if owner is not None and not shared:
+            # A shared socket's loose frames are no one client's: its default lane belongs
+            # to none of the sessions seated there.
             conn.attach(owner.sink)
         return await self._first(turn, submitted, conn)
 

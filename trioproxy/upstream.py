@@ -360,9 +360,14 @@ class UpstreamConnection:
             return False
         if turn is None:
             assert isinstance(job, Notice)
-            for running in self.running_turns():
-                if job.target is not None and _named(running.tracker.response) == job.target:
-                    running.tracker.steer_sent()
+            steered = [t for t in self.running_turns() if self._steers(job, t)]
+            if job.target is not None and not steered and self.shared:
+                # Its response ended meanwhile: an answer would come on a lane that another
+                # session's turn may hold by then, so it is not sent; its client hears so.
+                self._notice_failed(job, errors.upstream_closed("response ended"))
+                return True
+            for running in steered:
+                running.tracker.steer_sent()
             sent = await self._send(sock, job.payload, self._send_deadline())
             if not sent:
                 self._notice_failed(job, errors.upstream_closed("closed while sending"))
@@ -448,13 +453,22 @@ class UpstreamConnection:
 
     def _notice_failed(self, job: Job, error: ApiError) -> None:
         """A relayed message that could not go: its client hears why, never silence."""
-        if self.sink is not None:
+        notice = job if isinstance(job, Notice) else None
+        sink = self.sink or (notice.sink if notice is not None else None)
+        if sink is not None and notice is not None and notice.refusal is not None:
+            sink.offer(notice.refusal)
+        elif sink is not None:
             frame = orjson.dumps({"type": "error", "status": error.status, **error.body()})
-            self.sink.offer(UpstreamEvent("error", frame.decode(), {}))
-        if isinstance(job, Notice):
-            self._settle_notice(job)
+            sink.offer(UpstreamEvent("error", frame.decode(), {}))
+        if notice is not None:
+            self._settle_notice(notice)
         else:
             self._settle(job.owner)
+
+    @staticmethod
+    def _steers(notice: Notice, turn: Turn) -> bool:
+        """Whether a steering notice names this turn's response."""
+        return notice.target is not None and _named(turn.tracker.response) == notice.target
 
     async def _pump(self, sock: ClientSocket) -> bool:
         """Read frames and hand each to its lane's turn until no turn runs and no client is
@@ -585,9 +599,13 @@ class UpstreamConnection:
         if self._awaiting and not isinstance(lane, str) and self._answered(event):
             return True
         queue = self._lanes.get(lane if isinstance(lane, str) else None)
-        if not queue:
+        turn = queue[0] if queue else None
+        if not isinstance(lane, str) and event.type in STEER_EVENTS:
+            # A steering answer without a lane belongs to the response it names, on
+            # whichever lane that runs (on a shared socket no client hears the default lane).
+            turn = self._steered_by(event) or turn
+        if turn is None:
             return await self._unrouted(event)
-        turn = queue[0]
         if turn is self._outgoing:
             # Read between the fragments of its own message (`_interleave`): no response can
             # answer a request not yet whole, so whatever this is, the lane's state is unknown.
@@ -662,6 +680,17 @@ class UpstreamConnection:
                 return True
             self._break_all("timeout", errors.turn_timeout(self._settings.turn_timeout))
             return False
+        return None
+
+    def _steered_by(self, event: UpstreamEvent) -> Turn | None:
+        """The running turn whose response a steering answer names, if any."""
+        steer = event.data.get("steer")
+        target = steer.get("previous_response_id") if isinstance(steer, dict) else None
+        if not isinstance(target, str):
+            return None
+        for turn in self.running_turns():
+            if _named(turn.tracker.response) == target or target in turn.tracker.earlier:
+                return turn
         return None
 
     def _answered(self, event: UpstreamEvent) -> bool:

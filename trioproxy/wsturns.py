@@ -18,6 +18,10 @@ their events interleave on the client's socket. `response.steer` goes to the soc
 runs on; that turn then stays open until the steering is settled (a successor response that
 commits it, or its failure). Events this proxy does not know are relayed on the session's socket
 and the upstream's answers come back as they came.
+
+With lanes on (lanes.py), the client's default lane takes its session's seat on a shared socket,
+as an HTTP client's turns do. The lanes it names itself, and everything after an event this proxy
+does not know, run on a socket of its own: neither may reach the other sessions of a shared one.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ _LOOSE = 64
 # Frames on their way to the client: with each turn's own bounded buffer, all a client that
 # stops reading can make the proxy hold before the upstream's reading stops.
 _OUTBOX = 16
+_STEER_FIELDS = ("type", "previous_response_id", "input")
 # The protocol's lane names (openai `lib/responses_websocket/README.md`).
 _STREAM_ID = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
 
@@ -158,7 +163,10 @@ class ClientSession:
         self.waiting: dict[str | None, deque[dict[str, Any]]] = {}
         self.waiting_bytes = 0
         self.waiting_count = 0  # messages not started yet
-        self.conn: UpstreamConnection | None = None  # where its responses run now
+        self.conn: UpstreamConnection | None = None  # its own socket: where its lanes run now
+        # Where its default lane's last response ran: a shared socket (lanes on, a seat of its
+        # session's) or its own. A chain is the socket's, so the default lane stays there.
+        self.default_conn: UpstreamConnection | None = None
         self.held: UpstreamConnection | None = None  # leased to relay an event
         # Its turns in progress, and the socket each runs on (None over HTTP).
         self.mine: dict[Turn, UpstreamConnection | None] = {}
@@ -275,6 +283,14 @@ class ClientSession:
             return None
         return conn
 
+    def _seated(self, lane: str | None) -> bool:
+        """Whether a turn goes to its session's seat on a shared socket (lanes on): every
+        default-lane turn, unless its default lane's chain lives on a socket of its own. A
+        lane the client names runs on a socket of its own, whose lane names are its own."""
+        if lane is not None or not self.proxy.settings.lanes:
+            return False
+        return self.default_conn is None or self.default_conn.shared
+
     async def _turn(self, lane: str | None, message: dict[str, Any]) -> None:
         size = message["_size"]
         body = {k: v for k, v in message.items() if k not in ("type", "_size")}
@@ -283,12 +299,14 @@ class ClientSession:
             # for `ANSWER_WAIT` of silence) before starting anything on the default lane.
             while self.relayed:
                 await self.relayed.pop(0).settled.wait()
-        while self._placing is not None:  # another lane is finding the socket: join it there
-            await self._placing.wait()
-        beside = self._beside()
-        placing = None
-        if beside is None:
-            placing = self._placing = trio.Event()
+        seated = self._seated(lane)
+        beside = placing = None
+        if not seated:
+            while self._placing is not None:  # another lane is finding its socket: join it
+                await self._placing.wait()
+            beside = self._beside()
+            if beside is None:
+                placing = self._placing = trio.Event()
         try:
             if self.target.chatgpt:
                 body = require_unstored(body)
@@ -303,6 +321,7 @@ class ClientSession:
                 client="websocket-in",
                 beside=beside,
                 owner=self,
+                seatable=seated,
             )
         except ApiError as exc:
             await self.outbox.send(error_frame(exc, lane))
@@ -311,9 +330,12 @@ class ClientSession:
             if placing is not None:
                 self._placing = None
                 placing.set()
-        if stream.conn is not None and stream.conn is not self.conn:
+        conn = stream.conn
+        if lane is None:
+            self.default_conn = conn
+        if conn is not None and not conn.shared and conn is not self.conn:
             self._let_go()
-            self.conn = stream.conn
+            self.conn = conn
         self.mine[stream.turn] = stream.conn
         try:
             await relay(stream, self.outbox, lane)
@@ -340,8 +362,19 @@ class ClientSession:
             text = "No response of this client with that id is running on this connection."
             await self.outbox.send(steer_failed(message, "response_not_active", text))
             return
+        if conn.shared:
+            # Steering is these three fields (the SDK's README); on a shared socket nothing
+            # else of a client's, a lane name say, may ride along to the other sessions'.
+            message = {k: message[k] for k in _STEER_FIELDS if k in message}
         payload = orjson.dumps(message)  # as parsed: what was checked is what goes
-        if not conn.submit(Notice(payload, target, owner=self), joining=self):
+        ended = steer_failed(
+            message,
+            "response_not_active",
+            "The response ended, or its socket closed, before the steering could go.",
+        )
+        refusal = UpstreamEvent("response.steer.failed", ended, {})
+        notice = Notice(payload, target, owner=self, sink=self.sink, refusal=refusal)
+        if not conn.submit(notice, joining=self):
             text = "The response's socket is closing."
             await self.outbox.send(steer_failed(message, "response_not_active", text))
 
@@ -365,6 +398,7 @@ class ClientSession:
         conn = self._beside() or self.held
         notice = Notice(payload, owner=self)
         if conn is not None and conn.submit(notice, joining=self):
+            self.default_conn = conn
             self.relayed.append(notice)
             return True
         if conn is not None and conn.accepting:  # its queue of jobs is full
@@ -376,7 +410,10 @@ class ClientSession:
         except ApiError as exc:
             await self.outbox.send(error_frame(exc))
             return True
-        self.held = self.conn = conn
+        # Its default lane runs here from now on: the event may set up the connection for
+        # what follows, and is never sent on a shared socket, where it would reach (or be
+        # taken for the answers of) other sessions.
+        self.held = self.conn = self.default_conn = conn
         if conn.submit(notice, joining=self):
             self.relayed.append(notice)
         else:
