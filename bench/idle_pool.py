@@ -2,6 +2,11 @@
 
     .venv/bin/python bench/idle_pool.py --sessions 5000
     .venv/bin/python bench/idle_pool.py --sessions 1000 --codex --lanes   # shared sockets
+    .venv/bin/python bench/idle_pool.py --sessions 1000 --codex --lanes --websocket
+
+With `--websocket` each session is a WebSocket client of the whole app (served by hypercorn in
+this process, as Codex with `supports_websockets = true` would be): it opens its socket, sends
+the turn as a `response.create`, reads to the end and closes; the pooled state is the same.
 
 The fake upstream runs in a child process so its memory is not counted. A first version of
 the idle-pool scenario; `make bench` (the bench issue) builds on it.
@@ -18,13 +23,19 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
+from hypercorn.trio import serve as hypercorn_serve
+from trio_websocket import open_websocket_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench` too
 
 from bench.scenario import first_request
+from trioproxy.app import create_app
+from trioproxy.cli import hypercorn_config
 from trioproxy.config import Settings
 from trioproxy.connector import websocket_connector
 from trioproxy.proxy import Proxy
@@ -61,6 +72,7 @@ async def main(
     hold: float,
     events_context: bool,
     lanes: bool,
+    websocket: bool,
 ) -> None:
     port = free_port()
     fake = await trio.lowlevel.open_process(
@@ -85,10 +97,19 @@ async def main(
             deflate_events_context=events_context,
             lanes=lanes,
         )
-        registry = Registry(settings, websocket_connector(settings))
-        proxy = Proxy(settings, registry)
         async with trio.open_nursery() as nursery:
-            await nursery.start(registry.run)
+            if websocket:
+                app = create_app(settings)
+                config = hypercorn_config("127.0.0.1", 0, settings.write_timeout, 1 << 24)
+                config.backlog = batch * 2
+                binds = await nursery.start(partial(hypercorn_serve, app, config))
+                url = binds[0].replace("http://", "ws://") + "/v1/responses"
+                proxy: Proxy = app.extensions["trioproxy"]
+                registry = proxy.registry
+            else:
+                registry = Registry(settings, websocket_connector(settings))
+                proxy = Proxy(settings, registry)
+                await nursery.start(registry.run)
             with trio.fail_after(30):
                 while True:
                     try:
@@ -100,6 +121,9 @@ async def main(
             async def one(i: int) -> None:
                 headers = [("authorization", "Bearer sk-bench"), ("session-id", f"s{i}")]
                 body = first_request(2, i) if codex else {"model": "m", "input": f"hello {i}"}
+                if websocket:
+                    await over_websocket(url, headers, body)
+                    return
                 stream = await proxy.open_turn(body, headers, api_target(settings))
                 async for _ in stream:
                     pass
@@ -128,7 +152,8 @@ async def main(
             sweep = time.perf_counter() - sweep_started
             print(
                 f"sessions pooled idle: {pooled} on {registry.live} upstream sockets "
-                f"({registry.opened} handshakes; lanes {'on' if lanes else 'off'})"
+                f"({registry.opened} handshakes; lanes {'on' if lanes else 'off'}; "
+                f"{'WebSocket clients' if websocket else 'proxy core'})"
             )
             print(f"opened in {elapsed:.1f} s ({sessions / elapsed:.0f} sessions/s)")
             print(
@@ -142,6 +167,7 @@ async def main(
                 figures = {
                     "sessions": sessions,
                     "lanes": lanes,
+                    "websocket_clients": websocket,
                     "sockets": registry.live,
                     "handshakes": registry.opened,
                     "kib_per_session": (after - before) / sessions,
@@ -162,6 +188,18 @@ async def main(
     finally:
         fake.terminate()
         await fake.wait()
+
+
+async def over_websocket(url: str, headers: list[tuple[str, str]], body: dict[str, Any]) -> None:
+    """One session as a WebSocket client of ours: its turn, read to its end, then it leaves."""
+    extra = [(name.encode(), value.encode()) for name, value in headers]
+    async with open_websocket_url(url, extra_headers=extra, max_message_size=1 << 24) as ws:
+        await ws.send_message(json.dumps({"type": "response.create", **body}))
+        while True:
+            event = json.loads(await ws.get_message())
+            if event["type"] in ("response.completed", "response.failed", "error"):
+                assert event["type"] == "response.completed", event
+                return
 
 
 if __name__ == "__main__":
@@ -197,6 +235,11 @@ if __name__ == "__main__":
         default=False,
         help="seat sessions on named lanes of shared sockets (the proxy's --lanes)",
     )
+    parser.add_argument(
+        "--websocket",
+        action="store_true",
+        help="sessions arrive as WebSocket clients of the app (Codex's supports_websockets)",
+    )
     args = parser.parse_args()
     trio.run(
         main,
@@ -208,4 +251,5 @@ if __name__ == "__main__":
         args.deflate_hold,
         args.events_context,
         args.lanes,
+        args.websocket,
     )
