@@ -138,7 +138,7 @@ class Proxy:
             self.retries["lane"] += 1
         if self.fallback.use_http(upstream.group, upstream.key, trio.current_time()):
             return await self._over_http(body, headers, target, upstream, scope, about)
-        reusable = None
+        reusable: Reusable | None = None
         digested = None
         laned = seatable and self._on_lanes(upstream, body)
         if upstream.key is None:
@@ -151,16 +151,7 @@ class Proxy:
             upstream = replace(upstream, key=key)
         else:
             placement = "cache_key" if upstream.session == "cache_key" else "header"
-            if chained is not None:
-
-                def reusable(memory: Conversation | None, answered: Collection[str]) -> bool:
-                    # Its last response or one it finished recently (another lane's, a
-                    # steered turn's successor). An id it never made goes to a fresh socket:
-                    # refused here, it would evict the session's socket and its chain.
-                    return (memory is not None and memory.response_id == chained) or (
-                        chained in answered
-                    )
-
+            reusable = _continuing(chained)
         if laned:
             try:
                 return await self._laned(
@@ -168,6 +159,24 @@ class Proxy:
                 )
             except ApiError as exc:
                 return await self._not_leased(exc, body, headers, target, upstream, scope, about)
+        return await self._pooled(
+            body, headers, target, upstream, scope, about, reusable, placement, digested
+        )
+
+    async def _pooled(
+        self,
+        body: dict[str, Any],
+        headers: list[tuple[str, str]],
+        target: Target,
+        upstream: Upstream,
+        scope: str | None,
+        about: dict[str, Any],
+        reusable: Reusable | None,
+        placement: str,
+        digested: tuple[bytes, Sent] | None = None,
+    ) -> TurnStream:
+        """A session's turn on a socket of its own: its pooled one, or a fresh one. A refusal
+        a fresh socket cures is retried once, with the full input, unseen by the client."""
         try:
             conn, upstream = await self._lease(target, upstream, headers, reusable, scope)
         except ApiError as exc:
@@ -588,6 +597,20 @@ def _planned(
     if lane is not None:
         plan.message["stream_id"] = lane
     return plan, bigjson.dumps_message(plan.message)
+
+
+def _continuing(chained: str | None) -> Reusable | None:
+    """For a turn that chains from `chained`: whether a session's socket (or seat) holds it,
+    as its last response or one it finished recently (another lane's, a steered turn's
+    successor). An id it never made goes to a fresh socket: refused on the session's, it
+    would evict that socket and its chain."""
+    if chained is None:
+        return None
+
+    def reusable(memory: Conversation | None, answered: Collection[str]) -> bool:
+        return (memory is not None and memory.response_id == chained) or chained in answered
+
+    return reusable
 
 
 def _too_large(end: TurnEnd) -> bool:
