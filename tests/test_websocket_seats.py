@@ -22,7 +22,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 from tests.conftest import ProxyServer, nothing_left, start_proxy, wait_until
 from trioproxy.events import UpstreamEvent
 from trioproxy.fake import FakeUpstream
-from trioproxy.fake.lanes import Running
+from trioproxy.fake.lanes import Lanes, Running, request_error
 from trioproxy.jobs import Notice
 
 TERMINALS = ("response.completed", "response.failed", "response.incomplete", "error")
@@ -312,4 +312,116 @@ async def test_sdk_connect_sessions_take_seats_on_one_socket(server: ProxyServer
     fake = server.fake
     assert fake.sockets_opened == 1
     assert len({c.message["stream_id"] for c in fake.creates()}) == 2
+    await nothing_left(server)
+
+
+async def running_beside(ws: WebSocketConnection) -> None:
+    """A session that has a response streaming on the shared socket."""
+    await send(ws, type="response.create", model="m", input="fake: slow 0.05\nfake: long 60")
+    await until(ws, lambda e: e["type"] == "response.output_text.delta")
+
+
+async def test_a_steer_the_upstream_refuses_without_a_lane_fails_for_its_client_alone(
+    server: ProxyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream that takes no steering answers it as any unknown message: an `error` on the
+    default lane. On a shared socket that is the steer's answer (its client gets
+    `response.steer.failed` with the upstream's error), not the connection's error that would
+    end every seated session's response."""
+
+    def no_steering(self: Lanes, message: dict[str, Any]) -> dict[str, Any]:
+        return request_error(400, "unknown_event", "expected response.create")
+
+    monkeypatch.setattr(Lanes, "steer", no_steering)
+    async with (
+        open_websocket_url(ws_url(server), extra_headers=session("a")) as wa,
+        open_websocket_url(ws_url(server), extra_headers=session("b")) as wb,
+    ):
+        await running_beside(wb)
+        await send(wa, type="response.create", model="m", input="fake: slow 0.05\nfake: long 20")
+        created = await until(wa, lambda e: e["type"] == "response.created")
+        target = created[-1]["response"]["id"]
+        await send(wa, type="response.steer", previous_response_id=target, input="x")
+        a_events = await until(wa, lambda e: e["type"] == "response.completed")
+        b_events = await until(wb, ended)
+    failed = next(e for e in a_events if e["type"] == "response.steer.failed")
+    assert failed["error"]["code"] == "unknown_event"
+    assert failed["steer"] == {"input": "x", "previous_response_id": target}
+    assert a_events[-1]["response"]["id"] == target  # nothing steered: the response ran out
+    assert b_events[-1]["type"] == "response.completed"
+    assert server.fake.sockets_opened == 1 and not server.registry.evictions
+    await nothing_left(server)
+
+
+async def test_a_steer_too_large_for_the_upstream_is_its_clients_failure(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    """The upstream closes the shared socket (1009) for a steer past its message limit: the
+    steering client hears its steer failed; the session whose turn went out last is not told
+    its request was too large (its turn ends as a closed socket, like every other lane's)."""
+    fake.max_message_bytes = 300_000
+    server = await start_proxy(nursery, fake, lanes=True, http_fallback=False)
+    async with (
+        open_websocket_url(ws_url(server), extra_headers=session("a")) as wa,
+        open_websocket_url(ws_url(server), extra_headers=session("b")) as wb,
+    ):
+        await send(wa, type="response.create", model="m", input="fake: slow 0.05\nfake: long 60")
+        created = await until(wa, lambda e: e["type"] == "response.created")
+        await running_beside(wb)  # b's request is the last turn sent
+        huge = "y" * 400_000
+        target = created[-1]["response"]["id"]
+        await send(wa, type="response.steer", previous_response_id=target, input=huge)
+        a_events = await until(wa, lambda e: e["type"] == "error")
+        b_events = await until(wb, ended)
+    assert any(e["type"] == "response.steer.failed" for e in a_events)
+    assert b_events[-1]["error"]["code"] == "upstream_connection_closed"
+    await nothing_left(server)
+
+
+async def test_a_turn_on_a_one_turn_socket_does_not_take_the_client_off_its_seat(
+    nursery: trio.Nursery, fake: FakeUpstream
+) -> None:
+    """Two clients of one session, one lane per socket: while one runs on the seat the other's
+    turn gets a one-turn socket (no chain lives there), and its next turns go back to the seat
+    rather than to a socket of its own."""
+    server = await start_proxy(nursery, fake, lanes=True, lanes_per_socket=1)
+    async with (
+        open_websocket_url(ws_url(server), extra_headers=session("s")) as w1,
+        open_websocket_url(ws_url(server), extra_headers=session("s")) as w2,
+    ):
+        c1, c2 = Client(w1), Client(w2)
+        await c1.turn("one")
+        await running_beside(w1)
+        await c2.turn("two")  # the seat is busy and no lane is free: a one-turn socket
+        await until(w1, ended)
+        opened = fake.sockets_opened
+        c2.last = None
+        await c2.turn("three")
+        await c2.turn("four")
+    assert fake.sockets_opened == opened
+    await nothing_left(server)
+
+
+@pytest.mark.parametrize("lanes", [True, False])
+async def test_a_chain_made_on_a_named_lane_continues_on_the_default_lane(
+    nursery: trio.Nursery, fake: FakeUpstream, lanes: bool
+) -> None:
+    """Once a client names a lane its default lane runs beside it on its own socket, so a
+    `store: false` chain crosses between them as on a direct connection, lanes on or off."""
+    server = await start_proxy(nursery, fake, lanes=lanes)
+    async with open_websocket_url(ws_url(server), extra_headers=session("m")) as ws:
+        await send(ws, type="response.create", model="m", input="hi", stream_id="x", store=False)
+        named = await until(ws, ended)
+        rid = named[-1]["response"]["id"]
+        await send(
+            ws,
+            type="response.create",
+            model="m",
+            input="next",
+            store=False,
+            previous_response_id=rid,
+        )
+        after = await until(ws, ended)
+    assert after[-1]["type"] == "response.completed", after[-1]
+    assert fake.sockets_opened == 1
     await nothing_left(server)

@@ -231,7 +231,8 @@ class Proxy:
 
     def _on_lanes(self, upstream: Upstream, body: dict[str, Any]) -> bool:
         """Whether a turn takes a seat on a shared socket: lanes on, and not on a lane a
-        WebSocket client named itself (those run on a socket whose lanes are its own)."""
+        WebSocket client named itself (those run on a socket whose lanes are its own; wsturns
+        already passes them as not `seatable`, and HTTP bodies may name none: a backstop)."""
         if not self.settings.lanes or body.get("stream_id") is not None:
             return False
         until = self._laneless.get(upstream.group)

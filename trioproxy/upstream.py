@@ -123,7 +123,7 @@ class UpstreamConnection:
         self.response_headers: list[tuple[str, str]] = []
         self._scope = trio.CancelScope()
         self._sock: ClientSocket | None = None  # while open: only `kill` reaches in (abort)
-        self._last_sent: Turn | None = None  # the turn whose message went out last
+        self._last_sent: Job | None = None  # the job whose message went out last
         self._outgoing: Turn | None = None  # the turn whose message is going out now
         # Bounded: a WebSocket client of ours submits at most a few jobs ahead (wsturns.py).
         self._jobs_send, self._jobs_recv = trio.open_memory_channel[Job](64)
@@ -360,7 +360,12 @@ class UpstreamConnection:
             return False
         if turn is None:
             assert isinstance(job, Notice)
-            steered = [t for t in self.running_turns() if self._steers(job, t)]
+            # (Not a turn whose client left: nobody would read the steered successor.)
+            steered = [
+                t
+                for t in self.running_turns()
+                if self._steers(job, t) and not (t.discarding or t.scope.cancel_called)
+            ]
             if job.target is not None and not steered and self.shared:
                 # Its response ended meanwhile: an answer would come on a lane that another
                 # session's turn may hold by then, so it is not sent; its client hears so.
@@ -371,12 +376,16 @@ class UpstreamConnection:
             sent = await self._send(sock, job.payload, self._send_deadline())
             if not sent:
                 self._notice_failed(job, errors.upstream_closed("closed while sending"))
-            elif job.target is None:
+            elif job.target is None or self.shared:
                 # An event this proxy does not know: its answer, if any, comes on the default
                 # lane before anything sent after it; it stays the client's until then, or
-                # until `ANSWER_WAIT` of silence says it was taken without one.
+                # until `ANSWER_WAIT` of silence says it was taken without one. So does a
+                # steer on a shared socket: an `error` without a lane that answers it must
+                # reach its client, not end every session's turn as the connection's error.
+                self._last_sent = job
                 self._awaiting.append((job, trio.current_time() + ANSWER_WAIT))
             else:
+                self._last_sent = job
                 self._settle_notice(job)
             return sent
         if turn.scope.cancel_called:  # its client left before it was sent
@@ -596,14 +605,24 @@ class UpstreamConnection:
             self._break_all("socket", errors.upstream_protocol(str(exc)))
             return False
         lane = event.data.get("stream_id")
-        if self._awaiting and not isinstance(lane, str) and self._answered(event):
-            return True
+        if self._awaiting and not isinstance(lane, str) and event.type == "error":
+            notice = self._answered(event)
+            if notice.target is None:
+                return True
+            event = _steer_refused(notice, event)  # a steer refused: its answer, named
+            if self._steered_by(event) is None:
+                if notice.sink is not None:
+                    notice.sink.offer(event)
+                return True
         queue = self._lanes.get(lane if isinstance(lane, str) else None)
         turn = queue[0] if queue else None
-        if not isinstance(lane, str) and event.type in STEER_EVENTS:
-            # A steering answer without a lane belongs to the response it names, on
-            # whichever lane that runs (on a shared socket no client hears the default lane).
-            turn = self._steered_by(event) or turn
+        if event.type in STEER_EVENTS:
+            self._steer_answered(event)
+            if not isinstance(lane, str):
+                # A steering answer without a lane belongs to the response it names, on
+                # whichever lane that runs (on a shared socket no client hears the default
+                # lane).
+                turn = self._steered_by(event) or turn
         if turn is None:
             return await self._unrouted(event)
         if turn is self._outgoing:
@@ -693,19 +712,28 @@ class UpstreamConnection:
                 return turn
         return None
 
-    def _answered(self, event: UpstreamEvent) -> bool:
-        """A default-lane frame while relayed events await their answers: the upstream takes
-        messages in order, so an `error` answers the oldest (it goes to its client). Any other
-        frame is routed as usual (a notice such as `codex.rate_limits` is no answer). The
-        client sends nothing on the default lane meanwhile (wsturns.py), so no response's
-        refusal can be taken for an answer."""
-        if event.type != "error":
-            return False
+    def _answered(self, event: UpstreamEvent) -> Notice:
+        """An `error` on the default lane while relayed events (or steers on a shared socket)
+        await their answers: the upstream takes messages in order, so it answers the oldest
+        (a relayed event's goes to its client as it came; a steer's is for `_route` to name).
+        Any other frame is routed as usual (a notice such as `codex.rate_limits` is no answer).
+        The client sends nothing on the default lane meanwhile (wsturns.py), and on a shared
+        socket no turn runs there, so no response's refusal can be taken for an answer."""
         notice, _ = self._awaiting.popleft()
-        if self.sink is not None:
+        if notice.target is None and self.sink is not None:
             self.sink.offer(event)
         self._settle_notice(notice)
-        return True
+        return notice
+
+    def _steer_answered(self, event: UpstreamEvent) -> None:
+        """A steering answer settles the steer awaiting one for the response it names."""
+        steer = event.data.get("steer")
+        target = steer.get("previous_response_id") if isinstance(steer, dict) else None
+        for entry in self._awaiting:
+            if target is not None and entry[0].target == target:
+                self._awaiting.remove(entry)
+                self._settle_notice(entry[0])
+                return
 
     def _settle_notice(self, notice: Notice) -> None:
         notice.settled.set()
@@ -824,7 +852,11 @@ class UpstreamConnection:
         error = closed_error(sock, exc)
         if error.code == "upstream_message_too_large":
             culprit, self._last_sent = self._last_sent, None
-            if culprit is not None and culprit in self.running_turns():
+            if isinstance(culprit, Notice):  # a steer too large: its client hears so first
+                for entry in [entry for entry in self._awaiting if entry[0] is culprit]:
+                    self._awaiting.remove(entry)
+                    self._notice_failed(culprit, error)
+            elif culprit is not None and culprit in self.running_turns():
                 self._remove(culprit)
                 self._end(culprit, broken_end("socket", error, culprit.tracker))
             error = errors.upstream_closed(close_detail(exc))
@@ -861,6 +893,20 @@ class UpstreamConnection:
                 return True
             if kind == "error" or kind.startswith("response."):
                 return True
+
+
+def _steer_refused(notice: Notice, error: UpstreamEvent) -> UpstreamEvent:
+    """The `response.steer.failed` an upstream's lane-less `error` for a steer amounts to:
+    the upstream's error, the input returned, the response named (so it finds its turn)."""
+    message = orjson.loads(notice.payload)
+    cause = error.data.get("error")
+    event = {
+        "type": "response.steer.failed",
+        "sequence_number": 0,
+        "error": cause if isinstance(cause, dict) else {"message": "steering refused"},
+        "steer": {"input": message.get("input"), "previous_response_id": notice.target},
+    }
+    return UpstreamEvent("response.steer.failed", orjson.dumps(event).decode(), event)
 
 
 def _named(response: dict[str, Any] | None) -> str | None:

@@ -146,8 +146,10 @@ class ClientSession:
 
     Tasks: the reader (this one), a writer that owns sending to the client, one task per
     busy lane (at most `_RUNNING` run at once), and one for the loose frames. The client owns
-    its jobs on the upstream socket: it joins that socket with another lane, steers or relays
-    only while its own jobs are pending there (the pool cannot have lent it to anyone else).
+    its jobs on its own upstream socket: it joins that socket with another lane, steers or
+    relays only while its own jobs are pending there (the pool cannot have lent it to anyone
+    else). A shared socket (its seat's, lanes on) is lent to other sessions by design: there it
+    only steers its own running responses, and never joins or relays.
     """
 
     def __init__(
@@ -167,6 +169,9 @@ class ClientSession:
         # Where its default lane's last response ran: a shared socket (lanes on, a seat of its
         # session's) or its own. A chain is the socket's, so the default lane stays there.
         self.default_conn: UpstreamConnection | None = None
+        # It named a lane of its own: from then on its default lane runs beside its lanes, on
+        # its own socket, so a chain may cross between them as on a direct connection.
+        self.named_lanes = False
         self.held: UpstreamConnection | None = None  # leased to relay an event
         # Its turns in progress, and the socket each runs on (None over HTTP).
         self.mine: dict[Turn, UpstreamConnection | None] = {}
@@ -287,7 +292,7 @@ class ClientSession:
         """Whether a turn goes to its session's seat on a shared socket (lanes on): every
         default-lane turn, unless its default lane's chain lives on a socket of its own. A
         lane the client names runs on a socket of its own, whose lane names are its own."""
-        if lane is not None or not self.proxy.settings.lanes:
+        if lane is not None or self.named_lanes or not self.proxy.settings.lanes:
             return False
         return self.default_conn is None or self.default_conn.shared
 
@@ -331,7 +336,9 @@ class ClientSession:
                 self._placing = None
                 placing.set()
         conn = stream.conn
-        if lane is None:
+        if lane is not None:
+            self.named_lanes = True
+        elif conn is None or not conn.one_turn:  # no chain lives on a one-turn socket
             self.default_conn = conn
         if conn is not None and not conn.shared and conn is not self.conn:
             self._let_go()
@@ -387,6 +394,7 @@ class ClientSession:
         if self.scope is not None:
             await self.outbox.send(error_frame(errors.unsupported_event(kind)))
             return True
+        # (A seated turn's lane is the proxy's on a shared socket, which relays never use.)
         if None in self.waiting or any(t.end is None and t.lane is None for t in self.mine):
             await self.outbox.send(error_frame(errors.response_in_progress(kind)))
             return True
