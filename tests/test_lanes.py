@@ -811,6 +811,30 @@ async def test_a_message_too_large_ends_only_its_own_turn_as_too_large(
     await proxy.registry.aclose()
 
 
+async def test_a_close_for_a_message_still_going_out_is_that_messages(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """Over a slow uplink the upstream reads past its limit and closes (1009) while the rest of
+    a 3 MB request is still going out; the socket's task hears the close between fragments.
+    That request is the one too large, not the last one sent before it."""
+    fake = FakeUpstream()  # the in-memory server takes messages up to 1 MiB
+    config = Settings(
+        upstream="ws://fake/v1/responses",
+        lanes=True,
+        permessage_deflate=False,
+        http_fallback=False,
+    )
+    registry = Registry(config, memory_connector(fake, deflate=False, wrap=SlowUplink))
+    await nursery.start(registry.run)
+    proxy = Proxy(config, registry)
+    streaming = await start(proxy, "a", [user("fake: slow 0.05\nfake: long 1000")])
+    big = await start(proxy, "b", [user("x" * 3_000_000)])
+    assert big.end.error is not None and big.end.error.code == "upstream_message_too_large"
+    end, _, _ = await finish(streaming)
+    assert end.error is not None and end.error.code == "upstream_connection_closed"
+    await registry.aclose()
+
+
 async def test_an_event_for_a_request_still_being_sent_ends_that_turn_alone(
     clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:

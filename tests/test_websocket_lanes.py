@@ -23,7 +23,7 @@ from openai.lib.responses_websocket import (
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from tests.conftest import ProxyServer, nothing_left, start_proxy, wait_until
-from trioproxy import upstream
+from trioproxy import awaiting
 from trioproxy.fake import FakeUpstream
 from trioproxy.fake.script import Reply
 
@@ -488,7 +488,7 @@ async def test_an_event_taken_silently_holds_the_socket_only_for_the_answer_wait
             on_message(self, sock, raw, nursery)
 
     monkeypatch.setattr(FakeUpstream, "_on_message", silent)
-    monkeypatch.setattr(upstream, "ANSWER_WAIT", 0.2)
+    monkeypatch.setattr(awaiting, "ANSWER_WAIT", 0.2)
     async with open_websocket_url(ws_url(server), extra_headers=session("r")) as ws:
         await send(ws, type="response.create", model="m", input="warm", store=False)
         rid = (await until(ws, lambda e: e["type"] in TERMINALS))[-1]["response"]["id"]

@@ -23,6 +23,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from trioproxy import errors
+from trioproxy.awaiting import Awaiting, steer_refused, steer_target
 from trioproxy.config import Settings
 from trioproxy.connector import (
     Connector,
@@ -50,9 +51,6 @@ log = logging.getLogger("trioproxy.upstream")
 
 # Ends after which the socket's state is unknown: close it at once, without a close handshake.
 _ABRUPT = frozenset({"socket", "timeout", "abandoned"})
-# How long an event relayed for a client may take to be answered (an `error`, on the default
-# lane) before its silence is taken as acceptance; the client's default lane waits meanwhile.
-ANSWER_WAIT = 5.0
 # How long a shared socket's owner waits for the other lanes' bytes between the fragments of
 # a long message it sends (`_interleave`): a read takes what is there; silence costs this.
 INTERLEAVE_WAIT = 0.001
@@ -112,7 +110,7 @@ class UpstreamConnection:
         self._sending: trio.CancelScope | None = None  # while a message goes out
         # Relayed events the upstream may still answer (on the default lane, in order), each
         # with the time after which it is taken as answered by silence.
-        self._awaiting: deque[tuple[Notice, float]] = deque()
+        self._awaiting = Awaiting()
         self._left = False  # a turn's client left: look for abandoned turns
         self._ending = False  # takes no more jobs; closes once its turns end
         self._last_frame = self.born
@@ -124,7 +122,7 @@ class UpstreamConnection:
         self._scope = trio.CancelScope()
         self._sock: ClientSocket | None = None  # while open: only `kill` reaches in (abort)
         self._last_sent: Job | None = None  # the job whose message went out last
-        self._outgoing: Turn | None = None  # the turn whose message is going out now
+        self._outgoing: Job | None = None  # the job whose message is going out now
         # Bounded: a WebSocket client of ours submits at most a few jobs ahead (wsturns.py).
         self._jobs_send, self._jobs_recv = trio.open_memory_channel[Job](64)
         self.closed = trio.Event()
@@ -257,8 +255,7 @@ class UpstreamConnection:
             for turn in self.running_turns():
                 turn.finish(broken_end("socket", closed, turn.tracker))
             self._lanes.clear()
-            while self._awaiting:  # no answer will come: their clients hear why
-                notice, _ = self._awaiting.popleft()
+            for notice in self._awaiting.drain():  # no answer will come: their clients hear why
                 self._notice_failed(notice, closed)
             self._fail_queued()
             self._jobs_recv.close()
@@ -373,7 +370,11 @@ class UpstreamConnection:
                 return True
             for running in steered:
                 running.tracker.steer_sent()
-            sent = await self._send(sock, job.payload, self._send_deadline())
+            self._outgoing = job
+            try:
+                sent = await self._send(sock, job.payload, self._send_deadline())
+            finally:
+                self._outgoing = None
             if not sent:
                 self._notice_failed(job, errors.upstream_closed("closed while sending"))
             elif job.target is None or self.shared:
@@ -383,7 +384,7 @@ class UpstreamConnection:
                 # steer on a shared socket: an `error` without a lane that answers it must
                 # reach its client, not end every session's turn as the connection's error.
                 self._last_sent = job
-                self._awaiting.append((job, trio.current_time() + ANSWER_WAIT))
+                self._awaiting.add(job, trio.current_time())
             else:
                 self._last_sent = job
                 self._settle_notice(job)
@@ -529,8 +530,7 @@ class UpstreamConnection:
         if self._lanes:
             deadline = trio.current_time() + self._settings.read_timeout
             deadline = min([deadline, *(t.deadline for t in self.running_turns())])
-        if self._awaiting:
-            deadline = min(deadline, self._awaiting[0][1])
+        deadline = min(deadline, self._awaiting.deadline)
         with trio.CancelScope(deadline=deadline) as wait:
             self._wake = wait
             try:
@@ -547,8 +547,7 @@ class UpstreamConnection:
         """After a wait came back empty: a turn past its deadline, or an upstream silent past
         `read_timeout`, ends every turn (the socket's state is unknown)."""
         now = trio.current_time()
-        while self._awaiting and self._awaiting[0][1] <= now:
-            notice, _ = self._awaiting.popleft()  # answered by silence
+        for notice in self._awaiting.expired(now):  # answered by silence
             self._settle_notice(notice)
         late = [turn for turn in self.running_turns() if turn.deadline <= now]
         if late and all(self._isolated(turn) for turn in late):
@@ -609,7 +608,7 @@ class UpstreamConnection:
             notice = self._answered(event)
             if notice.target is None:
                 return True
-            event = _steer_refused(notice, event)  # a steer refused: its answer, named
+            event = steer_refused(notice, event)  # a steer refused: its answer, named
             if self._steered_by(event) is None:
                 if notice.sink is not None:
                     notice.sink.offer(event)
@@ -617,7 +616,9 @@ class UpstreamConnection:
         queue = self._lanes.get(lane if isinstance(lane, str) else None)
         turn = queue[0] if queue else None
         if event.type in STEER_EVENTS:
-            self._steer_answered(event)
+            settled = self._awaiting.steered(event)  # the steer it answers waits no more
+            if settled is not None:
+                self._settle_notice(settled)
             if not isinstance(lane, str):
                 # A steering answer without a lane belongs to the response it names, on
                 # whichever lane that runs (on a shared socket no client hears the default
@@ -703,9 +704,8 @@ class UpstreamConnection:
 
     def _steered_by(self, event: UpstreamEvent) -> Turn | None:
         """The running turn whose response a steering answer names, if any."""
-        steer = event.data.get("steer")
-        target = steer.get("previous_response_id") if isinstance(steer, dict) else None
-        if not isinstance(target, str):
+        target = steer_target(event)
+        if target is None:
             return None
         for turn in self.running_turns():
             if _named(turn.tracker.response) == target or target in turn.tracker.earlier:
@@ -719,21 +719,11 @@ class UpstreamConnection:
         Any other frame is routed as usual (a notice such as `codex.rate_limits` is no answer).
         The client sends nothing on the default lane meanwhile (wsturns.py), and on a shared
         socket no turn runs there, so no response's refusal can be taken for an answer."""
-        notice, _ = self._awaiting.popleft()
+        notice = self._awaiting.oldest()
         if notice.target is None and self.sink is not None:
             self.sink.offer(event)
         self._settle_notice(notice)
         return notice
-
-    def _steer_answered(self, event: UpstreamEvent) -> None:
-        """A steering answer settles the steer awaiting one for the response it names."""
-        steer = event.data.get("steer")
-        target = steer.get("previous_response_id") if isinstance(steer, dict) else None
-        for entry in self._awaiting:
-            if target is not None and entry[0].target == target:
-                self._awaiting.remove(entry)
-                self._settle_notice(entry[0])
-                return
 
     def _settle_notice(self, notice: Notice) -> None:
         notice.settled.set()
@@ -847,16 +837,16 @@ class UpstreamConnection:
 
     def _closed(self, sock: ClientSocket, exc: ConnectionClosed) -> None:
         """The socket closed under its turns: each ends saying why. The upstream's 1009 answers
-        the last message sent: only that turn's request was too large (`closed_error`), the
-        others' (other lanes of a shared socket) were not."""
+        the message going out, or else the last one sent: only that turn's request was too
+        large (`closed_error`), the others' (other lanes of a shared socket) were not."""
         error = closed_error(sock, exc)
         if error.code == "upstream_message_too_large":
-            culprit, self._last_sent = self._last_sent, None
-            if isinstance(culprit, Notice):  # a steer too large: its client hears so first
-                for entry in [entry for entry in self._awaiting if entry[0] is culprit]:
-                    self._awaiting.remove(entry)
-                    self._notice_failed(culprit, error)
-            elif culprit is not None and culprit in self.running_turns():
+            # The message going out when the close came (the upstream reads past its limit
+            # and closes before the rest is sent), else the last one sent.
+            # A notice (a steer) too large is failed to its client with the others.
+            culprit = self._outgoing or self._last_sent
+            self._last_sent = None
+            if isinstance(culprit, Turn) and culprit in self.running_turns():
                 self._remove(culprit)
                 self._end(culprit, broken_end("socket", error, culprit.tracker))
             error = errors.upstream_closed(close_detail(exc))
@@ -870,8 +860,7 @@ class UpstreamConnection:
             if not turn.discarding:  # a cut turn's client heard its end already
                 self._end(turn, broken_end(kind, error, turn.tracker))
         self._lanes.clear()
-        while self._awaiting:
-            notice, _ = self._awaiting.popleft()
+        for notice in self._awaiting.drain():
             self._notice_failed(notice, error)  # its client hears the socket went
         self._abrupt = True
 
@@ -893,20 +882,6 @@ class UpstreamConnection:
                 return True
             if kind == "error" or kind.startswith("response."):
                 return True
-
-
-def _steer_refused(notice: Notice, error: UpstreamEvent) -> UpstreamEvent:
-    """The `response.steer.failed` an upstream's lane-less `error` for a steer amounts to:
-    the upstream's error, the input returned, the response named (so it finds its turn)."""
-    message = orjson.loads(notice.payload)
-    cause = error.data.get("error")
-    event = {
-        "type": "response.steer.failed",
-        "sequence_number": 0,
-        "error": cause if isinstance(cause, dict) else {"message": "steering refused"},
-        "steer": {"input": message.get("input"), "previous_response_id": notice.target},
-    }
-    return UpstreamEvent("response.steer.failed", orjson.dumps(event).decode(), event)
 
 
 def _named(response: dict[str, Any] | None) -> str | None:
