@@ -20,39 +20,16 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from tests.conftest import ProxyServer, nothing_left, start_proxy, wait_until
+from tests.test_websocket_lanes import TERMINALS, send, session, until, ws_url
 from trioproxy.events import UpstreamEvent
 from trioproxy.fake import FakeUpstream
 from trioproxy.fake.lanes import Lanes, Running, request_error
 from trioproxy.jobs import Notice
 
-TERMINALS = ("response.completed", "response.failed", "response.incomplete", "error")
-
 
 @pytest.fixture
 async def server(nursery: trio.Nursery, fake: FakeUpstream) -> ProxyServer:
     return await start_proxy(nursery, fake, lanes=True)
-
-
-def ws_url(server: ProxyServer) -> str:
-    return server.base_url.replace("http://", "ws://") + "/responses"
-
-
-def session(name: str, key: str = "sk-test-key") -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {key}"), ("session-id", name)]
-
-
-async def send(ws: WebSocketConnection, **message: Any) -> None:
-    await ws.send_message(json.dumps(message))
-
-
-async def until(ws: WebSocketConnection, done: Any) -> list[dict[str, Any]]:
-    events = []
-    with trio.fail_after(10):
-        while True:
-            event = json.loads(await ws.get_message())
-            events.append(event)
-            if done(event):
-                return events
 
 
 def said(message: dict[str, Any]) -> Any:
