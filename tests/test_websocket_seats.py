@@ -125,11 +125,13 @@ async def test_steering_a_seated_response_and_a_malformed_steer_both_answer_the_
         created = await until(ws, lambda e: e["type"] == "response.created")
         target = created[-1]["response"]["id"]
         await send(ws, type="response.steer", previous_response_id=target, input=[{"x": 1}])
+        # On a shared socket one steer awaits its answer at a time: the next goes after it.
+        early = await until(ws, lambda e: e["type"] == "response.steer.failed")
         # A lane name riding along would reach another session's lane: it does not go.
         await send(
             ws, type="response.steer", previous_response_id=target, input="shorter", stream_id="tp1"
         )
-        events = await until(ws, lambda e: e["type"] == "response.completed")
+        events = early + await until(ws, lambda e: e["type"] == "response.completed")
     types = [e["type"] for e in events]
     assert "response.steer.failed" in types and "response.steer.accepted" in types
     assert [set(r.message) for r in server.fake.steers()][-1] == {
@@ -169,8 +171,9 @@ async def test_steering_answers_without_a_lane_reach_the_response_they_name(
         created = await until(ws, lambda e: e["type"] == "response.created")
         target = created[-1]["response"]["id"]
         await send(ws, type="response.steer", previous_response_id=target, input=[{"x": 1}])
+        early = await until(ws, lambda e: e["type"] == "response.steer.failed")
         await send(ws, type="response.steer", previous_response_id=target, input="shorter")
-        events = await until(ws, lambda e: e["type"] == "response.completed")
+        events = early + await until(ws, lambda e: e["type"] == "response.completed")
     types = [e["type"] for e in events]
     assert "response.steer.failed" in types and "response.steer.accepted" in types
     assert events[-1]["response"]["id"] != target

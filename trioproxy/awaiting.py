@@ -36,6 +36,11 @@ class Awaiting:
         self._queue.append((notice, now + ANSWER_WAIT))
 
     @property
+    def steering(self) -> bool:
+        """Whether a steer awaits its answer (on a shared socket one at a time)."""
+        return any(notice.target is not None for notice, _ in self._queue)
+
+    @property
     def deadline(self) -> float:
         """When the oldest one's wait ends (infinity with none)."""
         return self._queue[0][1] if self._queue else math.inf

@@ -342,9 +342,11 @@ class UpstreamConnection(FrameRouting):
                 for t in self.running_turns()
                 if self._steers(job, t) and not (t.discarding or t.scope.cancel_called)
             ]
-            if job.target is not None and not steered and self.shared:
+            if job.target is not None and self.shared and (not steered or self._awaiting.steering):
                 # Its response ended meanwhile: an answer would come on a lane that another
-                # session's turn may hold by then, so it is not sent; its client hears so.
+                # session's turn may hold by then, so it is not sent; its client hears so. Nor
+                # while another steer awaits its answer: a lane-less `error` must answer exactly
+                # one steer, or one session's refusal could reach another (review 43).
                 self._notice_failed(job, errors.upstream_closed("response ended"))
                 return True
             for running in steered:
