@@ -87,15 +87,26 @@ def steer_target(event: UpstreamEvent) -> str | None:
     return target if isinstance(target, str) else None
 
 
+def steer_failure(message: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
+    """`response.steer.failed` for a steer `message` that did not take: the input comes back
+    so the client can carry it into its next `response.create`."""
+    return {
+        "type": "response.steer.failed",
+        "sequence_number": 0,
+        "error": error,
+        "steer": {
+            "input": message.get("input"),
+            "previous_response_id": message.get("previous_response_id"),
+        },
+    }
+
+
 def steer_refused(notice: Notice, error: UpstreamEvent) -> UpstreamEvent:
     """The `response.steer.failed` an upstream's lane-less `error` for a steer amounts to:
     the upstream's error, the input returned, the response named (so it finds its turn)."""
-    message = orjson.loads(notice.payload)
     cause = error.data.get("error")
-    event: dict[str, Any] = {
-        "type": "response.steer.failed",
-        "sequence_number": 0,
-        "error": cause if isinstance(cause, dict) else {"message": "steering refused"},
-        "steer": {"input": message.get("input"), "previous_response_id": notice.target},
-    }
+    event = steer_failure(
+        {**orjson.loads(notice.payload), "previous_response_id": notice.target},
+        cause if isinstance(cause, dict) else {"message": "steering refused"},
+    )
     return UpstreamEvent("response.steer.failed", orjson.dumps(event).decode(), event)

@@ -38,6 +38,7 @@ from quart_trio import QuartTrio
 
 from trioproxy import access, bigjson, errors, keys
 from trioproxy.answers import error_response
+from trioproxy.awaiting import steer_failure
 from trioproxy.context import AppContext
 from trioproxy.errors import ApiError
 from trioproxy.events import UpstreamEvent
@@ -80,17 +81,8 @@ def error_frame(error: ApiError, stream_id: str | None = None) -> str:
 def steer_failed(message: dict[str, Any], code: str, text: str) -> str:
     """`response.steer.failed` for steering the proxy cannot deliver: the input comes back
     so the client can carry it into its next `response.create`."""
-    steer = {
-        "input": message.get("input"),
-        "previous_response_id": message.get("previous_response_id"),
-    }
-    event = {
-        "type": "response.steer.failed",
-        "sequence_number": 0,
-        "error": {"code": code, "message": text, "type": "invalid_request_error"},
-        "steer": steer,
-    }
-    return orjson.dumps(event).decode()
+    error = {"code": code, "message": text, "type": "invalid_request_error"}
+    return orjson.dumps(steer_failure(message, error)).decode()
 
 
 async def serve(proxy: Proxy, gate: access.Gate, route: access.Route) -> None:
